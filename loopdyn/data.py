@@ -1,0 +1,132 @@
+"""Byte-level text data: the embedded default corpus (the Python standard library's own
+sources, which every Python install carries) or any text file or folder.
+
+Tokens are bytes (vocabulary 256). Files are split deterministically into train and
+validation by a hash of their path (about 1 in 10 goes to validation), so no file
+contributes to both.
+"""
+from __future__ import annotations
+
+import os
+import sysconfig
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.errors import InputError
+
+VOCAB_SIZE = 256
+VALIDATION_EVERY = 10  # one file in ten (by path hash) is validation
+_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+
+
+@dataclass
+class TextData:
+    """Train and validation byte streams (uint8 arrays) and where they came from."""
+
+    train: np.ndarray
+    val: np.ndarray
+    source: str
+    n_files: int
+
+    def batch(self, batch_size: int, seq_len: int, generator: torch.Generator, split: str = "train"):
+        """Random windows: inputs (B, S) and next-byte targets (B, S), int64."""
+        data = self.train if split == "train" else self.val
+        if len(data) <= seq_len + 1:
+            raise InputError(f"{self.source}: the {split} split has {len(data)} bytes, fewer than one "
+                             f"sequence of {seq_len + 1}")
+        starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=generator).numpy()
+        return _windows(data, starts, seq_len)
+
+    def val_batches(self, n_batches: int, batch_size: int, seq_len: int):
+        """A fixed set of evenly spaced validation windows (the same every call)."""
+        span = len(self.val) - seq_len - 1
+        if span <= 0:
+            raise InputError(f"{self.source}: the validation split has {len(self.val)} bytes, fewer than "
+                             f"one sequence of {seq_len + 1}")
+        starts = np.linspace(0, span, n_batches * batch_size).astype(np.int64)
+        return [_windows(self.val, s, seq_len) for s in starts.reshape(n_batches, batch_size)]
+
+    def unigram_loss(self) -> float:
+        """Cross-entropy (nats per byte) of the validation bytes under the training bytes'
+        unigram distribution (add-one smoothed): the baseline a model must beat."""
+        counts = np.bincount(self.train, minlength=VOCAB_SIZE).astype(np.float64) + 1.0
+        logp = np.log(counts / counts.sum())
+        val_counts = np.bincount(self.val, minlength=VOCAB_SIZE)
+        return float(-(val_counts * logp).sum() / max(val_counts.sum(), 1))
+
+
+def _windows(data: np.ndarray, starts: np.ndarray, seq_len: int):
+    rows = np.stack([data[s: s + seq_len + 1] for s in starts]).astype(np.int64)
+    t = torch.from_numpy(rows)
+    return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+
+def _is_validation(relative_path: str) -> bool:
+    return zlib.crc32(relative_path.encode("utf-8", "surrogateescape")) % VALIDATION_EVERY == 0
+
+
+def stdlib_files() -> tuple[Path, list[Path]]:
+    """The standard library's .py sources (without tests and site-packages), sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in _SKIP_DIRS]  # prune: never walk site-packages
+        files += [Path(folder, n) for n in names if n.endswith(".py")]
+    return root, sorted(files)
+
+
+def load_text(path: str | Path | None = None, max_bytes: int | None = None) -> TextData:
+    """Load `path` (a text file or a folder of files), or the embedded default corpus if None.
+
+    A single file is split 90/10 by position (the tail is validation); a folder is split by
+    file. `max_bytes` caps the corpus (files are taken in sorted order).
+    """
+    if path is None:
+        root, files = stdlib_files()
+        source = f"python-stdlib ({root})"
+    else:
+        root = Path(path)
+        if not root.exists():
+            raise InputError(f"{root}: no such file or folder")
+        if root.is_file():
+            data = _read(root)
+            if max_bytes is not None:
+                data = data[:max_bytes]
+            if len(data) < 1000:
+                raise InputError(f"{root}: only {len(data)} bytes of text; need at least 1000")
+            cut = int(len(data) * (1 - 1 / VALIDATION_EVERY))
+            return TextData(data[:cut], data[cut:], str(root), 1)
+        files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+        source = str(root)
+    if max_bytes is not None:
+        files = files[: _count_until(files, max_bytes)]
+    train, val = [], []
+    for p in files:
+        (val if _is_validation(str(p.relative_to(root))) else train).append(_read(p))
+    if not files or sum(len(a) for a in train) == 0:
+        raise InputError(f"{source}: no text found (empty folder?)")
+    if not val:  # a folder with very few files: fall back to the tail of the training text
+        joined = np.concatenate(train)
+        cut = int(len(joined) * (1 - 1 / VALIDATION_EVERY))
+        return TextData(joined[:cut], joined[cut:], source, len(files))
+    return TextData(np.concatenate(train), np.concatenate(val), source, len(files))
+
+
+def _read(path: Path) -> np.ndarray:
+    try:
+        return np.frombuffer(path.read_bytes(), dtype=np.uint8)
+    except OSError as err:
+        raise InputError(f"{path}: cannot read ({err.strerror})") from None
+
+
+def _count_until(files: list[Path], max_bytes: int) -> int:
+    total = 0
+    for i, p in enumerate(files):
+        total += p.stat().st_size
+        if total >= max_bytes:
+            return i + 1
+    return len(files)

@@ -1,0 +1,220 @@
+"""The training loop: AdamW with the official no-weight-decay groups, linear warm-up then cosine
+decay, gradient clipping, periodic validation, a progress bar, JSON-Lines logging, and
+checkpointing.
+
+Under `torchrun` (WORLD_SIZE > 1) it joins a `torch.distributed` group by itself (gloo on the
+CPU, NCCL on CUDA), wraps the model in DistributedDataParallel, gives every rank its own data
+stream, and lets only rank 0 write files.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from models import LoopedLM, save
+from models.errors import InputError
+from models.fileio import JsonlWriter
+from loopdyn.data import TextData
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 64
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr · min_lr_ratio
+    warmup_steps: int | None = None  # None: 10% of the steps, at most 100
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    eval_every: int = 100  # validation every N steps (and at the end); 0: only at the end
+    eval_batches: int = 8
+    seed: int = 0
+    device: str = "cpu"
+    log_path: str | None = None  # one JSON object per optimiser step
+    save_dir: str | None = None
+    progress: bool = True  # a progress bar on stderr when it is a terminal
+    desc: str = "train"
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise InputError(f"lr must be a positive number, got {self.lr}")
+        if self.eval_every < 0:
+            raise InputError("eval-every must be ≥ 0")
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else min(100, self.steps // 10)
+
+
+@dataclass
+class TrainResult:
+    steps: int  # optimiser steps taken
+    tokens: int  # training tokens seen (all ranks)
+    seconds: float
+    losses: list[float] = field(default_factory=list)  # training loss per step
+    val: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
+    diverged: bool = False
+    stop_reason: str | None = None
+
+    @property
+    def final_val_loss(self) -> float | None:
+        return self.val[-1][1] if self.val else None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over `warmup` steps, then cosine from lr to lr·min_lr_ratio."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only; never on the injection (A_log, dt_bias, B, W), the
+    readout C, norms, biases or gains (the official no-decay groups)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exempt = p.dim() < 2 or name.startswith(("injection.", "readout."))
+        (no_decay if exempt else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+
+
+@torch.no_grad()
+def evaluate(model: LoopedLM, data: TextData, n_batches: int, batch_size: int, seq_len: int,
+             n_loops: int | None = None, device: str | torch.device = "cpu") -> float:
+    """Mean validation loss (nats per byte) on a fixed set of windows, in eval mode."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    batches = data.val_batches(n_batches, batch_size, seq_len)
+    for x, y in batches:
+        kwargs = {"n_loops": n_loops} if model.config.looped else {}
+        total += float(model(x.to(device), y.to(device), **kwargs).loss)
+    model.train(was_training)
+    return total / len(batches)
+
+
+class Distributed:
+    """torch.distributed set up from torchrun's environment (a no-op for one process)."""
+
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.enabled = self.world > 1
+        if self.enabled and not torch.distributed.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            torch.distributed.init_process_group(backend)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def close(self) -> None:
+        if self.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def train(model: LoopedLM, data: TextData, cfg: TrainConfig,
+          monitor_factory: Callable[[nn.Module, torch.optim.Optimizer], Any] | None = None,
+          on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Train `model` in place and return what happened.
+
+    `monitor_factory(model, optimizer)` may attach a probe (e.g. probes.StabilityMonitor); it is
+    closed at the end, and training stops early when it sets `stop_requested`. `on_step(step,
+    record)` sees each step's log record. Training also stops when the loss stops being finite
+    (the run is marked diverged).
+    """
+    cfg.validate()
+    if cfg.seq_len > model.config.block_size:
+        raise InputError(f"seq-len {cfg.seq_len} is longer than the model supports "
+                         f"(block_size {model.config.block_size})")
+    dist = Distributed()
+    device = torch.device(cfg.device)
+    model.to(device).train()
+    net: nn.Module = model
+    if dist.enabled:
+        net = nn.parallel.DistributedDataParallel(model)
+    optimizer = make_optimizer(model, cfg)
+    monitor = monitor_factory(model, optimizer) if monitor_factory else None
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + dist.rank)
+    log = JsonlWriter(cfg.log_path) if cfg.log_path and dist.is_main else None
+    result = TrainResult(steps=0, tokens=0, seconds=0.0)
+    bar = _progress(cfg, dist)
+    start = time.perf_counter()
+    try:
+        for step in range(cfg.steps):
+            lr = learning_rate(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # a probe may cut lr_scale
+            x, y = data.batch(cfg.batch_size, cfg.seq_len, generator)
+            loss = net(x.to(device), y.to(device)).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            loss_value = float(loss.detach())
+            result.steps = step + 1
+            result.tokens += cfg.batch_size * cfg.seq_len * dist.world
+            result.losses.append(loss_value)
+            record = {"step": step + 1, "loss": loss_value, "lr": lr * optimizer.param_groups[0].get("lr_scale", 1.0),
+                      "grad_norm": float(grad_norm), "tokens": result.tokens,
+                      "time_s": round(time.perf_counter() - start, 3)}
+            last = step + 1 == cfg.steps
+            if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
+                val = evaluate(model, data, cfg.eval_batches, cfg.batch_size, cfg.seq_len, device=device)
+                result.val.append((step + 1, val))
+                record["val_loss"] = val
+            if log:
+                log.write(record)
+            if on_step:
+                on_step(step + 1, record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.3f}", **({"val": f"{result.val[-1][1]:.3f}"} if result.val else {}))
+            if not math.isfinite(loss_value):
+                result.diverged, result.stop_reason = True, f"loss became {loss_value} at step {step + 1}"
+                break
+            if monitor is not None and getattr(monitor, "stop_requested", False):
+                result.stop_reason = f"stopped by the monitor at step {step + 1}"
+                break
+    finally:
+        result.seconds = time.perf_counter() - start
+        if bar is not None:
+            bar.close()
+        if log:
+            log.close()
+        if monitor is not None:
+            monitor.close()
+    if cfg.save_dir and dist.is_main:
+        save(model, cfg.save_dir)
+    return result
+
+
+def _progress(cfg: TrainConfig, dist: Distributed):
+    if not (cfg.progress and dist.is_main and sys.stderr.isatty()):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.steps, desc=cfg.desc, unit="step", dynamic_ncols=True, leave=False)
