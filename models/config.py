@@ -82,7 +82,7 @@ class LoopConfig:
             self.n_state_heads = self.n_heads
         if self.d_state_mlp is None:
             self.d_state_mlp = 4 * self.d_state
-        if self.backprop_loops is None:
+        if self.backprop_loops is None and _is_int(self.mean_loops):
             self.backprop_loops = math.ceil(self.mean_loops / 2)
         self.validate()
 
@@ -110,6 +110,19 @@ class LoopConfig:
             if not ok:
                 raise ConfigError(f"config '{self.name}': {msg}")
 
+        # types first, so that a bad value (e.g. from `--set`) is a ConfigError, not a TypeError
+        for name in ("mean_loops", "backprop_loops"):
+            need(_is_int(getattr(self, name)), f"{name} must be an integer, got {getattr(self, name)!r}")
+        for name in ("norm_eps", "rope_base", "emb_scale", "logit_scale"):
+            value = getattr(self, name)
+            need(_is_number(value) and math.isfinite(value) and value >= 0,
+                 f"{name} must be a finite number ≥ 0, got {value!r}")
+        for name in ("logit_softcap", "clip_qkv"):
+            value = getattr(self, name)
+            need(value is None or (_is_number(value) and value > 0), f"{name} must be null or a number > 0, got {value!r}")
+        for name in ("qk_norm", "qk_bias", "bias", "value_embeds", "prelude_norm", "tie_embeddings"):
+            need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
+        need(isinstance(self.name, str) and isinstance(self.extra, dict), "name must be a string and extra a dict")
         need(self.injection in INJECTIONS, f"injection must be one of {INJECTIONS}, got {self.injection!r}")
         need(self.mlp in MLPS, f"mlp must be one of {MLPS}, got {self.mlp!r}")
         need(self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}")
@@ -151,7 +164,7 @@ class LoopConfig:
             raise ConfigError(f"{source}: unknown config field(s) {', '.join(unknown)}")
         try:
             return cls(**data)
-        except TypeError as err:
+        except (TypeError, ConfigError) as err:  # name the file for invalid values too
             raise ConfigError(f"{source}: {err}") from None
 
     def replace(self, **changes: Any) -> "LoopConfig":
@@ -186,7 +199,16 @@ class LoopConfig:
         if match not in ("flops", "params"):
             raise ConfigError("match must be 'flops' or 'params'")
         n_layer = self.effective_depth if match == "flops" else self.n_blocks
-        return LoopConfig(**_as_fixed_depth(dict(self.to_dict(), n_prelude=n_layer, name=f"gpt-twin-{self.name}")))
+        data = dict(self.to_dict(), n_prelude=n_layer, n_core=0, n_coda=0, name=f"gpt-twin-{self.name}")
+        return LoopConfig(**_as_fixed_depth(data))
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _as_fixed_depth(data: dict[str, Any]) -> dict[str, Any]:
