@@ -92,7 +92,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        exempt = p.dim() < 2 or name.startswith(("injection.", "readout."))
+        # qk_bias is a bias too, although it is stored as a (2, 1, heads, s) tensor
+        exempt = p.dim() < 2 or name.endswith("bias") or name.startswith(("injection.", "readout."))
         (no_decay if exempt else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -95,6 +96,12 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> LoopedLM:
 
 def _checkpoint_dir(path: Path) -> Path:
     if not path.exists():
+        # `save` swaps folders in two renames; a crash between them leaves only the old copy
+        old = path.with_name(f".{path.name}.old")
+        if old.is_dir() and (old / "config.json").is_file():
+            warnings.warn(f"{path}: missing, loading the previous copy {old} left by an interrupted save",
+                          RuntimeWarning, stacklevel=3)
+            return old
         raise CheckpointError(f"{path}: no such checkpoint")
     directory = path if path.is_dir() else path.parent
     if not (directory / "config.json").is_file():
@@ -147,10 +154,13 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # weights_only refuses anything but tensors and plain containers
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: refused to load (not a plain tensor state dict under "
-                              f"weights_only=True: {first[:160]})") from None
+    except pickle.UnpicklingError as err:  # weights_only refuses anything but tensors and containers
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{path}: refused to unpickle: not a plain tensor state dict "
+                              f"(weights_only=True: {first[:160]})") from None
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{path}: unreadable weights file, corrupt or truncated? ({first[:160]})") from None
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]  # a Lightning-Fabric training checkpoint
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

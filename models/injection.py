@@ -93,24 +93,31 @@ class DiagonalInjection(nn.Module):
         else:
             nn.init.orthogonal_(self.B)
 
-    def decay_rate(self) -> torch.Tensor:
-        """Δ·a, floored at MIN_DECAY_RATE.
-
-        Computed as softplus(dt_bias)·exp(A_log) like the official code (for bitwise parity),
-        falling back to exp(log Δ + A_log) where that product is 0·∞ = NaN.
-        """
+    def _raw_decay_rate(self) -> torch.Tensor:
+        """Δ·a, computed as softplus(dt_bias)·exp(A_log) like the official code (for bitwise
+        parity), falling back to exp(log Δ + A_log) where that product is 0·∞ = NaN."""
         rate = F.softplus(self.dt_bias) * torch.exp(self.A_log)
         safe = torch.exp(log_softplus(self.dt_bias) + self.A_log)
-        return torch.where(torch.isnan(rate), safe, rate).clamp_min(MIN_DECAY_RATE)
+        return torch.where(torch.isnan(rate), safe, rate)
+
+    def decay_rate(self) -> torch.Tensor:
+        """Δ·a, floored at MIN_DECAY_RATE."""
+        return self._raw_decay_rate().clamp_min(MIN_DECAY_RATE)
 
     def A_bar(self) -> torch.Tensor:
         return torch.exp(-self.decay_rate())
 
     def input_gains(self) -> torch.Tensor:
-        """g with B̄ = diag(g)·B: Δ (euler) or −expm1(−Δa)/a (exact zero-order hold)."""
+        """g with B̄ = diag(g)·B: Δ (euler) or (1 − e^{−Δa})/a (exact zero-order hold).
+
+        The ZOH gain is evaluated as Δ·φ(Δa), φ(x) = −expm1(−x)/x, on the unfloored Δa: it stays
+        ≤ Δ and finite as a → 0 (where φ → 1), instead of MIN_DECAY_RATE/a.
+        """
+        delta = F.softplus(self.dt_bias)
         if self.input_gain == "euler":
-            return F.softplus(self.dt_bias)
-        return -torch.expm1(-self.decay_rate()) / torch.exp(self.A_log)
+            return delta
+        x = self._raw_decay_rate().clamp_min(1e-30)
+        return delta * (-torch.expm1(-x) / x)
 
     def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         return self.A_bar() * h + self.input_gains() * (e @ self.B.T)

@@ -98,7 +98,7 @@ class CausalSelfAttention(nn.Module):
         if self.n_kv_heads != self.n_heads:
             repeat = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(self.head_dim))
+        y = _causal_sdpa(q, k, v, 1.0 / math.sqrt(self.head_dim))
         return self.c_proj(y.transpose(1, 2).reshape(B, S, W))
 
     @torch.no_grad()
@@ -111,6 +111,26 @@ class CausalSelfAttention(nn.Module):
         S = logits.shape[-1]
         causal = torch.ones(S, S, dtype=torch.bool, device=logits.device).tril()
         return logits.masked_fill(~causal, float("-inf")).amax()
+
+
+def _under_function_transform(t: torch.Tensor) -> bool:
+    """True inside torch.func transforms (jvp, vmap, ...) or for a forward-AD dual tensor."""
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    if wrapped is not None and wrapped(t):
+        return True
+    return torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+
+
+def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal SDPA. The fused CPU kernel has no forward-AD formula (torch.func.jvp fails) and no
+    vmap batching rule, so under a function transform we pick the math kernel; otherwise the
+    default kernel, which the official code uses (bit-exact parity)."""
+    if any(_under_function_transform(t) for t in (q, k, v)):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
 def relu2(x: torch.Tensor) -> torch.Tensor:

@@ -294,11 +294,12 @@ class LoopedLM(nn.Module):
         with torch.no_grad():
             for i in range(n_max):
                 active = (i < n).view(-1, 1, 1)
-                prev, h = h, torch.where(active, self.step(h, ctx), h)
+                # a held sequence keeps its own h_{T-1} as prev, not its h_T
+                prev, h = torch.where(active, h, prev), torch.where(active, self.step(h, ctx), h)
         h = h.detach()
         for i in range(k_max):
             active = (i < k).view(-1, 1, 1)
-            prev, h = h, torch.where(active, self.step(h, ctx), h)
+            prev, h = torch.where(active, h, prev), torch.where(active, self.step(h, ctx), h)
         return h, prev, n + k
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, n_loops: int | None = None) -> LMOutput:

@@ -1,0 +1,108 @@
+"""Issue 2: the command line (`loopdyn train`, `loopdyn demo`, `python -m loopdyn`) and its
+exit codes: 0 success, 1 bad input (one stderr line, no traceback), 2 usage."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from loopdyn.cli import main
+from models import load
+from tests.test_models import tokens
+
+FAST = ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-every", "0", "--no-progress"]
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("def f(x):\n    return x * 2\n" * 200)
+    return path
+
+
+def _bad_input(capsys, argv, *words):
+    code = main(argv)
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 1, captured.err
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    assert lines[0].startswith(f"loopdyn {argv[0]}: error: ")
+    for word in words:
+        assert str(word) in lines[0], (word, lines[0])
+    return lines[0]
+
+
+def test_train_on_an_empty_folder(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    _bad_input(capsys, ["train", "--data", str(tmp_path / "empty"), *FAST], tmp_path / "empty")
+    _bad_input(capsys, ["train", "--data", str(tmp_path / "missing"), *FAST], "missing")
+
+
+def test_train_with_a_sequence_longer_than_the_block(corpus_file, capsys):
+    _bad_input(capsys, ["train", "--data", str(corpus_file), *FAST, "--seq-len", "300"], "block_size")
+
+
+@pytest.mark.parametrize("item,word", [("d_model", "FIELD=VALUE"), ("nosuch=1", "nosuch"),
+                                       ("mean_loops=abc", "mean_loops"), ("norm_eps=abc", "norm_eps"),
+                                       ("injection=gru", "injection"), ("d_model=62", "d_model"),
+                                       ("tie_embeddings=3", "tie_embeddings")])
+def test_train_with_a_bad_set(corpus_file, capsys, item, word):
+    _bad_input(capsys, ["train", "--data", str(corpus_file), *FAST, "--set", item], word)
+
+
+def test_unknown_preset(corpus_file, capsys):
+    _bad_input(capsys, ["train", "--data", str(corpus_file), *FAST, "--preset", "parcae-9b"], "parcae-9b")
+
+
+@pytest.mark.parametrize("argv", [[], ["no-such-command"], ["train", "--steps", "abc"], ["train", "--bogus"],
+                                  ["train", "--injection", "gru"]])
+def test_usage_errors_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("as_folder", [False, True])
+def test_train_on_a_file_or_a_folder(tmp_path, corpus_file, capsys, as_folder):
+    data = corpus_file
+    if as_folder:
+        data = tmp_path / "folder"
+        for i in range(12):
+            (data / f"d{i % 2}").mkdir(parents=True, exist_ok=True)
+            (data / f"d{i % 2}" / f"f{i}.py").write_text(f"# file {i}\n" + "x = [i for i in range(10)]\n" * 30)
+    log, out = tmp_path / "log.jsonl", tmp_path / "model"
+    code = main(["train", "--data", str(data), *FAST, "--log", str(log), "--save", str(out),
+                 "--set", "block_size=32", "--mean-loops", "2"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "validation loss" in captured.out and "unigram baseline" in captured.out
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    model = load(out)
+    assert model.config.mean_loops == 2 and model.config.block_size == 32
+    assert torch.isfinite(model(tokens(S=8)).logits).all()
+
+
+def test_python_dash_m_loopdyn_help():
+    result = subprocess.run([sys.executable, "-m", "loopdyn", "--help"], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    for command in ("train", "demo"):
+        assert command in result.stdout
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--steps", "5", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "unigram baseline" in printed and "saved the model" in printed
+    assert (out / "model" / "config.json").is_file() and (out / "model" / "model.safetensors").is_file()
+    records = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5] and "val_loss" in records[-1]
+    model = load(out / "model")
+    assert model.config.name == "tiny" and model.checkpoint_info.format == "loopdyn"
