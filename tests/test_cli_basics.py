@@ -97,12 +97,18 @@ def test_python_dash_m_loopdyn_help():
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
+    """The main job: three injections × two learning rates, audited, reported (2 steps each here)."""
     out = tmp_path / "demo"
-    assert main(["demo", "--steps", "5", "--out", str(out), "--no-progress"]) == 0
+    assert main(["demo", "--steps", "2", "--out", str(out), "--no-progress", "--jobs", "1"]) == 0
     printed = capsys.readouterr().out
-    assert "unigram baseline" in printed and "saved the model" in printed
-    assert (out / "model" / "config.json").is_file() and (out / "model" / "model.safetensors").is_file()
-    records = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3, 4, 5] and "val_loss" in records[-1]
-    model = load(out / "model")
-    assert model.config.name == "tiny" and model.checkpoint_info.format == "loopdyn"
+    assert "unigram baseline" in printed and "report.html" in printed
+    for name in ("summary.json", "report.html"):
+        assert (out / name).is_file()
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert runs == sorted(f"{i}-lr{lr}-seed0" for i in ("diagonal", "linear", "additive") for lr in ("0.01", "0.05"))
+    parcae = out / "runs" / "diagonal-lr0.01-seed0"
+    records = [json.loads(line) for line in (parcae / "train.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    model = load(parcae / "model")
+    assert model.config.name == "tiny" and model.config.injection == "diagonal"
+    assert model.checkpoint_info.format == "loopdyn"

@@ -1,42 +1,60 @@
-"""`loopdyn demo`: the main job on the embedded default corpus, in a few minutes on 2 CPU cores."""
+"""`loopdyn demo`: the whole story on the embedded default corpus, in a few minutes on 2 CPU cores.
+
+Trains the tiny model with the diagonal (Parcae), linear (Huginn/RDM) and additive injections
+side by side at a moderate and a high learning rate, audits each trained model, writes the
+compare report, and says in one sentence per finding what happened and why.
+"""
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
-import torch
-
-from models import LoopConfig, LoopedLM
+from loopdyn.commands.compare import print_matrix
+from loopdyn.compare import grid, run_grid
 from loopdyn.data import load_text
-from loopdyn.train import TrainConfig, train
+from loopdyn.report import write_outputs
+
+DEMO_INJECTIONS = ["diagonal", "linear", "additive"]
+DEMO_LRS = [0.01, 0.05]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="train a tiny Parcae model on the Python standard library's sources")
+    p = sub.add_parser("demo", help="the whole story in a few minutes: train, compare, audit, report",
+                       description="Train a tiny looped LM on the Python standard library's sources with three "
+                                   "injections at two learning rates, audit each, and write a report.")
     p.add_argument("--out", default="loopdyn-demo", help="output folder (default: ./loopdyn-demo)")
-    p.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
+    p.add_argument("--steps", type=int, default=200, help="training steps per run (default: 200)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="keep finished runs in --out")
+    p.add_argument("--jobs", type=int, default=None, help="parallel processes (default: one per CPU core)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    out = Path(args.out)
     data = load_text()
-    baseline = data.unigram_loss()
-    print(f"corpus: {data.source}, {data.n_files} files, {len(data.train):,} training bytes, "
-          f"{len(data.val):,} validation bytes; unigram baseline {baseline:.3f} nats/byte")
-    torch.manual_seed(args.seed)
-    config = LoopConfig.preset("tiny")
-    model = LoopedLM(config)
-    print(f"model: tiny Parcae ({config.injection} injection, {model.num_params():,} parameters, "
-          f"{config.n_prelude}/{config.n_core}/{config.n_coda} prelude/core/coda blocks, μ_rec = {config.mean_loops})")
-    cfg = TrainConfig(steps=args.steps, seed=args.seed, progress=not args.no_progress,
-                      save_dir=f"{args.out}/model", log_path=f"{args.out}/train.jsonl", desc="tiny Parcae")
-    result = train(model, data, cfg)
-    val = result.final_val_loss
-    print(f"trained {result.steps} steps ({result.tokens:,} tokens) in {result.seconds:.0f} s: "
-          f"validation loss {val:.3f} nats/byte, {baseline - val:.3f} below the unigram baseline")
-    print(f"saved the model to {args.out}/model and the training log to {args.out}/train.jsonl "
-          f"({time.perf_counter() - start:.0f} s in all)")
+    print(f"corpus: {data.source}: {data.n_files} files, {len(data.train):,} training and {len(data.val):,} "
+          f"validation bytes; unigram baseline {data.unigram_loss():.3f} nats/byte")
+    specs = grid(DEMO_INJECTIONS, DEMO_LRS, [args.seed], preset="tiny", steps=args.steps)
+    print(f"training {len(specs)} tiny looped models ({', '.join(DEMO_INJECTIONS)} injections × lr "
+          f"{', '.join(f'{lr:g}' for lr in DEMO_LRS)}), {args.steps} steps each, same data and seed ...")
+    result = run_grid(specs, out, resume=args.resume, jobs=args.jobs, progress=not args.no_progress)
+    summary = write_outputs(result)
+    print()
+    print_matrix(summary)
+    print()
+    for line in summary["findings"]:
+        print(f"- {line}")
+    parcae = [r for r in summary["runs"] if r["injection"] == "diagonal" and r["outcome"] == "converged"]
+    if parcae:
+        best = min(parcae, key=lambda r: r["val_by_loops"][str(r["mean_loops"])])
+        val = best["val_by_loops"][str(best["mean_loops"])]
+        print(f"- The trained Parcae model {best['name']} reaches {val:.3f} nats/byte, "
+              f"{data.unigram_loss() - val:.2f} below the unigram baseline; "
+              f"it is saved in {out / 'runs' / best['name'] / 'model'} (try: loopdyn audit {out / 'runs' / best['name'] / 'model'}).")
+    print(f"\nreport: {out / 'report.html'}  (summary.json, plots and every run's model, log and audit are in {out}/)")
+    print(f"done in {time.perf_counter() - start:.0f} s")
     return 0

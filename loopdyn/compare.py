@@ -1,0 +1,411 @@
+"""Side-by-side training of injection parameterizations over a learning-rate grid.
+
+Every run trains the same preset with the same seed, data, token budget and batch order;
+only the injection (diagonal = Parcae, linear = Huginn/RDM, additive, or the fixed-depth twin
+with the same number of distinct blocks) and the learning rate change. Along the way it records
+ρ(Ā) and ‖Ā‖₂ of the injection and the per-loop state norms ‖h_t‖ on a fixed probe batch; at
+the end, the validation loss at several test-time loop counts and an audit of the trained model.
+
+Each finished run is one folder `runs/<name>/` holding `record.json` (written last, atomically:
+its presence marks the run finished), the trained model, the step log and the alerts.
+
+Outcome of a run (`classify`), by these stated criteria:
+
+- diverged: the loss stopped being finite; or the final smoothed training loss is more than
+  DIVERGE_MARGIN nats above its best smoothed value (it learned, then blew up); or the final
+  validation loss is not below the unigram baseline (it never learned beyond byte frequencies).
+- residual explosion (not diverged): the trained loop's state blows up as loops grow: a state
+  norm is not finite at T ≤ EXPLOSION_LOOPS·μ_rec, or ‖h_{4μ}‖ / ‖h_μ‖ > EXPLOSION_RATIO
+  (geometric growth; linear growth, as with the additive injection, gives about 4).
+- converged: otherwise. A state that grows between 1.5× and EXPLOSION_RATIO over that range
+  is noted as "state grows with loops" (marginal).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from models import LoopConfig, LoopedLM, save
+from models.errors import InputError
+from models.fileio import atomic_write_json, json_safe
+from loopdyn.data import load_text
+from loopdyn.train import TrainConfig, evaluate, train
+
+INJECTIONS = ("diagonal", "linear", "additive", "fixed")
+DIVERGE_MARGIN = 0.5  # nats
+EXPLOSION_LOOPS = 4  # state norms are measured up to 4·μ_rec loops
+EXPLOSION_RATIO = 10.0  # ‖h_{4μ}‖ / ‖h_μ‖ above this is a residual explosion
+MARGINAL_RATIO = 1.5
+RECORD = "record.json"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    injection: str  # diagonal | linear | additive | fixed
+    lr: float
+    seed: int = 0
+    preset: str = "tiny"
+    steps: int = 200
+    batch_size: int = 16
+    seq_len: int = 64
+    data: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.injection}-lr{self.lr:g}-seed{self.seed}"
+
+    def config(self) -> LoopConfig:
+        base = LoopConfig.preset(self.preset)
+        if self.injection == "fixed":
+            return base.fixed_depth_twin(match="params")
+        return base.replace(injection=self.injection)
+
+
+@dataclass
+class RunRecord:
+    spec: dict
+    params: int  # unique parameters
+    mean_loops: int | None  # μ_rec (None for the fixed-depth twin)
+    steps: int  # optimiser steps taken
+    tokens: int
+    seconds: float
+    losses: list[float]  # training loss per step
+    val_by_loops: dict[str, float]  # test-time loops → validation loss (nats/byte)
+    probe_steps: list[int] = field(default_factory=list)
+    spectral_radius: list[float] = field(default_factory=list)  # ρ(Ā) at each probe step
+    spectral_norm: list[float] = field(default_factory=list)  # ‖Ā‖₂ at each probe step
+    state_norms: list[list[float]] = field(default_factory=list)  # per probe step: ‖h_t‖, t = 0..4μ
+    final_state_norms: list[float] = field(default_factory=list)  # trained model, t = 0..4μ
+    alerts: list[dict] = field(default_factory=list)
+    audit: dict | None = None  # verdict, evidence, growth rate of the trained model
+    unigram_loss: float = float("nan")
+    diverged: bool = False
+    stop_reason: str | None = None
+    outcome: str = ""
+    outcome_reason: str = ""
+    note: str = ""
+
+    @classmethod
+    def from_json(cls, data: dict, source: str) -> "RunRecord":
+        try:
+            record = cls(**data)
+        except TypeError as err:
+            raise InputError(f"{source}: not a loopdyn compare record ({err})") from None
+        record.losses = [float("nan") if v is None else v for v in record.losses]
+        return record
+
+
+# ---- classification -------------------------------------------------------------------------
+
+def smoothed(losses: list[float], window: int) -> np.ndarray:
+    """Trailing mean over `window` steps (shorter at the start); NaN stays NaN."""
+    x = np.asarray(losses, dtype=float)
+    if len(x) == 0:
+        return x
+    c = np.cumsum(np.insert(x, 0, 0.0))
+    idx = np.arange(1, len(x) + 1)
+    lo = np.maximum(0, idx - window)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+def classify(losses: list[float], final_val: float | None, unigram: float,
+             state_norms: list[float], mean_loops: int | None) -> tuple[str, str, str]:
+    """(outcome, reason, note) by the criteria in the module docstring.
+
+    `state_norms` are ‖h_t‖ of the trained model for t = 0..EXPLOSION_LOOPS·μ (empty for a
+    fixed-depth model, with mean_loops None)."""
+    x = np.asarray(losses, dtype=float)
+    if len(x) == 0:
+        return "diverged", "no training step finished", ""
+    if not np.isfinite(x).all():
+        step = int(np.argmin(np.isfinite(x))) + 1
+        return "diverged", f"the loss became {x[step - 1]} at step {step}", ""
+    s = smoothed(losses, max(5, len(x) // 10))
+    if s[-1] > s.min() + DIVERGE_MARGIN:
+        return "diverged", (f"the smoothed loss rose from {s.min():.2f} to {s[-1]:.2f} "
+                            f"(> {DIVERGE_MARGIN} nats above its best)"), ""
+    if final_val is None or not math.isfinite(final_val) or final_val >= unigram:
+        shown = "n/a" if final_val is None else f"{final_val:.3f}"
+        return "diverged", f"validation loss {shown} is not below the unigram baseline {unigram:.3f}", ""
+    if mean_loops is None or not state_norms:
+        return "converged", f"validation loss {final_val:.3f}", ""
+    norms = np.asarray(state_norms, dtype=float)
+    if not np.isfinite(norms).all():
+        t = int(np.argmin(np.isfinite(norms)))
+        return "residual explosion", f"the state norm is not finite at T = {t}", ""
+    mu, last = mean_loops, len(norms) - 1
+    ratio = norms[last] / max(norms[mu], 1e-30)
+    if ratio > EXPLOSION_RATIO:
+        return "residual explosion", (f"‖h_{last}‖ / ‖h_{mu}‖ = {ratio:.3g} > {EXPLOSION_RATIO:g} "
+                                      f"(the state grows geometrically with loops)"), ""
+    note = f"state grows with loops (‖h_{last}‖ / ‖h_{mu}‖ = {ratio:.2f})" if ratio > MARGINAL_RATIO else ""
+    return "converged", f"validation loss {final_val:.3f}; ‖h_{last}‖ / ‖h_{mu}‖ = {ratio:.2f}", note
+
+
+# ---- measurements along a run -------------------------------------------------------------
+
+@torch.no_grad()
+def injection_norms(model: LoopedLM) -> tuple[float, float]:
+    """(ρ(Ā), ‖Ā‖₂) of the injection's state operator (exact; Ā is at most d_state²)."""
+    A, _ = model.injection.linear_part()
+    if A.kind == "identity":
+        return 1.0, 1.0
+    if A.kind == "diagonal":
+        a = float(A.values.abs().max())
+        return a, a
+    M = A.values.double().cpu().numpy()
+    if not np.isfinite(M).all():
+        return float("nan"), float("nan")
+    return float(np.abs(np.linalg.eigvals(M)).max()), float(np.linalg.norm(M, 2))
+
+
+@torch.no_grad()
+def state_norms(model: LoopedLM, idx: torch.Tensor, n_loops: int) -> list[float]:
+    """Mean over batch and tokens of ‖h_t‖₂ for t = 0..n_loops (eval mode)."""
+    was_training = model.training
+    model.eval()
+    ctx = model.encode(idx)
+    h = model.init_state(ctx)
+    norms = [float(h.norm(dim=-1).mean())]
+    for _ in range(n_loops):
+        h = model.step(h, ctx)
+        norms.append(float(h.norm(dim=-1).mean()))
+    model.train(was_training)
+    return norms
+
+
+def test_time_loops(mean_loops: int) -> list[int]:
+    return sorted({1, max(1, mean_loops // 2), mean_loops, 2 * mean_loops, EXPLOSION_LOOPS * mean_loops})
+
+
+# ---- one run ---------------------------------------------------------------------------------
+
+def run_one(spec: RunSpec, run_dir: Path, progress: Callable[[int], None] | None = None,
+            probes: int = 20, audit: bool = True) -> RunRecord:
+    """Train one configuration and write its folder; return the record."""
+    data = load_text(spec.data)
+    config = spec.config()
+    torch.manual_seed(spec.seed)
+    model = LoopedLM(config)
+    probe_x, _ = data.val_batches(1, 4, spec.seq_len)[0]
+    mu = config.mean_loops if config.looped else None
+    record = RunRecord(spec=asdict(spec), params=model.num_params(), mean_loops=mu, steps=0, tokens=0, seconds=0.0,
+                       losses=[], val_by_loops={}, unigram_loss=data.unigram_loss())
+    every = max(1, spec.steps // probes)
+
+    def probe(step: int) -> None:
+        record.probe_steps.append(step)
+        if config.looped:
+            rho, norm = injection_norms(model)
+            record.spectral_radius.append(rho)
+            record.spectral_norm.append(norm)
+            record.state_norms.append(state_norms(model, probe_x, EXPLOSION_LOOPS * mu))
+
+    def on_step(step: int, rec: dict) -> None:
+        if progress:
+            progress(1)
+        if step % every == 0:
+            probe(step)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    probe(0)
+    cfg = TrainConfig(steps=spec.steps, lr=spec.lr, batch_size=spec.batch_size, seq_len=spec.seq_len,
+                      seed=spec.seed, eval_every=0, progress=False, log_path=str(run_dir / "train.jsonl"))
+    result = train(model, data, cfg, monitor_factory=_monitor_factory(run_dir), on_step=on_step)
+    record.steps, record.tokens, record.seconds = result.steps, result.tokens, result.seconds
+    record.losses, record.diverged, record.stop_reason = result.losses, result.diverged, result.stop_reason
+    loops = test_time_loops(mu) if mu else [0]
+    for T in loops:
+        val = evaluate(model, data, 4, spec.batch_size, spec.seq_len, n_loops=T if mu else None)
+        record.val_by_loops[str(T)] = val
+    if config.looped:
+        record.final_state_norms = state_norms(model, probe_x, EXPLOSION_LOOPS * mu)
+        if audit:
+            record.audit = _audit_summary(model, probe_x, mu, run_dir)
+    record.alerts = _read_alerts(run_dir / "alerts.jsonl")
+    final_val = record.val_by_loops.get(str(mu) if mu else "0")
+    record.outcome, record.outcome_reason, record.note = classify(
+        record.losses, final_val, record.unigram_loss, record.final_state_norms, mu)
+    save(model, run_dir / "model")
+    atomic_write_json(run_dir / RECORD, json_safe(asdict(record)))
+    return record
+
+
+def _monitor_factory(run_dir: Path):
+    """A StabilityMonitor writing alerts to the run folder, when probes are available."""
+    try:
+        from probes import StabilityMonitor
+    except ImportError:
+        return None
+
+    def factory(model, optimizer):
+        return StabilityMonitor(model, optimizer, jsonl=str(run_dir / "alerts.jsonl"), console=False)
+
+    return factory
+
+
+def _read_alerts(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _audit_summary(model: LoopedLM, idx: torch.Tensor, mu: int, run_dir: Path) -> dict | None:
+    """Audit of the trained model (dynamics.audit), written in full to audit.json."""
+    try:
+        from dynamics import audit
+    except ImportError:
+        return None
+    report = audit(model, idx, loops=2 * mu, horizon=EXPLOSION_LOOPS * mu)
+    full = report.to_json()
+    atomic_write_json(run_dir / "audit.json", full)
+    forecast = full.get("forecast", {})
+    return {"verdict": full.get("verdict"), "evidence": forecast.get("evidence"),
+            "growth_rate": forecast.get("growth_rate"), "max_safe_loops": forecast.get("max_safe_loops"),
+            "spectral_radius": full.get("injection", {}).get("spectral_radius"),
+            "spectral_norm": full.get("injection", {}).get("spectral_norm")}
+
+
+# ---- the grid ----------------------------------------------------------------------------------
+
+@dataclass
+class CompareResult:
+    out: Path
+    records: list[RunRecord]
+    skipped: list[str]  # runs found finished in `out` and not redone
+
+    def matrix(self) -> dict[str, dict[str, str]]:
+        """injection → lr → outcome (one seed: its outcome; several: counts, e.g. '2/3 converged')."""
+        cells: dict[str, dict[str, list[str]]] = {}
+        for r in self.records:
+            cells.setdefault(r.spec["injection"], {}).setdefault(f"{r.spec['lr']:g}", []).append(r.outcome)
+        out = {}
+        for inj, by_lr in cells.items():
+            out[inj] = {}
+            for lr, outcomes in by_lr.items():
+                if len(set(outcomes)) == 1:
+                    out[inj][lr] = outcomes[0]
+                else:
+                    out[inj][lr] = ", ".join(f"{outcomes.count(o)}/{len(outcomes)} {o}" for o in sorted(set(outcomes)))
+        return out
+
+
+def grid(injections: list[str], lrs: list[float], seeds: list[int], **common: Any) -> list[RunSpec]:
+    unknown = [i for i in injections if i not in INJECTIONS]
+    if unknown:
+        raise InputError(f"unknown injection(s) {', '.join(unknown)}; choose from {', '.join(INJECTIONS)}")
+    if not injections or not lrs or not seeds:
+        raise InputError("the grid is empty: give at least one injection, learning rate and seed")
+    bad = [lr for lr in lrs if not (lr > 0 and math.isfinite(lr))]
+    if bad:
+        raise InputError(f"learning rates must be positive numbers, got {bad}")
+    return [RunSpec(injection=i, lr=lr, seed=s, **common) for i in injections for lr in lrs for s in seeds]
+
+
+def prepare_out(out: Path, specs: list[RunSpec], resume: bool) -> tuple[list[RunSpec], list[RunRecord]]:
+    """Check `out` and split the grid into runs to do and finished runs to keep."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    todo, done = [], []
+    for spec in specs:
+        run_dir = out / "runs" / spec.name
+        record_path = run_dir / RECORD
+        if record_path.exists():
+            if not resume:
+                raise InputError(f"{out}: already holds finished runs (e.g. {spec.name}); "
+                                 f"use --resume to keep them or choose another --out")
+            done.append(load_record(record_path))
+        else:
+            todo.append(spec)
+    return todo, done
+
+
+def load_record(path: Path) -> RunRecord:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: corrupted earlier run ({err}); move it away to redo that run") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: corrupted earlier run (not a JSON object); move it away to redo that run")
+    return RunRecord.from_json(data, str(path))
+
+
+def _worker(spec: RunSpec, run_dir: str, threads: int, queue) -> dict:
+    torch.set_num_threads(threads)
+    report = (lambda n: queue.put(("step", n))) if queue is not None else None
+    record = run_one(spec, Path(run_dir), progress=report)
+    return asdict(record)
+
+
+def run_grid(specs: list[RunSpec], out: Path, resume: bool = False, jobs: int | None = None,
+             progress: bool = True, log: Callable[[str], None] = print) -> CompareResult:
+    """Run every spec not already finished in `out`, in parallel processes when jobs > 1."""
+    out = Path(out)
+    todo, done = prepare_out(out, specs, resume)
+    if done:
+        log(f"resuming: {len(done)} finished run(s) kept, {len(todo)} to do")
+    cores = os.cpu_count() or 1
+    jobs = max(1, min(jobs or cores, len(todo) or 1))
+    threads = max(1, cores // jobs)
+    bar = _bar(sum(s.steps for s in todo), len(todo), progress)
+    records = list(done)
+    start = time.perf_counter()
+    if jobs == 1:
+        for spec in todo:
+            records.append(run_one(spec, out / "runs" / spec.name, progress=bar.update if bar else None))
+            _after_run(records[-1], bar, log)
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        ctx = mp.get_context("spawn")  # fork after torch threads exist is unsafe
+        with mp.Manager() as manager, ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+            queue = manager.Queue()
+            pending = {pool.submit(_worker, s, str(out / "runs" / s.name), threads, queue) for s in todo}
+            while pending:
+                finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                _drain(queue, bar)
+                for fut in finished:
+                    records.append(RunRecord(**fut.result()))
+                    _after_run(records[-1], bar, log)
+            _drain(queue, bar)
+    if bar is not None:
+        bar.close()
+    order = {s.name: i for i, s in enumerate(specs)}
+    records.sort(key=lambda r: order.get(RunSpec(**r.spec).name, len(order)))
+    log(f"{len(todo)} run(s) in {time.perf_counter() - start:.0f} s ({jobs} process(es) × {threads} thread(s))")
+    return CompareResult(out=out, records=records, skipped=[RunSpec(**r.spec).name for r in done])
+
+
+def _bar(total_steps: int, n_runs: int, enabled: bool):
+    import sys
+
+    if not enabled or not sys.stderr.isatty() or total_steps == 0:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total_steps, desc=f"{n_runs} runs", unit="step", dynamic_ncols=True)
+
+
+def _drain(queue, bar) -> None:
+    while not queue.empty():
+        _, n = queue.get()
+        if bar is not None:
+            bar.update(n)
+
+
+def _after_run(record: RunRecord, bar, log) -> None:
+    spec = RunSpec(**record.spec)
+    line = f"{spec.name}: {record.outcome} — {record.outcome_reason}"
+    if bar is not None:
+        bar.write(line)
+    else:
+        log(line)

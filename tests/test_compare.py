@@ -1,0 +1,201 @@
+"""loopdyn compare: outcome criteria on synthetic curves, a two-step grid end to end, resume, bad input."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from loopdyn.cli import main
+from loopdyn.compare import (DIVERGE_MARGIN, EXPLOSION_RATIO, RECORD, CompareResult, RunRecord, RunSpec,
+                             classify, grid, injection_norms, smoothed, state_norms)
+from models import LoopConfig, LoopedLM
+
+UNIGRAM = 3.26
+MU = 4
+
+
+def decaying(n=100, start=5.5, end=2.0):
+    return list(end + (start - end) * np.exp(-np.arange(n) / 15))
+
+
+def norms(growth_per_loop: float, n=4 * MU + 1, base=10.0):
+    return [base * growth_per_loop ** t for t in range(n)]
+
+
+# ---- criteria on synthetic curves ----------------------------------------------------------------
+
+def test_a_steadily_decreasing_run_with_bounded_state_converges():
+    outcome, reason, note = classify(decaying(), 2.1, UNIGRAM, norms(1.0), MU)
+    assert outcome == "converged" and note == ""
+
+
+def test_a_non_finite_loss_is_divergence_and_names_the_step():
+    losses = decaying()
+    losses[42] = float("nan")
+    outcome, reason, _ = classify(losses, 2.1, UNIGRAM, norms(1.0), MU)
+    assert outcome == "diverged" and "step 43" in reason
+
+
+def test_a_loss_that_rises_above_its_best_by_the_margin_diverged():
+    losses = decaying(80) + list(np.linspace(2.0, 2.0 + DIVERGE_MARGIN + 0.3, 40))
+    assert classify(losses, 2.1, UNIGRAM, norms(1.0), MU)[0] == "diverged"
+    # a rise smaller than the margin (a spike that recovers) is not divergence
+    bumpy = decaying(80) + list(2.0 + 0.3 * np.sin(np.linspace(0, np.pi, 40)))
+    assert classify(bumpy, 2.1, UNIGRAM, norms(1.0), MU)[0] == "converged"
+
+
+def test_a_run_that_never_beats_the_unigram_baseline_diverged():
+    assert classify(decaying(end=3.3), 3.3, UNIGRAM, norms(1.0), MU)[0] == "diverged"
+    assert classify(decaying(), None, UNIGRAM, norms(1.0), MU)[0] == "diverged"
+
+
+def test_geometric_state_growth_is_a_residual_explosion_and_linear_growth_is_not():
+    # ρ = 1.3 per loop: ‖h_16‖/‖h_4‖ = 1.3¹² ≈ 23 > 10
+    outcome, reason, _ = classify(decaying(), 2.1, UNIGRAM, norms(1.3), MU)
+    assert outcome == "residual explosion" and "‖h_16‖ / ‖h_4‖" in reason
+    # additive-like linear growth h_t = t·e: ratio 16/4 = 4: converged, noted as marginal
+    linear = [10.0 * (t + 1) for t in range(4 * MU + 1)]
+    outcome, _, note = classify(decaying(), 2.1, UNIGRAM, linear, MU)
+    assert outcome == "converged" and "grows with loops" in note
+    # right at the threshold
+    ratio_just_above = (EXPLOSION_RATIO * 1.01) ** (1 / (3 * MU))
+    assert classify(decaying(), 2.1, UNIGRAM, norms(ratio_just_above), MU)[0] == "residual explosion"
+
+
+def test_a_non_finite_state_is_an_explosion():
+    n = norms(1.0)
+    n[9] = math.inf
+    outcome, reason, _ = classify(decaying(), 2.1, UNIGRAM, n, MU)
+    assert outcome == "residual explosion" and "T = 9" in reason
+
+
+def test_divergence_takes_precedence_over_explosion():
+    losses = decaying()
+    losses[-1] = float("inf")
+    assert classify(losses, 2.1, UNIGRAM, norms(2.0), MU)[0] == "diverged"
+
+
+def test_fixed_depth_runs_are_judged_by_loss_only():
+    assert classify(decaying(), 2.1, UNIGRAM, [], None)[0] == "converged"
+
+
+def test_smoothed_is_a_trailing_mean():
+    x = [1.0, 2.0, 3.0, 4.0]
+    assert np.allclose(smoothed(x, 2), [1.0, 1.5, 2.5, 3.5])
+
+
+def test_matrix_aggregates_seeds():
+    def rec(inj, lr, seed, outcome):
+        spec = RunSpec(inj, lr, seed=seed)
+        return RunRecord(spec=spec.__dict__, params=1, mean_loops=4, steps=1, tokens=1, seconds=0.0,
+                         losses=[1.0], val_by_loops={}, outcome=outcome)
+    result = CompareResult(out=None, skipped=[], records=[
+        rec("diagonal", 0.01, 0, "converged"), rec("diagonal", 0.01, 1, "converged"),
+        rec("linear", 0.01, 0, "converged"), rec("linear", 0.01, 1, "residual explosion")])
+    m = result.matrix()
+    assert m["diagonal"]["0.01"] == "converged"
+    assert m["linear"]["0.01"] == "1/2 converged, 1/2 residual explosion"
+
+
+# ---- measurements --------------------------------------------------------------------------------
+
+def test_injection_norms_match_numpy_for_each_kind():
+    for injection in ("diagonal", "linear", "additive"):
+        model = LoopedLM(LoopConfig.preset("tiny", injection=injection))
+        rho, norm = injection_norms(model)
+        A = model.injection.linear_part().A.dense().double().numpy()
+        assert rho == pytest.approx(np.abs(np.linalg.eigvals(A)).max(), rel=1e-9)
+        assert norm == pytest.approx(np.linalg.svd(A, compute_uv=False)[0], rel=1e-9)
+
+
+def test_state_norms_follow_the_lti_closed_form_at_init():
+    """At init every core block is the identity, so h_t = Ā h_{t−1} + B̄ e exactly."""
+    model = LoopedLM(LoopConfig.preset("tiny", state_init="zero"))
+    idx = __import__("torch").randint(0, 256, (2, 16))
+    got = state_norms(model, idx, 6)
+    ctx = model.encode(idx)
+    a, b = 0.4472135955, 0.8047189562  # Ā₀ and Δ₀, B = I
+    e = ctx.e.detach().double().numpy()
+    want = [float(np.linalg.norm(b * (1 - a ** t) / (1 - a) * e, axis=-1).mean()) for t in range(7)]
+    assert np.allclose(got, want, rtol=1e-5)
+
+
+# ---- end to end ----------------------------------------------------------------------------------
+
+def test_two_step_compare_end_to_end(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    code = main(["compare", "--injections", "diagonal,linear,fixed", "--lrs", "0.01,0.05", "--steps", "2",
+                 "--batch-size", "4", "--seq-len", "32", "--out", str(out), "--jobs", "1", "--no-progress"])
+    assert code == 0
+    for name in ("summary.json", "report.html", "loss_curves.png", "spectral_radius.png", "state_norm.png",
+                 "val_vs_loops.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["matrix"]) == {"diagonal", "linear", "fixed"}
+    assert set(summary["matrix"]["linear"]) == {"0.01", "0.05"}
+    assert len(summary["runs"]) == 6 and all(r["steps"] == 2 for r in summary["runs"])
+    # same token budget for every run; parameter counts reported
+    assert len({r["tokens"] for r in summary["runs"]}) == 1
+    assert all(r["params"] > 0 for r in summary["runs"])
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "Convergence matrix" in html
+    for name in ("diagonal-lr0.01-seed0", "fixed-lr0.05-seed0"):
+        record = json.loads((out / "runs" / name / RECORD).read_text())
+        assert len(record["losses"]) == 2 and (out / "runs" / name / "model" / "config.json").is_file()
+    diag = json.loads((out / "runs" / "diagonal-lr0.01-seed0" / RECORD).read_text())
+    assert diag["spectral_radius"] and max(diag["spectral_radius"]) < 1
+    assert set(diag["val_by_loops"]) == {"1", "2", "4", "8", "16"}
+    printed = capsys.readouterr().out
+    assert "diagonal" in printed and "wrote" in printed
+
+    # resume: nothing is redone, finished runs are untouched
+    before = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/record.json")}
+    code = main(["compare", "--injections", "diagonal,linear,fixed", "--lrs", "0.01,0.05", "--steps", "2",
+                 "--batch-size", "4", "--seq-len", "32", "--out", str(out), "--resume", "--no-progress"])
+    assert code == 0
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/record.json")} == before
+    assert "6 finished run(s) kept, 0 to do" in capsys.readouterr().out
+
+
+def _one_line_error(capsys, argv) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+def test_bad_input(tmp_path, capsys):
+    base = ["compare", "--steps", "2", "--no-progress", "--out", str(tmp_path / "o")]
+    assert "unknown injection" in _one_line_error(capsys, base + ["--injections", "diagonal,ssm"])
+    assert "empty" in _one_line_error(capsys, base + ["--lrs", ","])
+    assert "empty" in _one_line_error(capsys, base + ["--injections", ""])
+    assert "positive" in _one_line_error(capsys, base + ["--lrs", "-0.1"])
+    assert "--lrs" in _one_line_error(capsys, base + ["--lrs", "fast"])
+    assert "unknown preset" in _one_line_error(capsys, base + ["--preset", "huge"])
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert "not a folder" in _one_line_error(capsys, ["compare", "--steps", "1", "--out", str(afile)])
+
+
+def test_finished_runs_are_never_overwritten_and_corruption_is_reported(tmp_path, capsys):
+    out = tmp_path / "o"
+    run = out / "runs" / "diagonal-lr0.01-seed0"
+    run.mkdir(parents=True)
+    (run / RECORD).write_text('{"spec": {"injection": "diagonal"')  # a truncated record
+    argv = ["compare", "--injections", "diagonal", "--lrs", "0.01", "--steps", "1", "--out", str(out),
+            "--no-progress"]
+    err = _one_line_error(capsys, argv)
+    assert "already holds finished runs" in err and "--resume" in err
+    err = _one_line_error(capsys, argv + ["--resume"])
+    assert "corrupted earlier run" in err and RECORD in err
+    assert (run / RECORD).read_text() == '{"spec": {"injection": "diagonal"'  # untouched
+
+
+def test_grid_is_the_full_product():
+    specs = grid(["diagonal", "linear"], [0.01, 0.02, 0.03], [0, 1], steps=5)
+    assert len(specs) == 12 and len({s.name for s in specs}) == 12
+    assert RunSpec("fixed", 0.01).config().looped is False
+    assert RunSpec("fixed", 0.01).config().n_prelude == LoopConfig.preset("tiny").n_blocks
