@@ -1,0 +1,239 @@
+"""`loopdyn sweep-loops CHECKPOINT`: validation loss at T = 1..N loops, as a CSV for `loopdyn fit`.
+
+One unroll per batch: the prelude runs once, the loop steps N times, and the readout/coda/head
+decode the state after every step, so the sweep costs N loop steps and N decodes per batch
+instead of the N(N+1)/2 steps of N separate `model(idx, n_loops=T)` calls. Each loss equals
+`loopdyn.train.evaluate(model, data, K, B, S, n_loops=T)`: the mean over the same K fixed
+validation batches of the mean cross-entropy per token (nats; bytes for the default corpus).
+
+The CSV (written atomically) has the header `loops,mean_recurrence,params,tokens,loss`:
+`mean_recurrence` is the trained μ_rec, `params` the unrolled parameter count N(μ_rec)
+(`dynamics.flops.unrolled_params`, embeddings included), `tokens` the training tokens D when
+given with `--tokens` and empty otherwise (checkpoints do not record it yet; the test-time law
+does not need it, the unified law does). `loopdyn fit CSV --law testtime` reads the file as is.
+A non-finite loss (a loop count where the model blows up) is written as `nan`/`inf` and named
+in a warning: `loopdyn fit` refuses such rows, so lower `--max-loops` to fit.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dynamics.flops import unrolled_params
+from models import LoopedLM, load
+from models.errors import InputError
+from models.fileio import atomic_write_text
+
+MAX_LOOPS = 1000  # larger --max-loops values are refused as a typo
+CSV_HEADER = ("loops", "mean_recurrence", "params", "tokens", "loss")
+DEFAULT_CSV = "loop-sweep.csv"
+
+
+@dataclass
+class LoopSweep:
+    """Validation loss (nats per token) at T = loops[i] loops for one model."""
+
+    loops: np.ndarray  # 1..N
+    loss: np.ndarray
+    mean_recurrence: int  # trained μ_rec
+    params: int  # unrolled parameters N(μ_rec)
+    tokens: float | None  # training tokens D, if known
+    eval_tokens: int  # validation tokens per loss value
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        buf.write(",".join(CSV_HEADER) + "\n")
+        tokens = "" if self.tokens is None else f"{self.tokens:.17g}"
+        for T, loss in zip(self.loops, self.loss):
+            buf.write(f"{int(T)},{self.mean_recurrence},{self.params},{tokens},{float(loss):.9g}\n")
+        return buf.getvalue()
+
+    def table(self) -> str:
+        """A text table: T, loss, change against T = μ_rec (or the largest T, if smaller)."""
+        mu = self.mean_recurrence
+        ref_T = min(mu, len(self.loss))
+        ref = float(self.loss[ref_T - 1])
+        lines = [f"{'loops':>5}  {'loss':>9}  {f'vs T={ref_T}':>8}"]
+        for T, loss in zip(self.loops, self.loss):
+            rel = 100.0 * (float(loss) / ref - 1.0) if math.isfinite(ref) and ref else math.nan
+            note = "  <- trained mean" if T == mu else ""
+            lines.append(f"{int(T):>5}  {float(loss):>9.5f}  {rel:>+7.2f}%{note}")
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def sweep_losses(model: LoopedLM, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                 max_loops: int, on_step: Callable[[], None] | None = None) -> np.ndarray:
+    """Mean loss over `batches` at T = 1..max_loops, from one unroll per batch.
+
+    For each batch: ctx = encode(x), h = init_state(ctx), then max_loops times h = step(h),
+    loss_T = cross_entropy(decode(h), y). Runs in eval mode (restored afterwards); returns
+    an array of shape (max_loops,) (float64).
+    """
+    if not model.config.looped:
+        raise InputError(f"model '{model.config.name}' is fixed-depth (injection='none'): "
+                         f"it has no loop to sweep")
+    if isinstance(max_loops, bool) or not isinstance(max_loops, int) or max_loops < 1:
+        raise InputError(f"max_loops must be a positive integer, got {max_loops!r}")
+    if not batches:
+        raise InputError("no batches to evaluate")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = torch.zeros(max_loops, dtype=torch.float64)
+    try:
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            ctx = model.encode(x)
+            h = model.init_state(ctx)
+            per_t = []
+            for _ in range(max_loops):
+                h = model.step(h, ctx)
+                logits = model.decode(h, ctx)
+                per_t.append(F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100))
+                if on_step is not None:
+                    on_step()
+            total += torch.stack(per_t).double().cpu()  # one host sync per batch
+    finally:
+        model.train(was_training)
+    return (total / len(batches)).numpy()
+
+
+def sweep_loops(model: LoopedLM, data, max_loops: int | None = None, *, n_batches: int = 16,
+                batch_size: int = 16, seq_len: int = 64, tokens: float | None = None,
+                progress: bool = False) -> LoopSweep:
+    """Sweep T = 1..max_loops (default 3·μ_rec) on `n_batches` fixed validation batches of
+    `data` (a loopdyn.data.TextData) and return a LoopSweep."""
+    cfg = model.config
+    if not cfg.looped:
+        raise InputError(f"model '{cfg.name}' is fixed-depth (injection='none'): it has no loop to sweep")
+    if max_loops is None:
+        max_loops = 3 * cfg.mean_loops
+    _check_positive("max-loops", max_loops)
+    if max_loops > MAX_LOOPS:
+        raise InputError(f"--max-loops {max_loops} is too large (at most {MAX_LOOPS})")
+    for name, v in (("batches", n_batches), ("batch-size", batch_size), ("seq-len", seq_len)):
+        _check_positive(name, v)
+    if seq_len > cfg.block_size:
+        raise InputError(f"--seq-len {seq_len} is longer than the model supports (block_size {cfg.block_size})")
+    if tokens is not None and not (math.isfinite(tokens) and tokens > 0):
+        raise InputError(f"--tokens must be a positive number, got {tokens:g}")
+    batches = data.val_batches(n_batches, batch_size, seq_len)
+    bar = _progress_bar(n_batches * max_loops) if progress else None
+    try:
+        loss = sweep_losses(model, batches, max_loops, on_step=(bar.update if bar else None))
+    finally:
+        if bar is not None:
+            bar.close()
+    return LoopSweep(loops=np.arange(1, max_loops + 1), loss=loss, mean_recurrence=cfg.mean_loops,
+                     params=unrolled_params(cfg, cfg.mean_loops), tokens=tokens,
+                     eval_tokens=n_batches * batch_size * seq_len)
+
+
+def _check_positive(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise InputError(f"--{name} must be a positive integer, got {v!r}")
+
+
+def _progress_bar(total: int):
+    if not sys.stderr.isatty():
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="sweep-loops", unit="step", dynamic_ncols=True, leave=False)
+
+
+# -- command line ------------------------------------------------------------------------------
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "sweep-loops",
+        help="validation loss at T = 1..N loops, written as a CSV for `loopdyn fit --law testtime`",
+        description=(
+            "Load a checkpoint and measure validation loss at T = 1..N loops (default N = 3x the "
+            "trained mean) with one unroll per batch (the prelude runs once; the state is decoded "
+            "after every loop). Writes a CSV with columns loops, mean_recurrence, params (unrolled "
+            "parameters at the trained mean), tokens (training tokens, empty unless --tokens), loss."
+        ),
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a loopdyn or official Parcae checkpoint")
+    p.add_argument("--max-loops", type=int, default=None, metavar="N",
+                   help=f"largest loop count (default: 3 x the trained mean; at most {MAX_LOOPS})")
+    p.add_argument("--csv", default=DEFAULT_CSV, metavar="FILE", help=f"output CSV (default: {DEFAULT_CSV})")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="a text file or folder (default: the Python standard library's sources)")
+    p.add_argument("--batches", type=int, default=16, metavar="K", help="validation batches (default 16)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="B", help="sequences per batch (default 16)")
+    p.add_argument("--seq-len", type=int, default=64, metavar="S",
+                   help="tokens per sequence (default 64, as loopdyn train)")
+    p.add_argument("--tokens", type=float, default=None, metavar="D",
+                   help="training tokens of the checkpoint, for the CSV's tokens column (default: empty)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from loopdyn.data import load_text
+
+    # cheap argument checks first, so a typo does not wait for the model and the corpus
+    if args.max_loops is not None:
+        _check_positive("max-loops", args.max_loops)
+        if args.max_loops > MAX_LOOPS:
+            raise InputError(f"--max-loops {args.max_loops} is too large (at most {MAX_LOOPS})")
+    for name in ("batches", "batch_size", "seq_len"):
+        _check_positive(name.replace("_", "-"), getattr(args, name))
+    if args.tokens is not None and not (math.isfinite(args.tokens) and args.tokens > 0):
+        raise InputError(f"--tokens must be a positive number, got {args.tokens:g}")
+    out = Path(args.csv)
+    if out.is_dir():
+        raise InputError(f"--csv {out} is a folder, not a file")
+    if not out.parent.is_dir():
+        raise InputError(f"--csv {out}: the folder {out.parent} does not exist")
+    model = load(args.checkpoint, device=args.device)
+    cfg = model.config
+    if not cfg.looped:
+        raise InputError(f"{args.checkpoint}: model '{cfg.name}' is fixed-depth (injection='none'): "
+                         f"it has no loop to sweep")
+    if args.seq_len > cfg.block_size:
+        raise InputError(f"--seq-len {args.seq_len} is longer than {args.checkpoint} supports "
+                         f"(block_size {cfg.block_size})")
+    if cfg.vocab_size < 256:
+        raise InputError(f"{args.checkpoint}: the model's vocabulary ({cfg.vocab_size}) is smaller "
+                         f"than the 256 byte values of the data")
+    nonfinite = getattr(getattr(model, "checkpoint_info", None), "nonfinite", [])
+    if nonfinite:
+        print(f"loopdyn sweep-loops: warning: {len(nonfinite)} parameter(s) hold NaN/Inf "
+              f"(e.g. {nonfinite[0]}); losses will not be finite", file=sys.stderr)
+    data = load_text(args.data)
+    sweep = sweep_loops(model, data, args.max_loops, n_batches=args.batches,
+                        batch_size=args.batch_size, seq_len=args.seq_len, tokens=args.tokens,
+                        progress=not args.no_progress)
+    print(f"model: {args.checkpoint} ({cfg.injection} injection, mu_rec = {cfg.mean_loops}, "
+          f"{sweep.params:,} unrolled parameters at mu_rec)")
+    print(f"data: {data.source}, {sweep.eval_tokens:,} validation tokens "
+          f"({args.batches} x {args.batch_size} x {args.seq_len}) per loop count")
+    print(sweep.table())
+    bad = [int(T) for T, v in zip(sweep.loops, sweep.loss) if not math.isfinite(v)]
+    if bad:
+        print(f"loopdyn sweep-loops: warning: the loss is not finite at T = {_spans(bad)}; "
+              f"`loopdyn fit` rejects those rows (lower --max-loops)", file=sys.stderr)
+    atomic_write_text(args.csv, sweep.to_csv())
+    print(f"wrote {args.csv}")
+    return 0
+
+
+def _spans(values: list[int]) -> str:
+    """1, 2, 3, 7 -> "1, 2, 3, 7"; 4..9 when contiguous."""
+    if len(values) > 2 and values == list(range(values[0], values[-1] + 1)):
+        return f"{values[0]}..{values[-1]}"
+    return ", ".join(map(str, values))
