@@ -1,0 +1,337 @@
+"""`audit`: everything dynamics knows about a looped model's recurrence, on one probe batch.
+
+One pass over the measured loops t = 0..T shares a linearisation of the loop step at each
+measured state h_t (one recorded forward + backward pass) between
+
+* the Lyapunov tangent vectors (k products J_t·Q per loop, t < T),
+* the Jacobian spectra at loops t = 1..T: ‖J_t‖₂ by a few Golub–Kahan–Lanczos steps warm
+  started from the previous loop's top singular vector (a lower bound that tightens along
+  the sweep) and ρ(J_t) by a short Arnoldi run started from the measured residual
+  r_t = h_t − h_{t−1} (Ritz estimate; the run at t = T is the forecast's Krylov basis),
+
+so the cost is T + 1 linearisations plus a fixed number of products per loop, independent of
+the state size (bench/audit_cost.py measures it in forward passes). The injection spectrum is
+closed-form or dense on ds × ds, the gain graph linearises each core sublayer once.
+
+`AuditReport.to_json()` is the DESIGN §7 record, exactly; `AuditReport.to_text()` the
+terminal report.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from dynamics import explosion as fc
+from dynamics.gain import gain_graph, gain_graph_json
+from dynamics.jacobian import golub_kahan
+from dynamics.loopmap import Cost, Linearisation, nonfinite_parameters, require_loop
+from dynamics.lti import InjectionSpectrum, injection_spectrum
+from dynamics.lyapunov_exponents import LyapunovAccumulator, LyapunovResult
+from dynamics.trajectory import Trajectory, measure_trajectory
+from models.errors import InputError
+
+MAX_LOOPS = 256  # measured loops an audit accepts
+MAX_HORIZON = 10000  # forecast horizon an audit accepts
+VERDICTS = ("stable", "marginal", "explosive")
+
+
+@dataclass
+class ModelInfo:
+    path: str | None
+    format: str  # "loopdyn" | "parcae" (a model built in memory is a loopdyn model, path None)
+    injection: str
+    params: int
+    d_state: int
+    mean_loops: int
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "format": self.format, "injection": self.injection,
+                "params": int(self.params), "d_state": int(self.d_state), "mean_loops": int(self.mean_loops)}
+
+
+@dataclass
+class JacobianSweep:
+    """‖J_t‖₂ and ρ(J_t) at the measured states h_t (J_t = ∂h_{t+1}/∂h_t at h_t)."""
+
+    loops: list[int]
+    spectral_norm: np.ndarray  # lower bounds (Golub–Kahan–Lanczos Ritz values)
+    spectral_radius: np.ndarray  # Arnoldi Ritz estimates
+    method: str
+    matvecs: int  # products with J or Jᵀ used for these estimates
+    hindcast_error: np.ndarray  # ‖J_t r_t − r_{t+1}‖/‖r_{t+1}‖ (how well the linearisation predicts the next residual)
+    lti_spectral_norm: float = math.nan  # ‖Ā‖₂, the LTI part alone
+    lti_spectral_radius: float = math.nan
+    lti_ritz_radius: float = math.nan  # Ritz ρ of I ⊗ Ā on the same Krylov space as J at the last loop
+
+    def to_json(self) -> dict:
+        return {"loops": list(self.loops), "spectral_norm": [float(x) for x in self.spectral_norm],
+                "spectral_radius": [float(x) for x in self.spectral_radius], "method": self.method,
+                "matvecs": int(self.matvecs)}
+
+    def core_factor(self) -> float:
+        """How much the nonlinear core changes the local rate of the LTI part: the Ritz ρ of J_T
+        over the Ritz ρ of I ⊗ Ā on the same Krylov space (like for like: for a non-normal
+        operator a short Arnoldi run can overshoot ρ, equally for both)."""
+        if not len(self.spectral_radius) or not self.lti_ritz_radius > 0:
+            return math.nan
+        return float(self.spectral_radius[-1] / self.lti_ritz_radius)
+
+
+@dataclass
+class AuditReport:
+    """Everything an audit found; `to_json()` is DESIGN §7."""
+
+    model: ModelInfo
+    injection: InjectionSpectrum
+    trajectory: Trajectory
+    jacobian: JacobianSweep
+    lyapunov: LyapunovResult
+    forecast: fc.Forecast
+    gain: object  # networkx.DiGraph (or None when it could not be built)
+    verdict: str
+    probe: str = ""
+    cost: Cost = field(default_factory=Cost)
+    seconds: float = 0.0
+    notes: list = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        gain = gain_graph_json(self.gain) if self.gain is not None else {"nodes": [], "edges": [], "cycle_gain": None}
+        return {"model": self.model.to_json(), "injection": self.injection.to_json(),
+                "trajectory": self.trajectory.to_json(), "jacobian": self.jacobian.to_json(),
+                "lyapunov": self.lyapunov.to_json(), "forecast": self.forecast.to_json(),
+                "gain_graph": gain, "verdict": self.verdict}
+
+    def to_text(self) -> str:
+        return format_report(self)
+
+
+def _nan_sweep(T: int, why: str) -> JacobianSweep:
+    nan = np.full(T, math.nan)
+    return JacobianSweep(list(range(1, T + 1)), nan, nan.copy(), why, 0, nan.copy())
+
+
+def _jacobian_loops(T: int, limit: int | None) -> list[int]:
+    if limit is None or limit >= T:
+        return list(range(1, T + 1))
+    picks = np.unique(np.linspace(1, T, max(limit, 1)).round().astype(int))
+    return [int(t) for t in picks]
+
+
+def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | None = None, *,
+          tol: float = 1e-3, explosion_factor: float = 10.0, settle_tol: float = 1e-2,
+          jacobian_steps: int = 4, arnoldi_steps: int = 6, krylov_dim: int = 10, lyapunov_k: int = 4,
+          gain_steps: int = 4, jacobian_loops: int | None = 8, path: str | None = None, probe: str = "",
+          progress=None) -> AuditReport:
+    """Audit the recurrence of `model` on the probe batch `idx` (B, S).
+
+    loops: loops measured (default μ_rec, at most MAX_LOOPS); horizon: loops forecast (default
+    4 × loops, at most MAX_HORIZON). The other knobs set the budget (module docstring).
+    `progress`, if given, is called as progress(stage: str, done: int, total: int).
+    Non-finite weights or states give an `explosive` verdict with the evidence "non-finite";
+    a model without a loop raises DynamicsError.
+    """
+    start = time.perf_counter()
+    require_loop(model)
+    T = model.config.mean_loops if loops is None else loops
+    if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T <= MAX_LOOPS:
+        raise InputError(f"loops must be an integer in [1, {MAX_LOOPS}], got {loops!r}")
+    H = 4 * T if horizon is None else horizon
+    if isinstance(H, bool) or not isinstance(H, int) or not T <= H <= MAX_HORIZON:
+        raise InputError(f"horizon must be an integer in [loops = {T}, {MAX_HORIZON}], got {horizon!r}")
+    report = progress or (lambda stage, done, total: None)
+    cost = Cost()
+    notes: list[str] = []
+    info = getattr(model, "checkpoint_info", None)
+    minfo = ModelInfo(path if path is not None else getattr(info, "path", None),
+                      getattr(info, "format", "loopdyn"), model.config.injection, model.num_params(),
+                      model.config.d_state, model.config.mean_loops)
+
+    bad = nonfinite_parameters(model)
+    report("injection spectrum", 0, 1)
+    spec = injection_spectrum(model, horizon=H, tol=tol)
+    report("trajectory", 0, T)
+    traj = measure_trajectory(model, idx, T, cost=cost)
+    broken = bool(bad) or traj.nonfinite_at is not None
+
+    lyap = LyapunovResult(np.full(max(lyapunov_k, 1), math.nan), 0, None, broken)
+    sweep = _nan_sweep(T, "not computed (non-finite weights or states)" if broken else "not computed")
+    sweep.lti_spectral_norm, sweep.lti_spectral_radius = spec.spectral_norm, spec.spectral_radius
+    krylov = None
+    G = None
+    if not broken:
+        sweep, lyap, krylov = _sweep(model, traj, lyapunov_k, jacobian_steps, arnoldi_steps, krylov_dim,
+                                     _jacobian_loops(T, jacobian_loops), cost, report)
+        sweep.lti_spectral_norm, sweep.lti_spectral_radius = spec.spectral_norm, spec.spectral_radius
+        A = model.injection.linear_part().A
+        if krylov is not None and krylov.H.shape[0] and (A.values is None or bool(torch.isfinite(A.values).all())):
+            HL = fc.lti_projection(krylov, A)
+            if HL is not None and np.all(np.isfinite(HL)):
+                sweep.lti_ritz_radius = float(np.abs(np.linalg.eigvals(HL)).max())
+        report("gain graph", 0, 1)
+        try:
+            G = gain_graph(model, h=traj.states[T], ctx=traj.ctx, steps=gain_steps, cost=cost)
+            G.graph["where"] = f"probe, state after {T} loops"
+        except (RuntimeError, ValueError, np.linalg.LinAlgError) as err:  # never let a side analysis kill the audit
+            notes.append(f"gain graph not computed: {err}")
+    extra = []
+    if not broken:
+        extra.append(_jacobian_evidence(sweep))
+        if lyap.loops:
+            extra.append(fc.lyapunov_evidence(lyap))
+        if G is not None:
+            extra.append(_gain_evidence(G, sweep))
+    report("forecast", 0, 1)
+    if broken:
+        forecast = fc.combine(traj, [], H, explosion_factor, settle_tol, nonfinite_weights=bad)
+    else:
+        sigma_T = float(sweep.spectral_norm[-1]) if sweep.loops and sweep.loops[-1] == T else None
+        hind = dict(zip(sweep.loops, sweep.hindcast_error)).get(T - 1, math.nan)
+        forecast = fc.forecast_from(model, traj, spec, H, krylov=krylov, krylov_dim=krylov_dim,
+                                    explosion_factor=explosion_factor, settle_tol=settle_tol,
+                                    extra_evidence=extra, sigma_T=sigma_T, jacobian_hindcast=hind, cost=cost)
+    traj.states = []  # free the tensors; the statistics stay
+    return AuditReport(minfo, spec, traj, sweep, lyap, forecast, G, forecast.verdict, probe, cost,
+                       time.perf_counter() - start, notes + spec.notes)
+
+
+def _sweep(model, traj: Trajectory, lyapunov_k: int, gkl_steps: int, arnoldi_steps: int, krylov_dim: int,
+           jac_loops: list[int], cost: Cost, report):
+    """One pass over h_0..h_T: Lyapunov vectors, Jacobian spectra, and the Krylov basis at h_T."""
+    T, states, ctx = traj.n_loops, traj.states, traj.ctx
+    acc = LyapunovAccumulator(states[0].shape, lyapunov_k) if lyapunov_k > 0 else None
+    sig, rho, hind = [], [], []
+    products = 0
+    v_warm = None
+    krylov = None
+    for t in range(T + 1):
+        report("linearised loops", t, T + 1)
+        lin = Linearisation(model, ctx, states[t], cost)
+        if acc is not None and t < T:
+            acc.update(lin)
+        if t >= 1 and (t in jac_loops or t == T):
+            r_t = (states[t] - states[t - 1]).to(torch.float64)
+            start = v_warm if v_warm is not None else r_t
+            if float(start.norm()) == 0:
+                start = torch.randn(start.shape, generator=torch.Generator().manual_seed(t), dtype=torch.float64).to(start.device)
+            s, v_warm, nj, njt = golub_kahan(lin.jvp, lin.vjp, start, gkl_steps)
+            products += nj + njt
+            steps = krylov_dim if t == T else arnoldi_steps
+            if float(r_t.norm()) > 0:
+                kry = fc.krylov_at(lin, states[t], r_t, min(steps, r_t.numel()))
+                products += kry.products
+                lam = float(np.abs(kry.ritz[0]))
+                image = kry.first_image() if t < T else None
+                if image is not None:
+                    # the first Arnoldi vector is r_t/‖r_t‖, so J r_t comes for free: its distance to the
+                    # measured r_{t+1} is the linearisation's one-step hindcast error
+                    r_next = (states[t + 1] - states[t]).to(torch.float64)
+                    denom = float(r_next.norm())
+                    hind.append(float((image - r_next).norm()) / denom if denom > 0 else math.nan)
+                else:
+                    hind.append(math.nan)
+                kry.basis = [] if t < T else kry.basis
+            else:
+                kry, lam = None, 0.0
+                hind.append(math.nan)
+            if t == T:
+                krylov = kry
+            if t in jac_loops:
+                sig.append(float(s[0]))
+                rho.append(lam)
+        del lin
+    report("linearised loops", T + 1, T + 1)
+    loops = [t for t in jac_loops]
+    method = (f"matrix-free (autograd J·v and Jᵀ·w at the measured states): ‖J_t‖₂ by {gkl_steps} "
+              f"Golub–Kahan–Lanczos steps warm-started along the loops (lower bound), ρ(J_t) by "
+              f"{arnoldi_steps} Arnoldi steps from r_t ({krylov_dim} at loop {T}; Ritz estimate)")
+    sweep = JacobianSweep(loops, np.array(sig), np.array(rho), method, products, np.array(hind))
+    lyap = acc.result() if acc is not None else LyapunovResult(np.zeros(0), 0, None)
+    return sweep, lyap, krylov
+
+
+def _fmt(x) -> str:
+    return fc._fmt(x)
+
+
+def _jacobian_evidence(sweep: JacobianSweep) -> str:
+    if not len(sweep.loops):
+        return "Jacobian: not computed"
+    t = sweep.loops[-1]
+    factor = sweep.core_factor()
+    hind = sweep.hindcast_error[np.isfinite(sweep.hindcast_error)]
+    h_txt = f"; the linearisation predicts the next residual within {_fmt(float(np.max(hind)))} relative error" \
+        if hind.size else ""
+    core = (f"; on the same Krylov space the LTI part alone has Ritz ρ {_fmt(sweep.lti_ritz_radius)}: the core "
+            f"scales the local rate by ×{_fmt(factor)}") if np.isfinite(factor) else ""
+    return (f"Jacobian along the trajectory: ‖J_{t}‖₂ ≥ {_fmt(sweep.spectral_norm[-1])} (‖Ā‖₂ {_fmt(sweep.lti_spectral_norm)}), "
+            f"Ritz ρ(J_{t}) ≈ {_fmt(sweep.spectral_radius[-1])} (ρ(Ā) {_fmt(sweep.lti_spectral_radius)}){core}{h_txt}")
+
+
+def _gain_evidence(G, sweep: JacobianSweep) -> str:
+    cg = G.graph.get("cycle_gain", math.nan)
+    rho = sweep.spectral_radius[-1] if len(sweep.spectral_radius) else math.nan
+    verdict = "a contraction (small-gain bound < 1)" if cg < 1 else "inconclusive (small-gain bound ≥ 1)"
+    return f"gain graph: cycle gain {_fmt(cg)} — {verdict}; measured ρ(J) ≈ {_fmt(rho)}"
+
+
+# ---- terminal report ----------------------------------------------------------------------------
+
+def format_report(r: AuditReport) -> str:
+    m, s, tr, j, ly, f = r.model, r.injection, r.trajectory, r.jacobian, r.lyapunov, r.forecast
+    lines = []
+    src = m.path or "in-memory model"
+    lines.append(f"loopdyn audit: {src}")
+    lines.append(f"  model: {m.format} format, {m.injection} injection, {m.params:,} parameters, "
+                 f"d_state {m.d_state}, μ_rec {m.mean_loops}")
+    if r.probe:
+        lines.append(f"  probe: {r.probe}")
+    lines.append("")
+    lines.append(f"injection Ā ({s.kind}, {s.method}):")
+    settle = ("n/a (non-finite Ā)" if s.method == "non-finite" else "never (ρ ≥ 1)") if s.settle_loops is None \
+        else f"{s.settle_loops} loops"
+    lines.append(f"  ‖Ā‖₂ {_fmt(s.spectral_norm)}   ρ(Ā) {_fmt(s.spectral_radius)}   "
+                 f"max_k≤{s.horizon} ‖Āᵏ‖₂ {_fmt(s.transient_max)} (k={s.transient_peak})   "
+                 f"Kreiss K {_fmt(s.kreiss_constant)}, bound {_fmt(s.kreiss_bound)}")
+    gain = "" if s.fixed_point_gain is None else f"   h* = (I−Ā)⁻¹B̄e, ‖(I−Ā)⁻¹B̄‖₂ {_fmt(s.fixed_point_gain)}"
+    stab = "n/a" if not np.isfinite(s.spectral_radius) else \
+        f"{'stable' if s.stable else 'not stable'} (ρ {'<' if s.stable else '≥'} 1)"
+    lines.append(f"  LTI surrogate settles to tol {s.tol:g} in {settle}; {stab}{gain}")
+    lines.append("")
+    lines.append(f"measured trajectory ({tr.n_loops} loops)   and the Jacobian J_t = ∂h_(t+1)/∂h_t at h_t:")
+    lines.append(f"  {'loop':>4} {'‖h_t‖':>10} {'rel.resid':>10} {'‖J_t‖₂≥':>10} {'ρ(J_t)≈':>10}")
+    jmap = {t: (a, b) for t, a, b in zip(j.loops, j.spectral_norm, j.spectral_radius)}
+    for t in range(1, tr.n_loops + 1):
+        a, b = jmap.get(t, (None, None))
+        lines.append(f"  {t:>4} {_fmt(tr.state_norm[t]):>10} {_fmt(tr.rel_residual[t]):>10} "
+                     f"{'' if a is None else _fmt(a):>10} {'' if b is None else _fmt(b):>10}")
+    lines.append(f"  Jacobian: {j.method}; {j.matvecs} products")
+    if ly.loops:
+        lines.append(f"Lyapunov exponents over {ly.loops} loops (nats/loop): "
+                     + ", ".join(_fmt(x) for x in ly.exponents))
+    if r.gain is not None:
+        G = r.gain
+        subl = [(u, v, d["gain"]) for u, v, d in G.edges(data=True) if d.get("kind") == "local_lipschitz"]
+        lines.append(f"gain graph: ‖Ā‖₂ {_fmt(G['h']['Ā']['gain'])}, ‖B̄‖₂ {_fmt(G.graph['input_gain'])}, "
+                     f"‖C‖₂ {_fmt(G.graph['readout_gain'])}; sublayer local gains "
+                     + ", ".join(f"{v} {_fmt(g)}" for _, v, g in subl))
+        lines.append(f"  cycle gain (small-gain bound) {_fmt(G.graph['cycle_gain'])} vs measured ρ(J) "
+                     f"{_fmt(j.spectral_radius[-1] if len(j.spectral_radius) else math.nan)} and ρ(Ā) "
+                     f"{_fmt(s.spectral_radius)}")
+    lines.append("")
+    idx = [t for t in (f.measured_loops, min(2 * f.measured_loops, f.horizon), f.horizon) if t >= 1]
+    pred = ", ".join(f"‖h_{t}‖ {_fmt(f.state_norm[t - 1])}" for t in dict.fromkeys(idx))
+    rate = "n/a" if not np.isfinite(f.growth_rate) and not f.growth_rate > 0 else f"{_fmt(f.growth_rate)}/loop"
+    lines.append(f"forecast to {f.horizon} loops (measured {f.measured_loops}): growth rate {rate}; {pred}")
+    lines.append(f"  safe through {f.max_safe_loops} loops (safe: finite and ‖h‖ ≤ {f.explosion_factor:g}× the "
+                 f"natural scale = {_fmt(f.safe_limit)})")
+    lines.append(f"VERDICT: {r.verdict.upper()} — decided by {f.decided_by}")
+    lines.append(f"  {f.evidence[0]}" if f.evidence else "")
+    for e in f.evidence[1:]:
+        lines.append(f"  - {e}")
+    for n in r.notes:
+        lines.append(f"note: {n}")
+    return "\n".join(lines)

@@ -1,0 +1,106 @@
+"""The measured recurrence: states h_0..h_T of the real loop on a probe batch, and their norms.
+
+Norms (DESIGN §7): `state_norm[t]` is the mean over batch and tokens of the token vector
+norm ‖h_t‖₂; `rel_residual[t]` is the mean over batch and tokens of
+‖h_t − h_{t−1}‖₂ / ‖h_t‖₂ (the paper's relative residual, per token). The whole-batch
+Frobenius norms (`total_norm`, `total_residual`) are what the forecast extrapolates.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from dynamics.loopmap import analysis, require_loop
+
+
+@dataclass
+class Trajectory:
+    """Per-loop statistics of h_0..h_T; index t of every array is loop t (index 0 = h_0).
+
+    Entries for loops at or after a non-finite state are NaN.
+    """
+
+    n_loops: int
+    state_norm: np.ndarray  # mean token ‖h_t‖₂
+    rel_residual: np.ndarray  # mean token ‖h_t − h_{t−1}‖₂/‖h_t‖₂ (NaN at t = 0)
+    residual_norm: np.ndarray  # mean token ‖h_t − h_{t−1}‖₂ (NaN at t = 0)
+    total_norm: np.ndarray  # ‖h_t‖ over the whole batch (Frobenius)
+    total_residual: np.ndarray  # ‖h_t − h_{t−1}‖ over the whole batch (NaN at t = 0)
+    nonfinite_at: int | None  # first loop whose state holds NaN/Inf
+    states: list = field(default_factory=list, repr=False)  # h_0..h_T (float32 tensors), if kept
+    ctx: object = field(default=None, repr=False)
+
+    @property
+    def loops(self) -> list[int]:
+        return list(range(1, self.n_loops + 1))
+
+    def to_json(self) -> dict:
+        """The DESIGN §7 `trajectory` record (loops 1..T)."""
+        return {"loops": self.loops,
+                "state_norm": [float(x) for x in self.state_norm[1:]],
+                "rel_residual": [float(x) for x in self.rel_residual[1:]]}
+
+
+def _token_norms(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(x.to(torch.float64), dim=-1)
+
+
+def trajectory_stats(states: list[torch.Tensor], ctx=None, keep_states: bool = True) -> Trajectory:
+    """Statistics of a list of states h_0..h_T (each (B, S, ds))."""
+    T = len(states) - 1
+    sn, rr, rn, tn, tr = (np.full(T + 1, math.nan) for _ in range(5))
+    nonfinite_at = None
+    for t, h in enumerate(states):
+        if not bool(torch.isfinite(h).all()):
+            nonfinite_at = t
+            break
+        norms = _token_norms(h)
+        sn[t] = float(norms.mean())
+        tn[t] = float(torch.linalg.vector_norm(h.to(torch.float64)))
+        if t > 0:
+            d = h.to(torch.float64) - states[t - 1].to(torch.float64)
+            dn = _token_norms(d)
+            rn[t] = float(dn.mean())
+            rr[t] = float((dn / norms.clamp_min(1e-30)).mean())
+            tr[t] = float(torch.linalg.vector_norm(d))
+    return Trajectory(T, sn, rr, rn, tn, tr, nonfinite_at, list(states) if keep_states else [], ctx)
+
+
+def initial_state(model, ctx) -> torch.Tensor:
+    """h_0 as the model draws it in eval mode (a fixed seed), also for a model in training mode:
+    an analysis never consumes the global random stream of a training run."""
+    return model.init_state(ctx, generator=torch.Generator().manual_seed(0))
+
+
+def run_loop(model, ctx, n_loops: int, h0: torch.Tensor | None = None, stop_nonfinite: bool = True,
+             cost=None) -> list[torch.Tensor]:
+    """h_0..h_T by plain loop steps (monitor hooks detached); stops after a non-finite state."""
+    with analysis(model):
+        h = initial_state(model, ctx) if h0 is None else h0
+        states = [h]
+        for _ in range(n_loops):
+            if stop_nonfinite and not bool(torch.isfinite(h).all()):
+                break
+            h = model.step(h, ctx)
+            if cost is not None:
+                cost.steps += 1
+            states.append(h)
+    return states
+
+
+def measure_trajectory(model, idx: torch.Tensor, n_loops: int, keep_states: bool = True, cost=None) -> Trajectory:
+    """Run the loop n_loops times on idx and measure it (states past a non-finite one are not run)."""
+    require_loop(model)
+    with analysis(model):
+        ctx = model.encode(idx)
+    states = run_loop(model, ctx, n_loops, cost=cost)
+    traj = trajectory_stats(states, ctx, keep_states)
+    traj.n_loops = n_loops
+    if len(traj.state_norm) < n_loops + 1:  # stopped early: pad with NaN
+        pad = n_loops + 1 - len(traj.state_norm)
+        for name in ("state_norm", "rel_residual", "residual_norm", "total_norm", "total_residual"):
+            setattr(traj, name, np.concatenate([getattr(traj, name), np.full(pad, math.nan)]))
+    return traj

@@ -1,0 +1,139 @@
+"""`loopdyn audit PATH`: is this checkpoint's recurrence stable, why, and for how many loops?
+
+Loads a loopdyn or official Parcae checkpoint, draws a probe batch from the embedded corpus
+(or --data), and runs `dynamics.audit`: the injection spectrum, the measured trajectory, the
+loop Jacobian along it, Lyapunov exponents, the gain graph and the forecast to --horizon
+loops. Prints a report that names the evidence that decided the verdict; --json writes the
+DESIGN §7 record, --plots a folder of figures (both atomically). Exit codes: 0, 1 (bad
+input), 3 (--strict and the verdict is not `stable`).
+
+Probe tokens are bytes of text (ids 0..255). For a model with a larger vocabulary (the
+official models have 32768 ids) byte ids are valid ids of its embedding, though not what its
+tokenizer would produce from that text: the audit probes the loop's dynamics on real
+embeddings, not the model's language modelling. For a vocabulary smaller than 256 (test
+models) the ids are taken modulo the vocabulary size.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+
+import torch
+
+from models.errors import InputError
+
+EXIT_UNSTABLE = 3
+DEFAULT_SEQ_LEN = 256
+CORPUS_BYTES = 4_000_000  # enough of the default corpus for a probe window, and fast to read
+
+
+def register(subparsers) -> None:
+    from dynamics.audit_report import MAX_HORIZON, MAX_LOOPS
+
+    p = subparsers.add_parser(
+        "audit", help="stability audit of a looped model's recurrence (spectra, Jacobians, forecast)",
+        description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1],
+    )
+    p.add_argument("path", metavar="PATH", help="checkpoint folder (loopdyn or official Parcae), or its config.json")
+    p.add_argument("--loops", type=int, default=None, metavar="T",
+                   help=f"loops to measure (default: the model's μ_rec; 1..{MAX_LOOPS})")
+    p.add_argument("--horizon", type=int, default=None, metavar="H",
+                   help=f"loops to forecast (default: 4 × loops; loops..{MAX_HORIZON})")
+    p.add_argument("--json", metavar="FILE", help="write the audit record (DESIGN §7) as JSON")
+    p.add_argument("--plots", metavar="DIR", help="write figures (PNG) into this folder")
+    p.add_argument("--strict", action="store_true", help="exit with code 3 unless the verdict is 'stable'")
+    p.add_argument("--data", default=None, help="text file or folder for the probe (default: the Python standard library's sources)")
+    p.add_argument("--batch", type=int, default=1, metavar="N", help="probe sequences (default 1)")
+    p.add_argument("--seq-len", type=int, default=None, metavar="S",
+                   help=f"probe tokens per sequence (default: min({DEFAULT_SEQ_LEN}, the model's context))")
+    p.add_argument("--lyapunov-k", type=int, default=4, metavar="K", help="Lyapunov exponents to compute (default 4)")
+    p.add_argument("--explosion-factor", type=float, default=10.0, metavar="F",
+                   help="a state more than F × its natural scale is unsafe (default 10)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _probe(args, model) -> tuple[torch.Tensor, str]:
+    from loopdyn.data import load_text
+
+    cfg = model.config
+    S = args.seq_len if args.seq_len is not None else min(DEFAULT_SEQ_LEN, cfg.block_size)
+    if S < 2:
+        raise InputError(f"--seq-len must be at least 2, got {S}")
+    if S > cfg.block_size:
+        raise InputError(f"a probe of {S} tokens is longer than the model's context (block_size {cfg.block_size})")
+    if not 1 <= args.batch <= 64:
+        raise InputError(f"--batch must be in [1, 64], got {args.batch}")
+    data = load_text(args.data, max_bytes=None if args.data else CORPUS_BYTES)
+    x, _ = data.val_batches(1, args.batch, S)[0]
+    note = ""
+    if cfg.vocab_size < 256:
+        x = x % cfg.vocab_size
+        note = f", byte ids modulo the vocabulary ({cfg.vocab_size})"
+    elif cfg.vocab_size > 256:
+        note = f"; byte ids < 256 are valid ids of the {cfg.vocab_size}-id vocabulary (not its tokenizer's text)"
+    return x.to(args.device), f"{args.batch} × {S} byte ids from {data.source}{note}"
+
+
+def _progress_bar(enabled: bool):
+    if not (enabled and sys.stderr.isatty()):
+        return None, None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=1, desc="audit", unit="loop", leave=False, dynamic_ncols=True, file=sys.stderr)
+
+    def update(stage: str, done: int, total: int) -> None:
+        bar.set_description(f"audit: {stage}")
+        if bar.total != total:
+            bar.reset(total=max(total, 1))
+        bar.n = done
+        bar.refresh()
+
+    return bar, update
+
+
+def run(args) -> int:
+    from dynamics.audit_report import MAX_HORIZON, MAX_LOOPS, audit
+    from models import load
+    from models.fileio import atomic_write_json
+
+    if args.loops is not None and not 1 <= args.loops <= MAX_LOOPS:
+        raise InputError(f"--loops must be in [1, {MAX_LOOPS}], got {args.loops}")
+    if args.horizon is not None and not 1 <= args.horizon <= MAX_HORIZON:
+        raise InputError(f"--horizon must be in [1, {MAX_HORIZON}], got {args.horizon}")
+    if args.lyapunov_k < 0:
+        raise InputError(f"--lyapunov-k must be ≥ 0, got {args.lyapunov_k}")
+    if not args.explosion_factor > 1:
+        raise InputError(f"--explosion-factor must be > 1, got {args.explosion_factor}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # non-finite weights are reported in the verdict
+        model = load(args.path, device=args.device)
+    if not model.config.looped:
+        raise InputError(f"{args.path}: model '{model.config.name}' is fixed-depth (injection='none'): "
+                         f"it has no loop to audit")
+    loops = args.loops if args.loops is not None else min(model.config.mean_loops, MAX_LOOPS)
+    horizon = args.horizon if args.horizon is not None else min(4 * loops, MAX_HORIZON)
+    if horizon < loops:
+        raise InputError(f"--horizon ({horizon}) must be at least --loops ({loops})")
+    idx, probe = _probe(args, model)
+    bar, update = _progress_bar(not args.no_progress)
+    try:
+        report = audit(model, idx, loops, horizon, lyapunov_k=args.lyapunov_k,
+                       explosion_factor=args.explosion_factor, path=str(args.path), probe=probe,
+                       progress=update)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(report.to_text())
+    if args.json:
+        atomic_write_json(args.json, report.to_json())
+        print(f"wrote {args.json}")
+    if args.plots:
+        from loopdyn.plots_audit import write_audit_plots
+
+        paths = write_audit_plots(report, args.plots)
+        print(f"wrote {len(paths)} figures to {args.plots}")
+    if args.strict and report.verdict != "stable":
+        return EXIT_UNSTABLE
+    return 0
