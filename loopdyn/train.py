@@ -143,9 +143,11 @@ def train(model: LoopedLM, data: TextData, cfg: TrainConfig,
     """Train `model` in place and return what happened.
 
     `monitor_factory(model, optimizer)` may attach a probe (e.g. probes.StabilityMonitor); it is
-    closed at the end, and training stops early when it sets `stop_requested`. `on_step(step,
-    record)` sees each step's log record. Training also stops when the loss stops being finite
-    (the run is marked diverged).
+    closed at the end, and training stops early when it sets `stop_requested`. The trainer
+    gives it the pre-clipping gradient norm (`record_grad_norm`) and honours the learning-rate
+    cuts it makes through `group["lr_scale"]`. `on_step(step, record)` sees each step's log
+    record. Training also stops when the loss stops being finite (the run is marked diverged),
+    unless the monitor recovers from it (`recovers_nonfinite`: it skips such steps or rolls back).
     """
     cfg.validate()
     if cfg.seq_len > model.config.block_size:
@@ -163,6 +165,8 @@ def train(model: LoopedLM, data: TextData, cfg: TrainConfig,
     log = JsonlWriter(cfg.log_path) if cfg.log_path and dist.is_main else None
     result = TrainResult(steps=0, tokens=0, seconds=0.0)
     bar = _progress(cfg, dist)
+    if bar is not None and hasattr(monitor, "set_console_writer"):
+        monitor.set_console_writer(bar.write)  # alert lines above the bar, not through it
     start = time.perf_counter()
     try:
         for step in range(cfg.steps):
@@ -174,14 +178,19 @@ def train(model: LoopedLM, data: TextData, cfg: TrainConfig,
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if monitor is not None and hasattr(monitor, "record_grad_norm"):
+                monitor.record_grad_norm(grad_norm)  # the norm before clipping
+            used_lr = optimizer.param_groups[0]["lr"]  # a monitor may cut lr_scale inside step()
             optimizer.step()
             loss_value = float(loss.detach())
             result.steps = step + 1
             result.tokens += cfg.batch_size * cfg.seq_len * dist.world
             result.losses.append(loss_value)
-            record = {"step": step + 1, "loss": loss_value, "lr": lr * optimizer.param_groups[0].get("lr_scale", 1.0),
+            record = {"step": step + 1, "loss": loss_value, "lr": used_lr,
                       "grad_norm": float(grad_norm), "tokens": result.tokens,
                       "time_s": round(time.perf_counter() - start, 3)}
+            if monitor is not None and getattr(monitor, "last_step_skipped", False):
+                record["skipped"] = True
             last = step + 1 == cfg.steps
             if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
                 val = evaluate(model, data, cfg.eval_batches, cfg.batch_size, cfg.seq_len, device=device)
@@ -194,7 +203,7 @@ def train(model: LoopedLM, data: TextData, cfg: TrainConfig,
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.3f}", **({"val": f"{result.val[-1][1]:.3f}"} if result.val else {}))
-            if not math.isfinite(loss_value):
+            if not math.isfinite(loss_value) and not getattr(monitor, "recovers_nonfinite", False):
                 result.diverged, result.stop_reason = True, f"loss became {loss_value} at step {step + 1}"
                 break
             if monitor is not None and getattr(monitor, "stop_requested", False):

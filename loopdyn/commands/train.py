@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
@@ -17,9 +18,40 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_options(p)
     add_train_options(p)
     g = p.add_argument_group("output")
-    g.add_argument("--log", metavar="FILE", help="JSON Lines, one object per optimiser step")
+    g.add_argument("--log", "--log-file", dest="log", metavar="FILE",
+                   help="JSON Lines, one object per optimiser step (under torchrun write --log-file: "
+                        "torchrun's own parser takes --log for an abbreviation of its --log-dir)")
     g.add_argument("--save", metavar="DIR", help="save the trained model here (config.json + model.safetensors)")
+    m = p.add_argument_group("stability monitor (probes.StabilityMonitor; on when any of these is given)")
+    m.add_argument("--alerts", metavar="FILE", help="JSON Lines, one object per alert (alerts also go to stderr)")
+    m.add_argument("--on-spike", choices=["warn", "skip", "rollback", "stop"],
+                   help="what to do on a loss/gradient spike or a non-finite value (default: warn)")
+    m.add_argument("--on-warning", choices=["warn", "stop", "cut-lr", "rollback"],
+                   help="what to do on an early warning of instability (default: warn)")
+    m.add_argument("--probes", action="store_true", help="attach the monitor (alerts on stderr only)")
+    m.add_argument("--sync-every", type=int, metavar="N", help="at most N steps between blocking device→host reads of the probe values, and the "
+                        "cadence of cross-rank decisions under torchrun (default: 10)")
+    m.add_argument("--jacobian-every", type=int, metavar="N", help="loop-Jacobian σ_max every N steps (default: 100)")
+    m.add_argument("--tensorboard", metavar="DIR", help="also write signals and alerts for TensorBoard (needs tensorboard)")
     p.set_defaults(func=run)
+
+
+def monitor_options(args: argparse.Namespace) -> dict | None:
+    """StabilityMonitor keyword arguments from the command line, or None if no monitor is wanted."""
+    wanted = (args.alerts or args.on_spike or args.on_warning or args.probes or args.tensorboard
+              or args.sync_every is not None or args.jacobian_every is not None)
+    if not wanted:
+        return None
+    opts: dict = {"alerts_path": args.alerts, "tensorboard_dir": args.tensorboard}
+    if args.on_spike:
+        opts["on_spike"] = args.on_spike
+    if args.on_warning:
+        opts["on_warning"] = args.on_warning.replace("-", "_")
+    if args.sync_every is not None:
+        opts["sync_every"] = args.sync_every
+    if args.jacobian_every is not None:
+        opts["jacobian_every"] = args.jacobian_every
+    return opts
 
 
 def train_config_from_args(args: argparse.Namespace, **extra) -> TrainConfig:
@@ -35,11 +67,26 @@ def run(args: argparse.Namespace) -> int:
     data = load_text(args.data)
     torch.manual_seed(args.seed)
     model = LoopedLM(config)
+    opts = monitor_options(args)
+    monitors = []
+    factory = None
+    if opts is not None:
+        from probes import MonitorConfig, StabilityMonitor
+
+        mcfg = MonitorConfig(**opts)
+        mcfg.validate()  # bad options fail before any training
+
+        def factory(model, optimizer):
+            monitors.append(StabilityMonitor(model, optimizer, config=mcfg))
+            return monitors[-1]
     dist = Distributed()
     try:
-        result = train(model, data, cfg)
+        result = train(model, data, cfg, monitor_factory=factory)
     finally:
         dist.close()
+    if dist.enabled:  # one line per rank: evidence that every rank ran, and how far
+        print(f"rank {dist.rank}/{dist.world}: {result.steps} steps"
+              + (f", {len(monitors[0].alerts)} alerts" if monitors else ""), file=sys.stderr)
     if dist.is_main:
         print(f"{config.name} ({config.injection}, {model.num_params():,} parameters): {result.steps} steps, "
               f"{result.tokens:,} tokens in {result.seconds:.0f} s ({result.tokens_per_second:,.0f} tokens/s)")
@@ -48,6 +95,22 @@ def run(args: argparse.Namespace) -> int:
               f"(unigram baseline {data.unigram_loss():.3f})")
         if result.stop_reason:
             print(f"stopped early: {result.stop_reason}")
+        if monitors:
+            print(monitor_summary(monitors[0], args.alerts))
         if args.save:
             print(f"saved to {args.save}")
     return 0
+
+
+def monitor_summary(monitor, path: str | None) -> str:
+    counts: dict[str, int] = {}
+    for alert in monitor.alerts:
+        counts[alert.kind] = counts.get(alert.kind, 0) + 1
+    found = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items())) or "none"
+    extra = []
+    if monitor.skipped_steps:
+        extra.append(f"{monitor.skipped_steps} steps skipped")
+    if monitor.rollbacks:
+        extra.append(f"{len(monitor.rollbacks)} rollbacks")
+    where = f" (written to {path})" if path else ""
+    return f"monitor: alerts {found}{'; ' + ', '.join(extra) if extra else ''}{where}"

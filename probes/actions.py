@@ -1,0 +1,113 @@
+"""What the monitor can do about an alert: skip a step, roll back, cut the learning rate.
+
+- skip: `drop_gradients` sets every parameter's .grad to None right before the optimiser
+  step. PyTorch optimisers (SGD, Adam, AdamW, ...) leave a parameter without a gradient
+  untouched: no update, no weight decay, no moment or step-count change — the step is a
+  no-op, exactly.
+- rollback: `SnapshotRing` keeps the last few known-good (model, optimiser) states, copied
+  to the CPU by default. Cost per snapshot: one device→host copy of the parameters, buffers
+  and optimiser state (AdamW: 3× the parameter bytes plus step counters), and that much host
+  memory per ring slot; taken only at sync points that found no alert.
+- cut the learning rate: `group["lr_scale"] *= factor` (loopdyn's trainer sets
+  lr = schedule(step)·lr_scale every step) and `group["lr"] *= factor` (for foreign loops
+  without a scheduler; a scheduler that recomputes lr from its base values undoes this).
+"""
+from __future__ import annotations
+
+import copy
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+ACTIONS = ("warn", "log", "raise", "stop", "skip", "rollback", "cut_lr")
+
+
+def drop_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Make the coming optimizer.step() a no-op (see the module docstring)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = None
+
+
+def cut_learning_rate(optimizer: torch.optim.Optimizer, factor: float) -> float:
+    """Scale every group's lr_scale and lr by `factor`; returns the new lr_scale of group 0."""
+    for group in optimizer.param_groups:
+        group["lr_scale"] = group.get("lr_scale", 1.0) * factor
+        group["lr"] = group["lr"] * factor
+    return optimizer.param_groups[0]["lr_scale"]
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to(device, copy=True)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(v, device) for v in obj)
+    return copy.deepcopy(obj)
+
+
+@dataclass
+class Snapshot:
+    step: int
+    model: dict
+    optimizer: dict
+    lr_scales: list
+    nbytes: int
+
+
+class SnapshotRing:
+    """The last `size` known-good states of a model and its optimiser."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, size: int = 2, device: str = "cpu"):
+        self.model, self.optimizer = model, optimizer
+        self.device = torch.device(device)
+        self.ring: deque[Snapshot] = deque(maxlen=max(1, size))
+
+    def take(self, step: int) -> Snapshot:
+        model_state = _to(self.model.state_dict(), self.device)
+        opt_state = _to(self.optimizer.state_dict(), self.device)
+        nbytes = sum(t.numel() * t.element_size() for t in _tensors(model_state)) + \
+            sum(t.numel() * t.element_size() for t in _tensors(opt_state))
+        snap = Snapshot(step, model_state, opt_state,
+                        [g.get("lr_scale", 1.0) for g in self.optimizer.param_groups], nbytes)
+        self.ring.append(snap)
+        return snap
+
+    def latest_before(self, step: int) -> Snapshot | None:
+        for snap in reversed(self.ring):
+            if snap.step < step:
+                return snap
+        return None
+
+    @torch.no_grad()
+    def restore(self, snap: Snapshot) -> None:
+        """Copy the snapshot back in place (parameters keep their identity, so the optimiser
+        and any DDP wrapper still point at them)."""
+        own = self.model.state_dict(keep_vars=True)
+        for name, value in snap.model.items():
+            own[name].copy_(value)
+        lrs = [(g["lr"], g.get("lr_scale", 1.0)) for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(snap.optimizer)  # casts state to the parameters' devices
+        for g, (lr, scale) in zip(self.optimizer.param_groups, lrs):
+            g["lr"], g["lr_scale"] = lr, scale  # keep the current schedule; the caller may cut it
+        # load_state_dict replaced the whole optimiser state; stale gradients must not be applied.
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+    def __len__(self) -> int:
+        return len(self.ring)
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)

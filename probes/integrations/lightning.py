@@ -1,0 +1,74 @@
+"""PyTorch Lightning: `StabilityCallback(**monitor_options)` attaches a StabilityMonitor.
+
+    trainer = pl.Trainer(callbacks=[StabilityCallback(on_spike="skip", alerts_path="alerts.jsonl")])
+
+The monitor hooks the LightningModule (and the looped model inside it, if any) and the first
+optimiser. Lightning runs forward and backward inside optimizer.step(closure), so the
+gradient signals and the skip decision are taken in `on_before_optimizer_step` (after the
+backward pass, before the update and before Lightning's gradient clipping: the norm is the
+unclipped one). The loss comes from the model output's `.loss` when it has one, else from
+`on_before_backward`. `stop` sets `trainer.should_stop`. The monitor's statistics are saved
+in Lightning checkpoints (callback state) and restored on resume.
+
+Needs `pytorch_lightning` (pip install "loopdyn[lightning]"); the `lightning` package
+(`lightning.pytorch`) works as well.
+"""
+from __future__ import annotations
+
+try:
+    import pytorch_lightning as pl
+except ImportError:  # the unified package
+    import lightning.pytorch as pl
+
+from probes.monitor import StabilityMonitor
+
+
+class StabilityCallback(pl.Callback):
+    """A Lightning callback around probes.StabilityMonitor (keyword arguments = monitor options)."""
+
+    def __init__(self, **monitor_options):
+        super().__init__()
+        self.options = monitor_options
+        self.monitor: StabilityMonitor | None = None
+        self._restored: dict | None = None
+
+    @property
+    def alerts(self):
+        return [] if self.monitor is None else self.monitor.alerts
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        self.monitor = StabilityMonitor(pl_module, optimizer, **self.options)
+        if self._restored:
+            self.monitor.load_state_dict(self._restored)
+            self._restored = None
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if self.monitor is not None:
+            self.monitor.record_loss(loss)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.monitor is not None:
+            self.monitor.before_optimizer_step()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.monitor is not None and self.monitor.stop_requested:
+            trainer.should_stop = True
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._close()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+
+    def state_dict(self) -> dict:
+        return self.monitor.state_dict() if self.monitor is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._restored = dict(state_dict) if state_dict else None

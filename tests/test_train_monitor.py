@@ -1,0 +1,56 @@
+"""`loopdyn train` with the stability monitor: options, alerts file, printed alerts."""
+import json
+
+import pytest
+
+from loopdyn.cli import main
+from loopdyn.commands.train import monitor_options
+
+SMALL = ["train", "--steps", "12", "--batch-size", "4", "--seq-len", "32", "--eval-every", "0", "--no-progress"]
+
+
+def test_train_with_alerts_file_uses_the_monitor(tmp_path, capsys):
+    alerts, log = tmp_path / "alerts.jsonl", tmp_path / "log.jsonl"
+    assert main(SMALL + ["--alerts", str(alerts), "--log", str(log), "--on-spike", "skip"]) == 0
+    out = capsys.readouterr().out
+    assert "monitor: alerts" in out and str(alerts) in out
+    assert alerts.exists()
+    for line in alerts.read_text().splitlines():
+        assert list(json.loads(line)) == ["step", "kind", "severity", "signal", "value", "threshold", "message"]
+    assert len(log.read_text().splitlines()) == 12
+
+
+def test_train_prints_alerts_as_they_happen(tmp_path, capsys):
+    """A learning rate of 30 wrecks the tiny model at once: the monitor reports it on stderr
+    while training, writes the same alerts to the file, and `--on-spike stop` ends the run."""
+    alerts = tmp_path / "alerts.jsonl"
+    code = main(["train", "--steps", "60", "--batch-size", "4", "--seq-len", "32", "--eval-every", "0",
+                 "--no-progress", "--warmup", "1", "--lr", "30", "--alerts", str(alerts), "--on-spike", "stop"])
+    assert code == 0
+    captured = capsys.readouterr()
+    printed = [line for line in captured.err.splitlines() if line.startswith("loopdyn probe: ")]
+    records = [json.loads(line) for line in alerts.read_text().splitlines()]
+    assert printed and len(printed) == len(records)
+    assert any(r["kind"] in ("spike", "nonfinite") for r in records)
+    assert "stopped early" in captured.out
+
+
+def test_no_monitor_unless_asked(tmp_path, capsys):
+    assert main(SMALL) == 0
+    assert "monitor:" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", [["--sync-every", "0"], ["--jacobian-every", "-1"]])
+def test_bad_monitor_options_are_one_line_errors(bad, capsys):
+    assert main(SMALL + bad) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("loopdyn train: error: monitor option")
+
+
+def test_monitor_options_mapping():
+    from loopdyn.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--on-warning", "cut-lr", "--sync-every", "5"])
+    assert monitor_options(args) == {"alerts_path": None, "tensorboard_dir": None, "on_warning": "cut_lr",
+                                     "sync_every": 5}
+    assert monitor_options(build_parser().parse_args(["train"])) is None
