@@ -217,6 +217,8 @@ def train(model: LoopedLM, data: TextData, cfg: TrainConfig,
             log.close()
         if monitor is not None:
             monitor.close()
+    # provenance, read back by `loopdyn sweep-loops` for the scaling-law CSV
+    model.config.extra["train_tokens"] = model.config.extra.get("train_tokens", 0) + result.tokens
     if cfg.save_dir and dist.is_main:
         save(model, cfg.save_dir)
     return result

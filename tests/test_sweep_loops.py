@@ -140,3 +140,17 @@ def test_cli_missing_and_fixed_depth_checkpoints(tmp_path, text_file, capsys):
     assert main(["sweep-loops", str(fixed), "--csv", str(tmp_path / "no" / "dir.csv")]) == 1
     assert "does not exist" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_training_tokens_recorded_by_the_trainer_fill_the_tokens_column(text_file, tmp_path):
+    from loopdyn.train import TrainConfig, train
+
+    model = LoopedLM(LoopConfig.preset("tiny"))
+    data = load_text(text_file)
+    train(model, data, TrainConfig(steps=3, batch_size=2, seq_len=16, eval_every=0, eval_batches=1,
+                                   progress=False, save_dir=str(tmp_path / "ckpt")))
+    assert main(["sweep-loops", str(tmp_path / "ckpt"), "--data", str(text_file), "--batches", "1",
+                 "--batch-size", "2", "--seq-len", "16", "--max-loops", "2", "--csv", str(tmp_path / "s.csv"),
+                 "--no-progress"]) == 0
+    _, rows = read_csv(tmp_path / "s.csv")
+    assert {float(r[3]) for r in rows} == {3 * 2 * 16}  # steps × batch × sequence

@@ -8,9 +8,10 @@ validation batches of the mean cross-entropy per token (nats; bytes for the defa
 
 The CSV (written atomically) has the header `loops,mean_recurrence,params,tokens,loss`:
 `mean_recurrence` is the trained μ_rec, `params` the unrolled parameter count N(μ_rec)
-(`dynamics.flops.unrolled_params`, embeddings included), `tokens` the training tokens D when
-given with `--tokens` and empty otherwise (checkpoints do not record it yet; the test-time law
-does not need it, the unified law does). `loopdyn fit CSV --law testtime` reads the file as is.
+(`dynamics.flops.unrolled_params`, embeddings included), `tokens` the training tokens D:
+`--tokens`, else what loopdyn's trainer recorded in the checkpoint
+(`config.extra["train_tokens"]`), else empty (the test-time law does not need it, the unified
+law does). `loopdyn fit CSV --law testtime` reads the file as is.
 A non-finite loss (a loop count where the model blows up) is written as `nan`/`inf` and named
 in a warning: `loopdyn fit` refuses such rows, so lower `--max-loops` to fit.
 """
@@ -127,6 +128,8 @@ def sweep_loops(model: LoopedLM, data, max_loops: int | None = None, *, n_batche
         raise InputError(f"--seq-len {seq_len} is longer than the model supports (block_size {cfg.block_size})")
     if tokens is not None and not (math.isfinite(tokens) and tokens > 0):
         raise InputError(f"--tokens must be a positive number, got {tokens:g}")
+    if tokens is None:
+        tokens = cfg.extra.get("train_tokens")  # recorded by loopdyn's trainer
     batches = data.val_batches(n_batches, batch_size, seq_len)
     bar = _progress_bar(n_batches * max_loops) if progress else None
     try:
@@ -162,7 +165,8 @@ def register(subparsers) -> None:
             "Load a checkpoint and measure validation loss at T = 1..N loops (default N = 3x the "
             "trained mean) with one unroll per batch (the prelude runs once; the state is decoded "
             "after every loop). Writes a CSV with columns loops, mean_recurrence, params (unrolled "
-            "parameters at the trained mean), tokens (training tokens, empty unless --tokens), loss."
+            "parameters at the trained mean), tokens (training tokens: --tokens, else as recorded by loopdyn train, "
+            "else empty), loss."
         ),
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a loopdyn or official Parcae checkpoint")
@@ -176,7 +180,8 @@ def register(subparsers) -> None:
     p.add_argument("--seq-len", type=int, default=64, metavar="S",
                    help="tokens per sequence (default 64, as loopdyn train)")
     p.add_argument("--tokens", type=float, default=None, metavar="D",
-                   help="training tokens of the checkpoint, for the CSV's tokens column (default: empty)")
+                   help="training tokens of the checkpoint, for the CSV's tokens column (default: as recorded by "
+                        "loopdyn train in the checkpoint, else empty)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
