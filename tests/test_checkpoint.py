@@ -385,3 +385,18 @@ def test_official_loader_helpers_are_strict():
     assert checkpoint._strip_prefixes("_orig_mod.module.transformer.wte.weight") == "transformer.wte.weight"
     with pytest.raises(CheckpointError, match="unknown config field.*surprise"):
         checkpoint.official_config_to_loop_config(dict(ref.official_parcae_config(), surprise=1))
+
+
+def test_outputs_get_the_permissions_a_plain_write_would(tmp_path):
+    """Atomic writes go through mkstemp/mkdtemp (0600/0700); the results must look like files
+    and folders made with open() and mkdir() under the same umask."""
+    from models.fileio import atomic_write_text
+
+    atomic_write_text(tmp_path / "report.txt", "x")
+    save(make_model(seed=1), tmp_path / "ckpt")
+    (tmp_path / "plain.txt").write_text("x")
+    (tmp_path / "plain_dir").mkdir()
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "report.txt") == mode(tmp_path / "plain.txt")
+    assert mode(tmp_path / "ckpt" / "config.json") == mode(tmp_path / "plain.txt")
+    assert mode(tmp_path / "ckpt") == mode(tmp_path / "plain_dir")
