@@ -99,7 +99,15 @@ class RunRecord:
             record = cls(**data)
         except TypeError as err:
             raise InputError(f"{source}: not a loopdyn compare record ({err})") from None
-        record.losses = [float("nan") if v is None else v for v in record.losses]
+        # JSON stores NaN/±Inf as null; restore them as NaN in every numeric field
+        def numbers(x):
+            if isinstance(x, list):
+                return [numbers(v) for v in x]
+            return float("nan") if x is None else x
+
+        for name in ("losses", "spectral_radius", "spectral_norm", "state_norms", "final_state_norms"):
+            setattr(record, name, numbers(getattr(record, name)))
+        record.val_by_loops = {k: numbers(v) for k, v in record.val_by_loops.items()}
         return record
 
 

@@ -33,8 +33,8 @@ def run_summary(r: RunRecord) -> dict:
     mu = r.mean_loops
     norms = r.final_state_norms
     growth = None
-    if mu and len(norms) > mu:
-        growth = _finite(norms[-1] / norms[mu]) if norms[mu] else None
+    if mu and len(norms) > mu and norms[mu]:
+        growth = _finite(norms[-1] / norms[mu])
     rho = [v for v in r.spectral_radius if v is not None and math.isfinite(v)]
     return {
         "name": _name(r), "injection": r.spec["injection"], "lr": r.spec["lr"], "seed": r.spec["seed"],
@@ -58,42 +58,34 @@ def _name(r: RunRecord) -> str:
 
 
 def findings(result: CompareResult) -> list[str]:
-    """One sentence per finding, per injection, from the records."""
+    """One sentence per parameterization (all seeds and learning rates), then the best run."""
     out = []
-    by_inj: dict[str, list[RunRecord]] = {}
+    by_inj: dict[str, list[dict]] = {}
     for r in result.records:
-        by_inj.setdefault(r.spec["injection"], []).append(r)
+        by_inj.setdefault(r.spec["injection"], []).append(run_summary(r))
     for inj in [i for i in INJECTIONS if i in by_inj]:
-        runs = sorted(by_inj[inj], key=lambda r: r.spec["lr"])
-        s = [run_summary(r) for r in runs]
-        outcomes = [x["outcome"] for x in s]
-        lrs_ok = [f"{x['lr']:g}" for x in s if x["outcome"] == "converged"]
-        bad = [x for x in s if x["outcome"] != "converged"]
+        s = by_inj[inj]
+        sentence = f"The {LABELS[inj]}{'' if inj == 'fixed' else ' injection'} {_outcomes_by_lr(s)}"
         rho = [x["spectral_radius_max"] for x in s if x["spectral_radius_max"] is not None]
-        label = LABELS[inj]
+        if inj == "additive":
+            sentence += "; ρ(Ā) = 1 by construction"
+        elif rho and max(rho) < 1:
+            sentence += f"; ρ(Ā) stayed below 1 in every run (at most {max(rho):.2f})"
+        elif rho:
+            above = sorted({x["lr"] for x in s if (x["spectral_radius_max"] or 0) >= 1})
+            sentence += (f"; ρ(Ā) climbed past 1 at lr {', '.join(f'{lr:g}' for lr in above)} "
+                         f"(up to {max(rho):.2f})")
+        growing = [x["state_growth"] for x in s if x["note"] and x["state_growth"]]
+        if growing:
+            sentence += f"; the state keeps growing with loops (‖h_4μ‖/‖h_μ‖ up to {max(growing):.2f})"
+        verdicts = [x["audit_verdict"] for x in s if x["audit_verdict"]]
+        if verdicts:
+            counts = {v: verdicts.count(v) for v in ("stable", "marginal", "explosive") if v in verdicts}
+            sentence += "; audit: " + ", ".join(f"{v} {n}/{len(verdicts)}" for v, n in counts.items())
         if inj == "fixed":
-            vals = [x["val_by_loops"].get("0") for x in s]
-            best = min((v for v in vals if v is not None), default=None)
-            out.append(f"The {label} {_outcome_phrase(outcomes, lrs_ok, len(s))}"
-                       + (f"; its best validation loss is {best:.3f} nats/byte." if best is not None else "."))
-            continue
-        rho_part = ""
-        if rho:
-            if inj == "additive":
-                rho_part = " with ρ(Ā) = 1 by construction"
-            elif max(rho) < 1:
-                rho_part = f" and kept ρ(Ā) < 1 throughout (at most {max(rho):.2f})"
-            else:
-                worst = max(s, key=lambda x: x["spectral_radius_max"] or 0)
-                rho_part = f"; its ρ(Ā) climbed to {worst['spectral_radius_max']:.2f} (lr {worst['lr']:g})"
-        sentence = f"The {label} injection {_outcome_phrase(outcomes, lrs_ok, len(s))}{rho_part}"
-        if bad:
-            worst = bad[-1]
-            sentence += f"; at lr {worst['lr']:g}: {worst['outcome']} ({worst['outcome_reason']})"
-        growing = [x for x in s if x["note"]]
-        if growing and inj != "linear":
-            g = max(growing, key=lambda x: x["state_growth"] or 0)
-            sentence += f"; its state keeps growing with loops (‖h_4μ‖/‖h_μ‖ up to {g['state_growth']:.2f})"
+            vals = [x["val_by_loops"].get("0") for x in s if x["val_by_loops"].get("0") is not None]
+            if vals:
+                sentence += f"; best validation loss {min(vals):.3f} nats/byte"
         out.append(sentence + ".")
     best = _best_run(result)
     if best is not None:
@@ -101,12 +93,25 @@ def findings(result: CompareResult) -> list[str]:
     return out
 
 
-def _outcome_phrase(outcomes: list[str], lrs_ok: list[str], n: int) -> str:
-    if len(lrs_ok) == n:
-        return f"converged at every learning rate ({', '.join(lrs_ok)})"
-    if not lrs_ok:
-        return "failed at every learning rate"
-    return f"converged at lr {', '.join(lrs_ok)} only"
+def _outcomes_by_lr(runs: list[dict]) -> str:
+    """'converged at every learning rate (…)', or per learning rate what happened across seeds."""
+    by_lr: dict[float, list[str]] = {}
+    for x in runs:
+        by_lr.setdefault(x["lr"], []).append(x["outcome"])
+    lrs = sorted(by_lr)
+    seeds = max(len(v) for v in by_lr.values())
+    every = " in every seed" if seeds > 1 else ""
+    if all(o == "converged" for v in by_lr.values() for o in v):
+        return f"converged at every learning rate ({', '.join(f'{lr:g}' for lr in lrs)}){every}"
+    groups: dict[str, list[float]] = {}  # outcome description → learning rates, in order
+    for lr in lrs:
+        outcomes = by_lr[lr]
+        if len(set(outcomes)) == 1:
+            what = outcomes[0]
+        else:
+            what = ", ".join(f"{outcomes.count(o)}/{len(outcomes)} {o}" for o in sorted(set(outcomes)))
+        groups.setdefault(what, []).append(lr)
+    return "; ".join(f"{what} at lr {' and '.join(f'{lr:g}' for lr in group)}" for what, group in groups.items())
 
 
 def _best_run(result: CompareResult) -> tuple[str, float] | None:
@@ -166,9 +171,10 @@ def _by_lr(records: list[RunRecord]) -> dict[float, list[RunRecord]]:
 
 
 def _line(ax, r: RunRecord, x, y, **kw) -> None:
+    """One run's curve; seeds share their injection's colour and a single legend entry."""
     inj = r.spec["injection"]
-    label = LABELS[inj] + ("" if r.spec["seed"] == 0 else f" (seed {r.spec['seed']})")
-    ax.plot(x, y, color=COLORS[inj], label=label, alpha=0.9 if r.spec["seed"] == 0 else 0.5, **kw)
+    first = LABELS[inj] not in ax.get_legend_handles_labels()[1]
+    ax.plot(x, y, color=COLORS[inj], label=LABELS[inj] if first else "_nolegend_", alpha=0.9 if first else 0.5, **kw)
 
 
 def plot_loss_curves(result: CompareResult) -> bytes:

@@ -199,3 +199,28 @@ def test_grid_is_the_full_product():
     assert len(specs) == 12 and len({s.name for s in specs}) == 12
     assert RunSpec("fixed", 0.01).config().looped is False
     assert RunSpec("fixed", 0.01).config().n_prelude == LoopConfig.preset("tiny").n_blocks
+
+
+def test_a_record_with_overflowed_states_survives_resume_and_reporting(tmp_path):
+    """JSON stores NaN/Inf as null; a resumed record must read them back as numbers and the
+    report must still be built (an exploded run is exactly what a compare is for)."""
+    from dataclasses import asdict
+
+    from loopdyn.compare import load_record
+    from loopdyn.report import summary
+    from models.fileio import atomic_write_json, json_safe
+
+    spec = RunSpec("linear", 0.05)
+    exploded = [10.0 * 30 ** t for t in range(4 * MU)] + [math.inf]
+    record = RunRecord(spec=asdict(spec), params=1, mean_loops=MU, steps=3, tokens=3, seconds=1.0,
+                       losses=[5.0, 4.0, float("nan")], val_by_loops={"4": 3.0, "16": float("nan")},
+                       probe_steps=[0, 3], spectral_radius=[0.6, float("inf")], spectral_norm=[0.7, float("nan")],
+                       state_norms=[norms(1.0), exploded], final_state_norms=exploded, unigram_loss=UNIGRAM,
+                       outcome="residual explosion")
+    atomic_write_json(tmp_path / RECORD, json_safe(asdict(record)))
+    back = load_record(tmp_path / RECORD)
+    assert math.isnan(back.losses[2]) and math.isnan(back.final_state_norms[-1])
+    assert math.isnan(back.state_norms[1][-1]) and math.isnan(back.val_by_loops["16"])
+    assert classify(back.losses, 3.0, UNIGRAM, back.final_state_norms, MU)[0] == "diverged"
+    data = summary(CompareResult(out=tmp_path, records=[back], skipped=[]))
+    assert data["runs"][0]["state_growth"] is None and data["runs"][0]["spectral_radius_max"] == 0.6

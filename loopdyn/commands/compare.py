@@ -57,12 +57,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_matrix(data: dict) -> None:
+    """The convergence matrix as a plain-text table, columns as wide as their contents."""
     runs = data["runs"]
     lrs = sorted({r["lr"] for r in runs})
     injections = [i for i in INJECTIONS if any(r["injection"] == i for r in runs)]
     params = {r["injection"]: r["params"] for r in runs}
-    width = max(len(i) for i in injections) + 2
-    print(f"{'':{width}}{'params':>10}  " + "".join(f"{'lr ' + format(lr, 'g'):>20}" for lr in lrs))
-    for inj in injections:
-        cells = "".join(f"{data['matrix'].get(inj, {}).get(format(lr, 'g'), ''):>20}" for lr in lrs)
-        print(f"{inj:{width}}{params[inj]:>10,}  {cells}")
+    header = ["", "params"] + [f"lr {lr:g}" for lr in lrs]
+    rows = [[inj, f"{params[inj]:,}"] + [data["matrix"].get(inj, {}).get(f"{lr:g}", "") for lr in lrs]
+            for inj in injections]
+    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
+    for row in [header] + rows:
+        print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
