@@ -237,7 +237,9 @@ def plot_val_vs_loops(result: CompareResult) -> bytes:
             loops = sorted(int(k) for k in r.val_by_loops)
             _line(ax, r, loops, [r.val_by_loops[str(t)] for t in loops], marker="o")
         ax.set(title=f"lr {lr:g}", xlabel="test-time loops T", ylabel="validation loss (nats/byte)", xscale="log")
-        ax.set_ylim(top=min(6.0, runs[0].unigram_loss + 1.5))
+        finite = [v for r in runs for v in r.val_by_loops.values() if v is not None and math.isfinite(v)]
+        if finite:
+            ax.set_ylim(min(finite) - 0.05, min(max(finite) + 0.1, runs[0].unigram_loss + 1.5))
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=7)
     return _png(fig)
@@ -286,7 +288,12 @@ def render_html(data: dict, images: dict[str, bytes]) -> str:
                          sorted(val.items(), key=lambda kv: int(kv[0])))
         fmt = lambda v, f="{:.3g}": "n/a" if v is None else f.format(v)  # noqa: E731
         verdict = r["audit_verdict"] or "n/a"
-        evidence = ", ".join(r["audit_evidence"] or []) if isinstance(r["audit_evidence"], list) else (r["audit_evidence"] or "")
+        evidence = r["audit_evidence"] or []
+        if isinstance(evidence, str):
+            evidence = [evidence]
+        # the first item is the evidence that decided; the rest is in the run's audit.json
+        evidence = evidence[0] + (f" (+{len(evidence) - 1} more in audit.json)" if len(evidence) > 1 else "") \
+            if evidence else ""
         run_rows.append(
             f"<tr><td>{e(r['name'])}</td><td>{e(r['outcome'])}</td><td>{fmt(r['final_train_loss'], '{:.3f}')}</td>"
             f"<td>{e(vals)}</td><td>{fmt(r['spectral_radius_max'])}</td><td>{fmt(r['spectral_norm_final'])}</td>"
