@@ -177,72 +177,76 @@ def _line(ax, r: RunRecord, x, y, **kw) -> None:
     ax.plot(x, y, color=COLORS[inj], label=LABELS[inj] if first else "_nolegend_", alpha=0.9 if first else 0.5, **kw)
 
 
-def plot_loss_curves(result: CompareResult) -> bytes:
+def _panels_by_lr(result: CompareResult, draw) -> bytes:
+    """One panel per learning rate; draw(ax, runs) plots them and labels the y axis."""
     groups = _by_lr(result.records)
     fig, axes = _figure(len(groups))
     for ax, (lr, runs) in zip(axes, groups.items()):
-        for r in runs:
-            y = smoothed(r.losses, max(5, len(r.losses) // 20))
-            _line(ax, r, np.arange(1, len(y) + 1), y)
-        unigram = runs[0].unigram_loss
-        ax.axhline(unigram, color="black", lw=0.8, ls=":", label="unigram baseline")
-        ax.set(title=f"lr {lr:g}", xlabel="step", ylabel="training loss (nats/byte, smoothed)")
-        ax.set_ylim(top=min(6.0, unigram + 1.5))
-        ax.grid(alpha=0.3)
+        draw(ax, runs)
+        ax.set_title(f"lr {lr:g}")
+        ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=7)
     return _png(fig)
+
+
+def _loss_panel(ax, runs: list[RunRecord]) -> None:
+    for r in runs:
+        y = smoothed(r.losses, max(5, len(r.losses) // 20))
+        _line(ax, r, np.arange(1, len(y) + 1), y)
+    unigram = runs[0].unigram_loss
+    ax.axhline(unigram, color="black", lw=0.8, ls=":", label="unigram baseline")
+    ax.set(xlabel="step", ylabel="training loss (nats/byte, smoothed)")
+    ax.set_ylim(top=min(6.0, unigram + 1.5))
+
+
+def _radius_panel(ax, runs: list[RunRecord]) -> None:
+    for r in runs:
+        if r.spectral_radius:
+            _line(ax, r, r.probe_steps[: len(r.spectral_radius)], r.spectral_radius, marker=".")
+    ax.axhline(1.0, color="black", lw=0.8, ls="--", label="ρ = 1 (stability limit)")
+    ax.set(xlabel="step", ylabel="spectral radius ρ(Ā)", yscale="log")
+
+
+def _state_panel(ax, runs: list[RunRecord]) -> None:
+    for r in runs:
+        if not r.state_norms:
+            continue
+        steps = r.probe_steps[: len(r.state_norms)]
+        _line(ax, r, steps, [n[r.mean_loops] for n in r.state_norms], marker=".")
+        ax.plot(steps, [n[-1] for n in r.state_norms], color=COLORS[r.spec["injection"]], ls=":", alpha=0.7)
+    ax.set(xlabel="step", ylabel="‖h_T‖ (solid T = μ, dotted T = 4μ)", yscale="log")
+
+
+def _val_panel(ax, runs: list[RunRecord]) -> None:
+    for r in runs:
+        if r.spec["injection"] == "fixed":
+            v = r.val_by_loops.get("0")
+            if v is not None and math.isfinite(v):
+                first = LABELS["fixed"] not in ax.get_legend_handles_labels()[1]
+                ax.axhline(v, color=COLORS["fixed"], ls="--", label=LABELS["fixed"] if first else "_nolegend_")
+            continue
+        loops = sorted(int(k) for k in r.val_by_loops)
+        _line(ax, r, loops, [r.val_by_loops[str(t)] for t in loops], marker="o")
+    ax.set(xlabel="test-time loops T", ylabel="validation loss (nats/byte)", xscale="log")
+    finite = [v for r in runs for v in r.val_by_loops.values() if v is not None and math.isfinite(v)]
+    if finite:
+        ax.set_ylim(min(finite) - 0.05, min(max(finite) + 0.1, runs[0].unigram_loss + 1.5))
+
+
+def plot_loss_curves(result: CompareResult) -> bytes:
+    return _panels_by_lr(result, _loss_panel)
 
 
 def plot_spectral_radius(result: CompareResult) -> bytes:
-    groups = _by_lr(result.records)
-    fig, axes = _figure(len(groups))
-    for ax, (lr, runs) in zip(axes, groups.items()):
-        for r in runs:
-            if r.spectral_radius:
-                _line(ax, r, r.probe_steps[: len(r.spectral_radius)], r.spectral_radius, marker=".")
-        ax.axhline(1.0, color="black", lw=0.8, ls="--", label="ρ = 1 (stability limit)")
-        ax.set(title=f"lr {lr:g}", xlabel="step", ylabel="spectral radius ρ(Ā)", yscale="log")
-        ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=7)
-    return _png(fig)
+    return _panels_by_lr(result, _radius_panel)
 
 
 def plot_state_norm(result: CompareResult) -> bytes:
-    groups = _by_lr(result.records)
-    fig, axes = _figure(len(groups))
-    for ax, (lr, runs) in zip(axes, groups.items()):
-        for r in runs:
-            if not r.state_norms:
-                continue
-            mu = r.mean_loops
-            steps = r.probe_steps[: len(r.state_norms)]
-            _line(ax, r, steps, [n[mu] for n in r.state_norms], marker=".")
-            ax.plot(steps, [n[-1] for n in r.state_norms], color=COLORS[r.spec["injection"]], ls=":", alpha=0.7)
-        ax.set(title=f"lr {lr:g}", xlabel="step", ylabel="‖h_T‖ (solid T = μ, dotted T = 4μ)", yscale="log")
-        ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=7)
-    return _png(fig)
+    return _panels_by_lr(result, _state_panel)
 
 
 def plot_val_vs_loops(result: CompareResult) -> bytes:
-    groups = _by_lr(result.records)
-    fig, axes = _figure(len(groups))
-    for ax, (lr, runs) in zip(axes, groups.items()):
-        for r in runs:
-            if r.spec["injection"] == "fixed":
-                v = r.val_by_loops.get("0")
-                if v is not None and math.isfinite(v):
-                    ax.axhline(v, color=COLORS["fixed"], ls="--", label=LABELS["fixed"])
-                continue
-            loops = sorted(int(k) for k in r.val_by_loops)
-            _line(ax, r, loops, [r.val_by_loops[str(t)] for t in loops], marker="o")
-        ax.set(title=f"lr {lr:g}", xlabel="test-time loops T", ylabel="validation loss (nats/byte)", xscale="log")
-        finite = [v for r in runs for v in r.val_by_loops.values() if v is not None and math.isfinite(v)]
-        if finite:
-            ax.set_ylim(min(finite) - 0.05, min(max(finite) + 0.1, runs[0].unigram_loss + 1.5))
-        ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=7)
-    return _png(fig)
+    return _panels_by_lr(result, _val_panel)
 
 
 PLOTS = {"loss_curves.png": plot_loss_curves, "spectral_radius.png": plot_spectral_radius,
