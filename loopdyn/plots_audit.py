@@ -65,7 +65,7 @@ def plot_eigenvalues(report):
 
 
 def plot_trajectory(report):
-    f, tr = report.forecast, report.trajectory
+    f = report.forecast
     fig = _figure((6.4, 6.0))
     ax1, ax2 = fig.subplots(2, 1, sharex=True)
     T = f.measured_loops

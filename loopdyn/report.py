@@ -283,7 +283,7 @@ def render_html(data: dict, images: dict[str, bytes]) -> str:
             css = "ok" if outcome == "converged" else ("bad" if outcome else "")
             cells.append(f'<td class="{css}">{e(OUTCOME_MARK.get(outcome, outcome))}</td>')
         rows.append(f"<tr><th>{e(LABELS[inj])}</th><td>{params[inj]:,}</td>{''.join(cells)}</tr>")
-    matrix = (f"<table class='matrix'><tr><th>parameterization</th><th>parameters</th>"
+    matrix = ("<table class='matrix'><tr><th>parameterization</th><th>parameters</th>"
               + "".join(f"<th>lr {lr:g}</th>" for lr in lrs) + "</tr>" + "".join(rows) + "</table>")
     run_rows = []
     for r in runs:

@@ -7,21 +7,14 @@ import torch
 from loopdyn.cli import main
 from models import LoopConfig, LoopedLM, save
 from tests.parcae_reference import official_parcae_config, random_official_state_dict, write_official_checkpoint
+from tests.helpers import small_loop_model
 
 D = 32
 SEQ = ["--seq-len", "16", "--no-progress"]
 
 
 def tiny(injection="diagonal", perturb=0.05, **kw):
-    torch.manual_seed(0)
-    cfg = LoopConfig.preset("tiny", injection=injection, d_model=D, n_heads=2, d_mlp=2 * D,
-                            value_embeds=False, state_init="zero", **kw)
-    model = LoopedLM(cfg)
-    with torch.no_grad():
-        for blk in model.core:
-            blk.attn.c_proj.weight.normal_(0, perturb)
-            blk.mlp.proj.weight.normal_(0, perturb)
-    return model
+    return small_loop_model(injection, d=D, perturb=perturb, **kw)
 
 
 @pytest.fixture(scope="module")

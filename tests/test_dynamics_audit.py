@@ -12,6 +12,7 @@ from dynamics import DynamicsError, audit, gain_graph, gain_graph_json
 from models import LoopConfig, LoopedLM
 from models.errors import InputError
 from models.fileio import json_safe
+from tests.helpers import small_loop_model
 
 D = 16
 SECTIONS = {
@@ -27,16 +28,7 @@ SECTIONS = {
 
 
 def make(injection="diagonal", perturb=0.2, block="prenorm", seed=0):
-    torch.manual_seed(seed)
-    cfg = LoopConfig.preset("tiny", injection=injection, d_model=D, n_heads=2, d_mlp=2 * D,
-                            value_embeds=False, state_init="zero", block=block, mean_loops=4)
-    model = LoopedLM(cfg).eval()
-    if perturb:
-        with torch.no_grad():
-            for blk in model.core:
-                blk.attn.c_proj.weight.normal_(0, perturb)
-                blk.mlp.proj.weight.normal_(0, perturb)
-    return model
+    return small_loop_model(injection, d=D, perturb=perturb, seed=seed, block=block, mean_loops=4)
 
 
 IDX = torch.randint(0, 256, (1, 4), generator=torch.Generator().manual_seed(3))

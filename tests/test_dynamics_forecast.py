@@ -12,23 +12,14 @@ import pytest
 import torch
 
 from dynamics import forecast, measure_trajectory
-from models import LoopConfig, LoopedLM
+from tests.helpers import small_loop_model
 
 T, H, N = 8, 32, 32
 IDX = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
 def make(injection="linear", perturb=0.0, seed=0, **kw):
-    torch.manual_seed(seed)
-    cfg = LoopConfig.preset("tiny", injection=injection, d_model=N, n_heads=2, d_mlp=2 * N,
-                            value_embeds=False, state_init="zero", **kw)
-    model = LoopedLM(cfg).eval()
-    if perturb:
-        with torch.no_grad():
-            for blk in model.core:
-                blk.attn.c_proj.weight.normal_(0, perturb)
-                blk.mlp.proj.weight.normal_(0, perturb)
-    return model
+    return small_loop_model(injection, d=N, perturb=perturb, seed=seed, **kw)
 
 
 def set_A(model, A, input_gains=None):

@@ -11,22 +11,13 @@ from hypothesis import strategies as st
 from dynamics import (Cost, LoopJacobian, loop_jacobian, lti_jacobian, lyapunov, per_token_spectra,
                       token_block, top_eigenvalues, top_singular_values)
 from dynamics.loopmap import forward_jvp
-from models import LoopConfig, LoopedLM
+from tests.helpers import small_loop_model
 
 B, S, D = 2, 5, 16
 
 
 def make(injection="diagonal", perturb=0.3, seed=0, d=D):
-    torch.manual_seed(seed)
-    cfg = LoopConfig.preset("tiny", injection=injection, d_model=d, n_heads=2, d_mlp=2 * d,
-                            value_embeds=False, state_init="zero")
-    model = LoopedLM(cfg).eval()
-    if perturb:
-        with torch.no_grad():
-            for blk in model.core:  # the official init makes the core the identity: perturb it
-                blk.attn.c_proj.weight.normal_(0, perturb)
-                blk.mlp.proj.weight.normal_(0, perturb)
-    return model
+    return small_loop_model(injection, d=d, perturb=perturb, seed=seed)
 
 
 @pytest.fixture(scope="module")

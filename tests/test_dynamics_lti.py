@@ -9,14 +9,11 @@ from hypothesis import strategies as st
 
 from dynamics import injection_spectrum, kreiss_constant, lti_fixed_point
 from dynamics.lti import lyapunov_power_bound, power_norms, settle_loops_dense
-from models import LoopConfig, LoopedLM
+from tests.helpers import small_loop_model
 
 
 def make(injection="diagonal", d=16, **kw):
-    torch.manual_seed(0)
-    cfg = LoopConfig.preset("tiny", injection=injection, d_model=d, n_heads=2, d_mlp=2 * d,
-                            value_embeds=False, state_init="zero", **kw)
-    return LoopedLM(cfg).eval()
+    return small_loop_model(injection, d=d, **kw)
 
 
 def set_diagonal(model, a):

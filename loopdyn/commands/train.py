@@ -76,9 +76,11 @@ def run(args: argparse.Namespace) -> int:
         mcfg = MonitorConfig(**opts)
         mcfg.validate()  # bad options fail before any training
 
-        def factory(model, optimizer):
+        def make_monitor(model, optimizer):
             monitors.append(StabilityMonitor(model, optimizer, config=mcfg))
             return monitors[-1]
+
+        factory = make_monitor
     dist = Distributed()
     try:
         result = train(model, data, cfg, monitor_factory=factory)
