@@ -10,30 +10,34 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-from dynamics.audit_report import AuditReport, JacobianSweep, ModelInfo, audit, format_report
-from dynamics.explosion import Forecast, ForecastModel, forecast
-from dynamics.gain import gain_graph, gain_graph_json
-from dynamics.jacobian import (LoopJacobian, LTIJacobian, PerTokenSpectra, SpectralEstimate, loop_jacobian,
-                               lti_jacobian, per_token_spectra, token_block, top_eigenvalues,
-                               top_singular_values)
-from dynamics.loopmap import Cost, DynamicsError, Linearisation
-from dynamics.lti import InjectionSpectrum, injection_spectrum, kreiss_constant, lti_fixed_point
-from dynamics.lyapunov_exponents import LyapunovResult, lyapunov
-from dynamics.trajectory import Trajectory, measure_trajectory
+# Public name → the submodule that defines it. Submodules are imported on first use, so that
+# `import dynamics.laws` (for `loopdyn fit`) does not load networkx and the whole analysis stack.
+_EXPORTS = {
+    "audit_report": ["AuditReport", "JacobianSweep", "ModelInfo", "audit", "format_report"],
+    "explosion": ["Forecast", "ForecastModel", "forecast"],
+    "gain": ["gain_graph", "gain_graph_json"],
+    "jacobian": ["LoopJacobian", "LTIJacobian", "PerTokenSpectra", "SpectralEstimate", "loop_jacobian",
+                 "lti_jacobian", "per_token_spectra", "token_block", "top_eigenvalues", "top_singular_values"],
+    "loopmap": ["Cost", "DynamicsError", "Linearisation"],
+    "lti": ["InjectionSpectrum", "injection_spectrum", "kreiss_constant", "lti_fixed_point"],
+    "lyapunov_exponents": ["LyapunovResult", "lyapunov"],
+    "trajectory": ["Trajectory", "measure_trajectory"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
-__all__ = [
-    "injection_spectrum", "InjectionSpectrum", "kreiss_constant", "lti_fixed_point",
-    "loop_jacobian", "LoopJacobian", "lti_jacobian", "LTIJacobian", "top_singular_values",
-    "top_eigenvalues", "per_token_spectra", "token_block", "SpectralEstimate", "PerTokenSpectra",
-    "lyapunov", "LyapunovResult", "forecast", "Forecast", "ForecastModel", "gain_graph",
-    "gain_graph_json", "audit", "AuditReport", "JacobianSweep", "ModelInfo", "format_report",
-    "measure_trajectory", "Trajectory", "Linearisation", "Cost", "DynamicsError", "laws",
-]
+__all__ = sorted(_WHERE) + ["laws", "flops"]
 
 
 def __getattr__(name: str):
-    # Submodules written separately (`dynamics.laws`, `dynamics.flops`) are imported only when
-    # asked for, so that a missing or broken one never breaks the rest of the package.
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f"dynamics.{_WHERE[name]}"), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    # Submodules (`dynamics.laws`, `dynamics.flops`, ...) are imported when asked for.
     if not name.startswith("_") and importlib.util.find_spec(f"dynamics.{name}") is not None:
         return importlib.import_module(f"dynamics.{name}")
     raise AttributeError(f"module 'dynamics' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -28,14 +28,12 @@ import torch
 from dynamics import explosion as fc
 from dynamics.gain import gain_graph, gain_graph_json
 from dynamics.jacobian import golub_kahan
-from dynamics.loopmap import Cost, Linearisation, nonfinite_parameters, require_loop
+from dynamics.loopmap import MAX_HORIZON, MAX_LOOPS, Cost, Linearisation, nonfinite_parameters, require_loop
 from dynamics.lti import InjectionSpectrum, injection_spectrum
 from dynamics.lyapunov_exponents import LyapunovAccumulator, LyapunovResult
 from dynamics.trajectory import Trajectory, measure_trajectory
 from models.errors import InputError
 
-MAX_LOOPS = 256  # measured loops an audit accepts
-MAX_HORIZON = 10000  # forecast horizon an audit accepts
 VERDICTS = ("stable", "marginal", "explosive")
 
 

@@ -29,6 +29,9 @@ import torch
 
 from models.errors import InputError
 
+MAX_LOOPS = 256  # measured loops an audit accepts
+MAX_HORIZON = 10000  # forecast horizon an audit accepts
+
 try:  # torch ≥ 2.3
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -162,7 +162,10 @@ def classify(losses: list[float], final_val: float | None, unigram: float,
 
 @torch.no_grad()
 def injection_norms(model: LoopedLM) -> tuple[float, float]:
-    """(ρ(Ā), ‖Ā‖₂) of the injection's state operator (exact; Ā is at most d_state²)."""
+    """(ρ(Ā), ‖Ā‖₂) of the injection's state operator, exactly (Ā is at most d_state²).
+
+    `dynamics.injection_spectrum` gives these too, but also the Kreiss constant, which costs
+    ~0.4 s for a 64-wide dense Ā: too slow for the 20 probes of every run."""
     A, _ = model.injection.linear_part()
     if A.kind == "identity":
         return 1.0, 1.0
@@ -175,19 +178,11 @@ def injection_norms(model: LoopedLM) -> tuple[float, float]:
     return float(np.abs(np.linalg.eigvals(M)).max()), float(np.linalg.norm(M, 2))
 
 
-@torch.no_grad()
 def state_norms(model: LoopedLM, idx: torch.Tensor, n_loops: int) -> list[float]:
-    """Mean over batch and tokens of ‖h_t‖₂ for t = 0..n_loops (eval mode)."""
-    was_training = model.training
-    model.eval()
-    ctx = model.encode(idx)
-    h = model.init_state(ctx)
-    norms = [float(h.norm(dim=-1).mean())]
-    for _ in range(n_loops):
-        h = model.step(h, ctx)
-        norms.append(float(h.norm(dim=-1).mean()))
-    model.train(was_training)
-    return norms
+    """Mean over batch and tokens of ‖h_t‖₂ for t = 0..n_loops (NaN from a non-finite state on)."""
+    from dynamics import measure_trajectory  # imported on use: every `loopdyn` start loads this module
+
+    return measure_trajectory(model, idx, n_loops, keep_states=False).state_norm.tolist()
 
 
 def test_time_loops(mean_loops: int) -> list[int]:

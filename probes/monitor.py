@@ -87,7 +87,7 @@ class MonitorConfig:
       Parcae run with a ×20 injection-LR jump), warnings 1–16 steps before the loss breaks.
     - cost on the `small` preset (CPU, 1 thread): update ratio every 2 steps (~0.6 % of a
       step; every step doubles it), loop Jacobian every 100 steps with 3 warm-started
-      iterations on 32 tokens (~0.2 s, ~0.25 %), attention logits every 10 steps on 2
+      iterations on 32 tokens (~0.05 s warm, < 0.1 %), attention logits every 10 steps on 2
       sequences (~0.2 %): about 1.5 % of a step inside the monitor in all.
     - rollback: a CPU snapshot every 50 steps, a ring of 2.
     """

@@ -8,14 +8,11 @@
               a few power iterations on Ā;
     identity  ρ = ‖Ā‖ = 1.
 - The loop Jacobian J = ∂ step(h, ctx)/∂h at a fixed probe input: σ_max(J) by power
-  iteration on JᵀJ with torch.func.jvp/vjp (matrix-free: 1 JVP + 1 VJP per iteration),
-  warm-started from the previous call's vector, every `jacobian_every` steps.
-
-NOTE: dynamics (the analysis package) will provide `dynamics.loop_jacobian(model, h, ctx)`
-as a scipy LinearOperator with Lanczos-based top singular values. That is the right tool for
-audits; for live training this few-iteration, warm-started, device-side estimate is enough
-and cheaper. `loop_jacobian_sigma` keeps the same inputs (model, h, ctx) so it can delegate
-to dynamics once that lands, if its per-call cost allows.
+  iteration on JᵀJ (matrix-free: 1 J·v + 1 Jᵀ·w per iteration, the products of
+  `dynamics.loopmap.Linearisation`), warm-started from the previous call's vector, every
+  `jacobian_every` steps. An audit uses Lanczos on the same products
+  (`dynamics.loop_jacobian`); a live probe needs only a few warm-started iterations, kept as
+  device tensors (no SciPy round trip, no sync).
 """
 from __future__ import annotations
 
@@ -119,19 +116,19 @@ def loop_jacobian_sigma(step_fn, h: torch.Tensor, v0: torch.Tensor | None, iters
     """σ_max of J = ∂step_fn/∂h at h, by `iters` power iterations on JᵀJ (JVP then VJP).
 
     Returns (σ estimate as a 0-d tensor, the unit right singular vector estimate to warm-start
-    the next call). Each iteration costs one JVP and one application of a VJP (about three
-    forward passes of one loop step); the VJP's forward is computed once. The estimate is a
-    lower bound that tightens with iterations and warm starts.
+    the next call). The map is linearised once (one forward and one backward pass); each
+    iteration then costs two backward passes, about two loop steps. The estimate is a lower
+    bound that tightens with iterations and warm starts.
     """
+    from dynamics.loopmap import Linearisation
+
     if v0 is None or v0.shape != h.shape:
         v0 = torch.randn(h.shape, generator=generator).to(h.device, h.dtype)
     v = _normalise(v0.to(h.device, h.dtype))
-    with torch.no_grad():
-        _, vjp_fn = torch.func.vjp(step_fn, h)
-        sigma = torch.zeros((), device=h.device, dtype=h.dtype)
-        for _ in range(iters):
-            _, u = torch.func.jvp(step_fn, (h,), (v,))
-            sigma = u.norm()
-            (w,) = vjp_fn(u)
-            v = _normalise(w)
+    lin = Linearisation.of(step_fn, h)
+    sigma = torch.zeros((), device=h.device, dtype=h.dtype)
+    for _ in range(iters):
+        u = lin.jvp(v)
+        sigma = u.norm()
+        v = _normalise(lin.vjp(u))
     return sigma.detach(), v.detach()

@@ -28,7 +28,7 @@ CORPUS_BYTES = 4_000_000  # enough of the default corpus for a probe window, and
 
 
 def register(subparsers) -> None:
-    from dynamics.audit_report import MAX_HORIZON, MAX_LOOPS
+    from dynamics.loopmap import MAX_HORIZON, MAX_LOOPS  # light: the parser is built on every start
 
     p = subparsers.add_parser(
         "audit", help="stability audit of a looped model's recurrence (spectra, Jacobians, forecast)",
