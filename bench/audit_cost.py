@@ -3,7 +3,7 @@
 The parent saves a freshly initialised `parcae-140m` (144M parameters, the official
 initialisation) to a temporary folder, then runs `loopdyn audit PATH --seq-len 256` through
 `loopdyn.cli.main` in a child process (the real command path: load, probe, audit, report,
-JSON). Inside the child, `dynamics.audit_report.audit` is wrapped so that the forward pass of the
+JSON). Inside the child, `loopdyn.dynamics.audit_report.audit` is wrapped so that the forward pass of the
 model on the same probe is timed right before and right after the audit (interleaved, same
 process, same thread count), giving
 
@@ -36,8 +36,8 @@ CHILD = textwrap.dedent(r"""
     import json, os, resource, statistics, sys, time
     import torch
     torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
-    import dynamics.audit_report as da
-    from dynamics.loopmap import Cost, Linearisation
+    import loopdyn.dynamics.audit_report as da
+    from loopdyn.dynamics.loopmap import Cost, Linearisation
     from loopdyn.cli import main
 
     real_audit = da.audit
@@ -114,7 +114,7 @@ def main() -> None:
 
     import torch
 
-    from models import LoopConfig, LoopedLM, save
+    from loopdyn.models import LoopConfig, LoopedLM, save
 
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)

@@ -6,7 +6,7 @@ entries), its core output projections perturbed so the loop is nonlinear. At the
 
 * dense: `torch.autograd.functional.jacobian` (N reverse-mode passes) and
   `numpy.linalg.norm(J, ord=2)` (a full SVD of an 8192 × 8192 matrix);
-* matrix-free: `dynamics.loop_jacobian` as a SciPy LinearOperator and ARPACK `svds`
+* matrix-free: `loopdyn.dynamics.loop_jacobian` as a SciPy LinearOperator and ARPACK `svds`
   (tol 1e-7), and Golub–Kahan–Lanczos (`top_singular_values(method="lanczos")`, 40 steps).
 
 Both run in this process, one after the other, single-threaded; the speedup is dense time ÷
@@ -22,8 +22,8 @@ import time
 import numpy as np
 import torch
 
-from dynamics import loop_jacobian, top_singular_values
-from models import LoopConfig, LoopedLM
+from loopdyn.dynamics import loop_jacobian, top_singular_values
+from loopdyn.models import LoopConfig, LoopedLM
 
 
 def build(d: int, seed: int = 0) -> LoopedLM:

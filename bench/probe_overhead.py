@@ -28,8 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import LoopConfig, LoopedLM  # noqa: E402
-from probes import StabilityMonitor  # noqa: E402
+from loopdyn.models import LoopConfig, LoopedLM  # noqa: E402
+from loopdyn.probes import StabilityMonitor  # noqa: E402
 
 # method → the signal (or piece of machinery) whose cost it is
 TIMED = {

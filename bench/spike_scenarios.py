@@ -43,9 +43,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import LoopConfig, LoopedLM  # noqa: E402
+from loopdyn.models import LoopConfig, LoopedLM  # noqa: E402
 from loopdyn.data import load_text  # noqa: E402
-from probes import StabilityMonitor  # noqa: E402
+from loopdyn.probes import StabilityMonitor  # noqa: E402
 
 BREAK_NATS = 0.3
 SCENARIOS = {

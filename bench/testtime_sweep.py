@@ -33,12 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dynamics import laws
+from loopdyn.dynamics import laws
 from loopdyn.commands.sweep_loops import sweep_loops
 from loopdyn.data import load_text
 from loopdyn.train import TrainConfig, train
-from models import LoopConfig, LoopedLM, load
-from models.fileio import atomic_write_text
+from loopdyn.models import LoopConfig, LoopedLM, load
+from loopdyn.models.fileio import atomic_write_text
 
 
 def train_tiny(mu: int, steps: int, data, save_dir: str | None, seed: int = 0) -> tuple[LoopedLM, int, float]:

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from models import LoopConfig, LoopedLM
+from loopdyn.models import LoopConfig, LoopedLM
 from loopdyn.data import load_text
 from loopdyn.train import TrainConfig, make_optimizer
 

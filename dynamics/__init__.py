@@ -3,7 +3,7 @@
 Linearisation and spectra (matrix-free, torch autograd products wrapped as SciPy
 LinearOperators), the LTI surrogate of the injection, finite-time Lyapunov exponents, the
 explosion forecast, the signal-flow gain graph, and `audit`, which combines them
-(shared/DESIGN.md §4). `dynamics.laws` (scaling laws) is a separate module, imported on use.
+(shared/DESIGN.md §4). `loopdyn.dynamics.laws` (scaling laws) is a separate module, imported on use.
 """
 from __future__ import annotations
 
@@ -30,12 +30,12 @@ __all__ = sorted(_WHERE) + ["laws", "flops"]
 
 def __getattr__(name: str):
     if name in _WHERE:
-        value = getattr(importlib.import_module(f"dynamics.{_WHERE[name]}"), name)
+        value = getattr(importlib.import_module(f"loopdyn.dynamics.{_WHERE[name]}"), name)
         globals()[name] = value  # later lookups skip this function
         return value
-    # Submodules (`dynamics.laws`, `dynamics.flops`, ...) are imported when asked for.
-    if not name.startswith("_") and importlib.util.find_spec(f"dynamics.{name}") is not None:
-        return importlib.import_module(f"dynamics.{name}")
+    # Submodules (`loopdyn.dynamics.laws`, `loopdyn.dynamics.flops`, ...) are imported when asked for.
+    if not name.startswith("_") and importlib.util.find_spec(f"loopdyn.dynamics.{name}") is not None:
+        return importlib.import_module(f"loopdyn.dynamics.{name}")
     raise AttributeError(f"module 'dynamics' has no attribute {name!r}")
 
 

@@ -25,14 +25,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dynamics import explosion as fc
-from dynamics.gain import gain_graph, gain_graph_json
-from dynamics.jacobian import golub_kahan
-from dynamics.loopmap import MAX_HORIZON, MAX_LOOPS, Cost, Linearisation, nonfinite_parameters, require_loop
-from dynamics.lti import InjectionSpectrum, injection_spectrum
-from dynamics.lyapunov_exponents import LyapunovAccumulator, LyapunovResult
-from dynamics.trajectory import Trajectory, measure_trajectory
-from models.errors import InputError
+from loopdyn.dynamics import explosion as fc
+from loopdyn.dynamics.gain import gain_graph, gain_graph_json
+from loopdyn.dynamics.jacobian import golub_kahan
+from loopdyn.dynamics.loopmap import MAX_HORIZON, MAX_LOOPS, Cost, Linearisation, nonfinite_parameters, require_loop
+from loopdyn.dynamics.lti import InjectionSpectrum, injection_spectrum
+from loopdyn.dynamics.lyapunov_exponents import LyapunovAccumulator, LyapunovResult
+from loopdyn.dynamics.trajectory import Trajectory, measure_trajectory
+from loopdyn.models.errors import InputError
 
 VERDICTS = ("stable", "marginal", "explosive")
 

@@ -67,9 +67,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dynamics.jacobian import arnoldi, ritz_values
-from dynamics.loopmap import Cost, Linearisation, nonfinite_parameters, require_loop
-from dynamics.lti import InjectionSpectrum, injection_spectrum
+from loopdyn.dynamics.jacobian import arnoldi, ritz_values
+from loopdyn.dynamics.loopmap import Cost, Linearisation, nonfinite_parameters, require_loop
+from loopdyn.dynamics.lti import InjectionSpectrum, injection_spectrum
 
 NOISE_FLOOR = 1e-5  # residuals below this fraction of the state are float32 round-off
 CONSISTENCY_TOL = 0.5  # LTI must predict each measured next residual vector within this relative error
@@ -554,8 +554,8 @@ def forecast(model, idx: torch.Tensor, max_loops: int, measured_loops: int | Non
     forecast the state to `max_loops` loops (see the module docstring for the models, the
     definition of safe and the verdict). lyapunov_k > 0 adds finite-time Lyapunov exponents
     over the measured loops as corroborating evidence."""
-    from dynamics.lyapunov_exponents import LyapunovAccumulator
-    from dynamics.trajectory import measure_trajectory
+    from loopdyn.dynamics.lyapunov_exponents import LyapunovAccumulator
+    from loopdyn.dynamics.trajectory import measure_trajectory
 
     require_loop(model)
     H = int(max_loops)

@@ -63,9 +63,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from models.config import LoopConfig
-from models.errors import InputError
-from models.looped import value_embedding_layout
+from loopdyn.models.config import LoopConfig
+from loopdyn.models.errors import InputError
+from loopdyn.models.looped import value_embedding_layout
 
 __all__ = [
     "ATTENTION_MODES", "DEPTH_RULES", "StageParams", "FlopCount",

@@ -34,10 +34,10 @@ import networkx as nx
 import numpy as np
 import torch
 
-from dynamics.jacobian import golub_kahan
-from dynamics.loopmap import Cost, Linearisation, analysis, require_loop
-from dynamics.lti import norm2
-from dynamics.trajectory import initial_state
+from loopdyn.dynamics.jacobian import golub_kahan
+from loopdyn.dynamics.loopmap import Cost, Linearisation, analysis, require_loop
+from loopdyn.dynamics.lti import norm2
+from loopdyn.dynamics.trajectory import initial_state
 
 
 def _local_gain(fn, x: torch.Tensor, model, steps: int, cost: Cost, seed: int) -> float:

@@ -4,7 +4,7 @@
 state (N = B·S·ds entries, float64 interface over the model's float32 arithmetic): `rmatvec`
 is a reverse-mode vector-Jacobian product and `matvec` a Jacobian-vector product by
 reverse-over-reverse differentiation, both from one graph recorded at h (see
-`dynamics.loopmap.Linearisation`; `torch.func.jvp` gives the same numbers, slower);
+`loopdyn.dynamics.loopmap.Linearisation`; `torch.func.jvp` gives the same numbers, slower);
 `matmat`/`rmatmat` batch columns with vmapped backward passes. The operator counts its
 products (`matvecs`, `rmatvecs`).
 
@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator, eigs, svds
 
-from dynamics import loopmap
-from dynamics.loopmap import Cost, Linearisation
+from loopdyn.dynamics import loopmap
+from loopdyn.dynamics.loopmap import Cost, Linearisation
 
 # A Krylov direction smaller than this fraction of the column is round-off of float32 products
 BREAKDOWN = 1e-6

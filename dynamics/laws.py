@@ -38,7 +38,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 from scipy import optimize
 
-from models.errors import InputError
+from loopdyn.models.errors import InputError
 
 __all__ = [
     "COLUMNS", "LAWS", "TESTTIME_FORMS", "LAW_COLUMNS", "LAW_PARAMS",

@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from models.errors import InputError
+from loopdyn.models.errors import InputError
 
 MAX_LOOPS = 256  # measured loops an audit accepts
 MAX_HORIZON = 10000  # forecast horizon an audit accepts

@@ -264,7 +264,7 @@ def injection_spectrum(model, horizon: int = 64, tol: float = 1e-3, e: torch.Ten
     horizon: loops over which the transient ‖Āᵏ‖ is tabulated; tol: relative settling
     tolerance; e: prelude output (B, S, d) for the fixed point h* (optional).
     """
-    from dynamics.loopmap import require_loop
+    from loopdyn.dynamics.loopmap import require_loop
 
     require_loop(model)
     horizon = max(int(horizon), 1)

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dynamics.loopmap import Cost, Linearisation, analysis, require_loop
-from dynamics.trajectory import run_loop
+from loopdyn.dynamics.loopmap import Cost, Linearisation, analysis, require_loop
+from loopdyn.dynamics.trajectory import run_loop
 
 
 @dataclass

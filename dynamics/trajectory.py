@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dynamics.loopmap import analysis, require_loop
+from loopdyn.dynamics.loopmap import analysis, require_loop
 
 
 @dataclass

@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-from models.errors import InputError
+from loopdyn.models.errors import InputError
 from loopdyn.commands import COMMANDS
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_USAGE, EXIT_UNSTABLE = 0, 1, 2, 3

@@ -33,9 +33,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from models import LoopConfig, LoopedLM, save
-from models.errors import InputError
-from models.fileio import atomic_write_json, json_safe
+from loopdyn.models import LoopConfig, LoopedLM, save
+from loopdyn.models.errors import InputError
+from loopdyn.models.fileio import atomic_write_json, json_safe
 from loopdyn.data import load_text
 from loopdyn.train import TrainConfig, evaluate, train
 
@@ -164,7 +164,7 @@ def classify(losses: list[float], final_val: float | None, unigram: float,
 def injection_norms(model: LoopedLM) -> tuple[float, float]:
     """(ρ(Ā), ‖Ā‖₂) of the injection's state operator, exactly (Ā is at most d_state²).
 
-    `dynamics.injection_spectrum` gives these too, but also the Kreiss constant, which costs
+    `loopdyn.dynamics.injection_spectrum` gives these too, but also the Kreiss constant, which costs
     ~0.4 s for a 64-wide dense Ā: too slow for the 20 probes of every run."""
     A, _ = model.injection.linear_part()
     if A.kind == "identity":
@@ -180,7 +180,7 @@ def injection_norms(model: LoopedLM) -> tuple[float, float]:
 
 def state_norms(model: LoopedLM, idx: torch.Tensor, n_loops: int) -> list[float]:
     """Mean over batch and tokens of ‖h_t‖₂ for t = 0..n_loops (NaN from a non-finite state on)."""
-    from dynamics import measure_trajectory  # imported on use: every `loopdyn` start loads this module
+    from loopdyn.dynamics import measure_trajectory  # imported on use: every `loopdyn` start loads this module
 
     return measure_trajectory(model, idx, n_loops, keep_states=False).state_norm.tolist()
 
@@ -245,7 +245,7 @@ def run_one(spec: RunSpec, run_dir: Path, progress: Callable[[int], None] | None
 def _monitor_factory(run_dir: Path):
     """A StabilityMonitor writing alerts to the run folder, when probes are available."""
     try:
-        from probes import StabilityMonitor
+        from loopdyn.probes import StabilityMonitor
     except ImportError:
         return None
 
@@ -264,7 +264,7 @@ def _read_alerts(path: Path) -> list[dict]:
 def _audit_summary(model: LoopedLM, idx: torch.Tensor, mu: int, run_dir: Path) -> dict | None:
     """Audit of the trained model (dynamics.audit), written in full to audit.json."""
     try:
-        from dynamics import audit
+        from loopdyn.dynamics import audit
     except ImportError:
         return None
     report = audit(model, idx, loops=2 * mu, horizon=EXPLOSION_LOOPS * mu)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.errors import InputError
+from loopdyn.models.errors import InputError
 
 VOCAB_SIZE = 256
 VALIDATION_EVERY = 10  # one file in ten (by path hash) is validation

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.fileio import atomic_write_bytes
+from loopdyn.models.fileio import atomic_write_bytes
 
 
 def _figure(size=(6.0, 4.2)):
@@ -135,7 +135,7 @@ def write_audit_plots(report, directory) -> list[Path]:
     """Draw every figure into `directory` (created if needed); each file is written atomically."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
-        from models.errors import InputError
+        from loopdyn.models.errors import InputError
 
         raise InputError(f"--plots {directory}: exists and is not a folder")
     return [_save(draw(report), directory / name) for name, draw in PLOTS.items()]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, json_safe
+from loopdyn.models.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, json_safe
 from loopdyn.compare import (DIVERGE_MARGIN, EXPLOSION_LOOPS, EXPLOSION_RATIO, INJECTIONS, CompareResult,
                              RunRecord, smoothed)
 

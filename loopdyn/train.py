@@ -18,9 +18,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from models import LoopedLM, save
-from models.errors import InputError
-from models.fileio import JsonlWriter
+from loopdyn.models import LoopedLM, save
+from loopdyn.models.errors import InputError
+from loopdyn.models.fileio import JsonlWriter
 from loopdyn.data import TextData
 
 

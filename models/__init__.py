@@ -1,9 +1,9 @@
 """Looped and fixed-depth language models, injections, configs and checkpoints (torch only)."""
-from models.checkpoint import CheckpointInfo, load, save
-from models.config import PRESETS, LoopConfig
-from models.errors import CheckpointError, ConfigError, InputError
-from models.injection import LinearPart, Operator
-from models.looped import LMOutput, LoopContext, LoopedLM, value_embedding_layout
+from loopdyn.models.checkpoint import CheckpointInfo, load, save
+from loopdyn.models.config import PRESETS, LoopConfig
+from loopdyn.models.errors import CheckpointError, ConfigError, InputError
+from loopdyn.models.injection import LinearPart, Operator
+from loopdyn.models.looped import LMOutput, LoopContext, LoopedLM, value_embedding_layout
 
 __all__ = [
     "LoopConfig", "PRESETS", "LoopedLM", "LoopContext", "LMOutput", "LinearPart", "Operator",

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from models.config import LoopConfig
-from models.errors import CheckpointError, ConfigError
-from models.fileio import atomic_directory
-from models.looped import LoopedLM, value_embedding_layout
-from models.layers import rope_table
+from loopdyn.models.config import LoopConfig
+from loopdyn.models.errors import CheckpointError, ConfigError
+from loopdyn.models.fileio import atomic_directory
+from loopdyn.models.looped import LoopedLM, value_embedding_layout
+from loopdyn.models.layers import rope_table
 
 FORMAT_VERSION = 1
 OFFICIAL_WEIGHT_FILES = ("pytorch_model.bin", "model.pt", "model.safetensors", "model.bin")

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from models.errors import ConfigError
+from loopdyn.models.errors import ConfigError
 
 INJECTIONS = ("diagonal", "linear", "additive", "none")
 MLPS = ("relu2", "relu", "gelu", "swiglu", "geglu")

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import LoopConfig
-from models.errors import ConfigError, InputError
-from models.injection import make_injection
-from models.layers import Block, make_norm, rope_table
+from loopdyn.models.config import LoopConfig
+from loopdyn.models.errors import ConfigError, InputError
+from loopdyn.models.injection import make_injection
+from loopdyn.models.layers import Block, make_norm, rope_table
 
 
 @dataclass

@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, TextIO
 
-from models.fileio import JsonlWriter
+from loopdyn.models.fileio import JsonlWriter
 
 # Ordered: a larger index is more severe (the distributed reduction takes the MAX).
 SEVERITIES = ("info", "warning", "critical")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from probes.alerts import Alert
+from loopdyn.probes.alerts import Alert
 
 MAD_TO_SIGMA = 1.4826  # σ = 1.4826·MAD for a normal distribution
 DEFAULT_THRESHOLDS = {"mad": 6.0, "ema": 6.0, "ratio": 10.0}

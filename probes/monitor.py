@@ -59,12 +59,12 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from probes.actions import ACTIONS, SnapshotRing, cut_learning_rate, drop_gradients
-from probes.alerts import (Alert, ConsoleSink, InstabilityError, JsonlSink, Sink, TensorBoardSink)
-from probes.detectors import EarlyWarningDetector, NonFiniteDetector, SpikeDetector, TrendDetector
-from probes.distributed import agree_max, world
-from probes.history import History, SignalBuffer
-from probes.spectral import InjectionSpectrum, loop_jacobian_sigma
+from loopdyn.probes.actions import ACTIONS, SnapshotRing, cut_learning_rate, drop_gradients
+from loopdyn.probes.alerts import (Alert, ConsoleSink, InstabilityError, JsonlSink, Sink, TensorBoardSink)
+from loopdyn.probes.detectors import EarlyWarningDetector, NonFiniteDetector, SpikeDetector, TrendDetector
+from loopdyn.probes.distributed import agree_max, world
+from loopdyn.probes.history import History, SignalBuffer
+from loopdyn.probes.spectral import InjectionSpectrum, loop_jacobian_sigma
 
 # Decision levels, reduced with MAX across ranks: the strongest action wins.
 _LEVEL = {"warn": 0, "log": 0, "cut_lr": 1, "rollback": 2, "stop": 3, "raise": 4}
@@ -133,7 +133,7 @@ class MonitorConfig:
     history_limit: int | None = None
 
     def validate(self) -> None:
-        from models.errors import InputError
+        from loopdyn.models.errors import InputError
 
         for name in ("sync_every", "spectral_every", "attention_every", "jacobian_every", "snapshot_every",
                      "update_every"):
@@ -899,7 +899,7 @@ class StabilityMonitor:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != 1:
-            from models.errors import InputError
+            from loopdyn.models.errors import InputError
             raise InputError(f"unknown monitor state version {state.get('version')!r}")
         self.step = int(state["step"])
         for name, states in state["detectors"].items():

@@ -9,9 +9,9 @@
     identity  ρ = ‖Ā‖ = 1.
 - The loop Jacobian J = ∂ step(h, ctx)/∂h at a fixed probe input: σ_max(J) by power
   iteration on JᵀJ (matrix-free: 1 J·v + 1 Jᵀ·w per iteration, the products of
-  `dynamics.loopmap.Linearisation`), warm-started from the previous call's vector, every
+  `loopdyn.dynamics.loopmap.Linearisation`), warm-started from the previous call's vector, every
   `jacobian_every` steps. An audit uses Lanczos on the same products
-  (`dynamics.loop_jacobian`); a live probe needs only a few warm-started iterations, kept as
+  (`loopdyn.dynamics.loop_jacobian`); a live probe needs only a few warm-started iterations, kept as
   device tensors (no SciPy round trip, no sync).
 """
 from __future__ import annotations
@@ -120,7 +120,7 @@ def loop_jacobian_sigma(step_fn, h: torch.Tensor, v0: torch.Tensor | None, iters
     iteration then costs two backward passes, about two loop steps. The estimate is a lower
     bound that tightens with iterations and warm starts.
     """
-    from dynamics.loopmap import Linearisation
+    from loopdyn.dynamics.loopmap import Linearisation
 
     if v0 is None or v0.shape != h.shape:
         v0 = torch.randn(h.shape, generator=generator).to(h.device, h.dtype)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from models import LoopConfig, LoopedLM
+from loopdyn.models import LoopConfig, LoopedLM
 
 
 def small_loop_model(injection: str = "diagonal", *, d: int = 16, perturb: float = 0.0, seed: int = 0,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from loopdyn.cli import main
-from models import LoopConfig, LoopedLM, save
+from loopdyn.models import LoopConfig, LoopedLM, save
 from tests.parcae_reference import official_parcae_config, random_official_state_dict, write_official_checkpoint
 from tests.helpers import small_loop_model
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import models.checkpoint as checkpoint
-from models import CheckpointError, InputError, LoopedLM, load, save
+import loopdyn.models.checkpoint as checkpoint
+from loopdyn.models import CheckpointError, InputError, LoopedLM, load, save
 from tests import parcae_reference as ref
 from tests.test_models import make_model, tokens
 
@@ -390,7 +390,7 @@ def test_official_loader_helpers_are_strict():
 def test_outputs_get_the_permissions_a_plain_write_would(tmp_path):
     """Atomic writes go through mkstemp/mkdtemp (0600/0700); the results must look like files
     and folders made with open() and mkdir() under the same umask."""
-    from models.fileio import atomic_write_text
+    from loopdyn.models.fileio import atomic_write_text
 
     atomic_write_text(tmp_path / "report.txt", "x")
     save(make_model(seed=1), tmp_path / "ckpt")

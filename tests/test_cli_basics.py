@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from loopdyn.cli import main
-from models import load
+from loopdyn.models import load
 from tests.test_models import tokens
 
 FAST = ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-every", "0", "--no-progress"]

@@ -10,7 +10,7 @@ import pytest
 from loopdyn.cli import main
 from loopdyn.compare import (DIVERGE_MARGIN, EXPLOSION_RATIO, RECORD, CompareResult, RunRecord, RunSpec,
                              classify, grid, injection_norms, smoothed, state_norms)
-from models import LoopConfig, LoopedLM
+from loopdyn.models import LoopConfig, LoopedLM
 
 UNIGRAM = 3.26
 MU = 4
@@ -208,7 +208,7 @@ def test_a_record_with_overflowed_states_survives_resume_and_reporting(tmp_path)
 
     from loopdyn.compare import load_record
     from loopdyn.report import summary
-    from models.fileio import atomic_write_json, json_safe
+    from loopdyn.models.fileio import atomic_write_json, json_safe
 
     spec = RunSpec("linear", 0.05)
     exploded = [10.0 * 30 ** t for t in range(4 * MU)] + [math.inf]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from models import InputError, LoopedLM, load
+from loopdyn.models import InputError, LoopedLM, load
 from loopdyn import train as train_module
 from loopdyn.data import load_text
 from loopdyn.train import TrainConfig, evaluate, learning_rate, param_groups, train

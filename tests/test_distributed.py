@@ -52,7 +52,7 @@ def _worker(rank, world, init_file, results):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        from probes import StabilityMonitor
+        from loopdyn.probes import StabilityMonitor
 
         torch.manual_seed(0)
         model = torch.nn.Linear(4, 1)

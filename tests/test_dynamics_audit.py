@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from dynamics import DynamicsError, audit, gain_graph, gain_graph_json
-from models import LoopConfig, LoopedLM
-from models.errors import InputError
-from models.fileio import json_safe
+from loopdyn.dynamics import DynamicsError, audit, gain_graph, gain_graph_json
+from loopdyn.models import LoopConfig, LoopedLM
+from loopdyn.models.errors import InputError
+from loopdyn.models.fileio import json_safe
 from tests.helpers import small_loop_model
 
 D = 16

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from dynamics import forecast, measure_trajectory
+from loopdyn.dynamics import forecast, measure_trajectory
 from tests.helpers import small_loop_model
 
 T, H, N = 8, 32, 32

@@ -8,9 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dynamics import (Cost, LoopJacobian, loop_jacobian, lti_jacobian, lyapunov, per_token_spectra,
+from loopdyn.dynamics import (Cost, LoopJacobian, loop_jacobian, lti_jacobian, lyapunov, per_token_spectra,
                       token_block, top_eigenvalues, top_singular_values)
-from dynamics.loopmap import forward_jvp
+from loopdyn.dynamics.loopmap import forward_jvp
 from tests.helpers import small_loop_model
 
 B, S, D = 2, 5, 16

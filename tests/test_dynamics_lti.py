@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dynamics import injection_spectrum, kreiss_constant, lti_fixed_point
-from dynamics.lti import lyapunov_power_bound, power_norms, settle_loops_dense
+from loopdyn.dynamics import injection_spectrum, kreiss_constant, lti_fixed_point
+from loopdyn.dynamics.lti import lyapunov_power_bound, power_norms, settle_loops_dense
 from tests.helpers import small_loop_model
 
 

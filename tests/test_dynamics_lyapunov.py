@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from dynamics import lyapunov
-from models import LoopConfig, LoopedLM
+from loopdyn.dynamics import lyapunov
+from loopdyn.models import LoopConfig, LoopedLM
 
 
 def linear_model(A):

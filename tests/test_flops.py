@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from dynamics import flops
-from models import LoopConfig, LoopedLM
-from models.errors import InputError
+from loopdyn.dynamics import flops
+from loopdyn.models import LoopConfig, LoopedLM
+from loopdyn.models.errors import InputError
 
 B, S = 2, 16
 

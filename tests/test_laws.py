@@ -15,8 +15,8 @@ import math
 import numpy as np
 import pytest
 
-from dynamics import laws
-from models.errors import InputError
+from loopdyn.dynamics import laws
+from loopdyn.models.errors import InputError
 
 NOISE = 0.002  # 0.2 % multiplicative (log-normal) noise on every synthetic loss
 

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from hypothesis import given, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from models import ConfigError, InputError, LoopConfig, LoopedLM
-from models.injection import AdditiveInjection, DiagonalInjection, LinearInjection
+from loopdyn.models import ConfigError, InputError, LoopConfig, LoopedLM
+from loopdyn.models.injection import AdditiveInjection, DiagonalInjection, LinearInjection
 
 TINY = dict(block_size=64, d_mlp=128)
 

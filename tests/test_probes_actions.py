@@ -10,7 +10,7 @@ import torch
 
 from loopdyn.data import load_text
 from loopdyn.train import TrainConfig, train
-from probes import ALERT_FIELDS, InstabilityError, StabilityMonitor, TensorBoardSink
+from loopdyn.probes import ALERT_FIELDS, InstabilityError, StabilityMonitor, TensorBoardSink
 from tests.test_probes_monitor import batches, tiny
 
 

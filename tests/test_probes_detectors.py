@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from probes import Alert, EarlyWarningDetector, NonFiniteDetector, SpikeDetector, TrendDetector
+from loopdyn.probes import Alert, EarlyWarningDetector, NonFiniteDetector, SpikeDetector, TrendDetector
 
 
 def loss_stream(n=2000, n_spikes=12, seed=0, noise=0.05):

@@ -6,7 +6,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # the Trainer needs it
 
-from probes.integrations.huggingface import StabilityTrainerCallback  # noqa: E402
+from loopdyn.probes.integrations.huggingface import StabilityTrainerCallback  # noqa: E402
 from tests.test_probes_monitor import all_hook_dicts_empty, tiny  # noqa: E402
 
 

@@ -4,7 +4,7 @@ import torch
 
 pl = pytest.importorskip("pytorch_lightning")
 
-from probes.integrations.lightning import StabilityCallback  # noqa: E402
+from loopdyn.probes.integrations.lightning import StabilityCallback  # noqa: E402
 from tests.test_probes_monitor import all_hook_dicts_empty, tiny  # noqa: E402
 
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from models import LoopConfig, LoopedLM
-from probes import MonitorConfig, StabilityMonitor
-from probes.history import SignalBuffer
-from probes.spectral import loop_jacobian_sigma
+from loopdyn.models import LoopConfig, LoopedLM
+from loopdyn.probes import MonitorConfig, StabilityMonitor
+from loopdyn.probes.history import SignalBuffer
+from loopdyn.probes.spectral import loop_jacobian_sigma
 
 
 def tiny(injection="diagonal", seed=0, **overrides):
@@ -336,7 +336,7 @@ def test_signal_buffer_cuda_copies_are_asynchronous():
 
 
 def test_config_validation_and_unknown_options():
-    from models.errors import InputError
+    from loopdyn.models.errors import InputError
 
     model = nn.Linear(2, 2)
     with pytest.raises(TypeError):

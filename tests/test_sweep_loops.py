@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from dynamics.flops import unrolled_params
+from loopdyn.dynamics.flops import unrolled_params
 from loopdyn.cli import main
 from loopdyn.commands.sweep_loops import sweep_loops, sweep_losses
 from loopdyn.data import load_text
 from loopdyn.train import evaluate
-from models import LoopConfig, LoopedLM, save
-from models.errors import InputError
+from loopdyn.models import LoopConfig, LoopedLM, save
+from loopdyn.models.errors import InputError
 
 
 def nonlinear_tiny(seed=0, **overrides):

@@ -1,7 +1,7 @@
 """`loopdyn audit PATH`: is this checkpoint's recurrence stable, why, and for how many loops?
 
 Loads a loopdyn or official Parcae checkpoint, draws a probe batch from the embedded corpus
-(or --data), and runs `dynamics.audit`: the injection spectrum, the measured trajectory, the
+(or --data), and runs `loopdyn.dynamics.audit`: the injection spectrum, the measured trajectory, the
 loop Jacobian along it, Lyapunov exponents, the gain graph and the forecast to --horizon
 loops. Prints a report that names the evidence that decided the verdict; --json writes the
 DESIGN §7 record, --plots a folder of figures (both atomically). Exit codes: 0, 1 (bad
@@ -20,7 +20,7 @@ import warnings
 
 import torch
 
-from models.errors import InputError
+from loopdyn.models.errors import InputError
 
 EXIT_UNSTABLE = 3
 DEFAULT_SEQ_LEN = 256
@@ -28,7 +28,7 @@ CORPUS_BYTES = 4_000_000  # enough of the default corpus for a probe window, and
 
 
 def register(subparsers) -> None:
-    from dynamics.loopmap import MAX_HORIZON, MAX_LOOPS  # light: the parser is built on every start
+    from loopdyn.dynamics.loopmap import MAX_HORIZON, MAX_LOOPS  # light: the parser is built on every start
 
     p = subparsers.add_parser(
         "audit", help="stability audit of a looped model's recurrence (spectra, Jacobians, forecast)",
@@ -94,9 +94,9 @@ def _progress_bar(enabled: bool):
 
 
 def run(args) -> int:
-    from dynamics.audit_report import MAX_HORIZON, MAX_LOOPS, audit
-    from models import load
-    from models.fileio import atomic_write_json
+    from loopdyn.dynamics.audit_report import MAX_HORIZON, MAX_LOOPS, audit
+    from loopdyn.models import load
+    from loopdyn.models.fileio import atomic_write_json
 
     if args.loops is not None and not 1 <= args.loops <= MAX_LOOPS:
         raise InputError(f"--loops must be in [1, {MAX_LOOPS}], got {args.loops}")

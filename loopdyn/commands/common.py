@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from models import LoopConfig
-from models.errors import InputError
+from loopdyn.models import LoopConfig
+from loopdyn.models.errors import InputError
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:

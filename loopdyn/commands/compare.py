@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from models.errors import InputError
+from loopdyn.models.errors import InputError
 from loopdyn.compare import INJECTIONS, grid, run_grid
 from loopdyn.report import write_outputs
 

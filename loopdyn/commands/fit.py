@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dynamics import laws
-from models.errors import InputError
-from models.fileio import atomic_write_bytes, atomic_write_json
+from loopdyn.dynamics import laws
+from loopdyn.models.errors import InputError
+from loopdyn.models.fileio import atomic_write_bytes, atomic_write_json
 
 DEFAULT_RESTARTS = 64
 DEFAULT_BOOTSTRAP = 50

@@ -8,7 +8,7 @@ validation batches of the mean cross-entropy per token (nats; bytes for the defa
 
 The CSV (written atomically) has the header `loops,mean_recurrence,params,tokens,loss`:
 `mean_recurrence` is the trained μ_rec, `params` the unrolled parameter count N(μ_rec)
-(`dynamics.flops.unrolled_params`, embeddings included), `tokens` the training tokens D:
+(`loopdyn.dynamics.flops.unrolled_params`, embeddings included), `tokens` the training tokens D:
 `--tokens`, else what loopdyn's trainer recorded in the checkpoint
 (`config.extra["train_tokens"]`), else empty (the test-time law does not need it, the unified
 law does). `loopdyn fit CSV --law testtime` reads the file as is.
@@ -29,10 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dynamics.flops import unrolled_params
-from models import LoopedLM, load
-from models.errors import InputError
-from models.fileio import atomic_write_text
+from loopdyn.dynamics.flops import unrolled_params
+from loopdyn.models import LoopedLM, load
+from loopdyn.models.errors import InputError
+from loopdyn.models.fileio import atomic_write_text
 
 MAX_LOOPS = 1000  # larger --max-loops values are refused as a typo
 CSV_HEADER = ("loops", "mean_recurrence", "params", "tokens", "loss")

@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from models import LoopedLM
+from loopdyn.models import LoopedLM
 from loopdyn.commands.common import add_model_options, add_train_options, config_from_args
 from loopdyn.data import load_text
 from loopdyn.train import Distributed, TrainConfig, train
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     monitors = []
     factory = None
     if opts is not None:
-        from probes import MonitorConfig, StabilityMonitor
+        from loopdyn.probes import MonitorConfig, StabilityMonitor
 
         mcfg = MonitorConfig(**opts)
         mcfg.validate()  # bad options fail before any training

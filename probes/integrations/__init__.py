@@ -1,5 +1,5 @@
 """Adapters for training frameworks (optional extras; import the submodule you need):
 
-    probes.integrations.lightning     StabilityCallback (pytorch_lightning; extra "lightning")
-    probes.integrations.huggingface   StabilityTrainerCallback (transformers; extra "hf")
+    loopdyn.probes.integrations.lightning     StabilityCallback (pytorch_lightning; extra "lightning")
+    loopdyn.probes.integrations.huggingface   StabilityTrainerCallback (transformers; extra "hf")
 """

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from transformers import TrainerCallback
 
-from probes.monitor import StabilityMonitor
+from loopdyn.probes.monitor import StabilityMonitor
 
 
 def _unwrap_optimizer(optimizer):

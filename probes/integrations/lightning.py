@@ -20,7 +20,7 @@ try:
 except ImportError:  # the unified package
     import lightning.pytorch as pl
 
-from probes.monitor import StabilityMonitor
+from loopdyn.probes.monitor import StabilityMonitor
 
 
 class StabilityCallback(pl.Callback):
