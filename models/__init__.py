@@ -2,11 +2,14 @@
 from loopdyn.models.checkpoint import CheckpointInfo, load, save
 from loopdyn.models.config import PRESETS, LoopConfig
 from loopdyn.models.errors import CheckpointError, ConfigError, InputError
-from loopdyn.models.injection import LinearPart, Operator
+from loopdyn.models.operator import DenseOperator, DiagonalOperator, IdentityOperator, Operator, as_operator
+from loopdyn.models.protocol import (LinearPart, LoopAdapter, LoopedModel, ProtocolError, Sublayer,
+                                    find_looped_model, validate)
 from loopdyn.models.looped import LMOutput, LoopContext, LoopedLM, value_embedding_layout
 
 __all__ = [
     "LoopConfig", "PRESETS", "LoopedLM", "LoopContext", "LMOutput", "LinearPart", "Operator",
     "save", "load", "CheckpointInfo", "InputError", "ConfigError", "CheckpointError",
-    "value_embedding_layout",
+    "value_embedding_layout", "LoopedModel", "LoopAdapter", "Sublayer", "ProtocolError", "validate",
+    "find_looped_model", "IdentityOperator", "DiagonalOperator", "DenseOperator", "as_operator",
 ]

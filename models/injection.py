@@ -15,55 +15,18 @@ MIN_DECAY_RATE, so even in float32 exp(−Δ·a) never rounds to 1, and 0·∞ i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from loopdyn.models.operator import DenseOperator, DiagonalOperator, IdentityOperator
+from loopdyn.models.protocol import LinearPart
 
 # Smallest Δ·a. exp(−1e-6) = 1 − 1e-6 is representable in float32 (spacing below 1 is 6e-8).
 # Official checkpoints never come near it; if one did, Ā would differ by at most 1e-6.
 MIN_DECAY_RATE = 1e-6
 # Official init: Ā₀ = sqrt(1/5), i.e. Δ₀ = −ln sqrt(1/5) ≈ 0.8047 with a = 1.
 INIT_DECAY = math.sqrt(1 / 5)
-
-
-@dataclass(frozen=True)
-class Operator:
-    """A linear map in structured form: kind 'diagonal' (values = the diagonal),
-    'dense' (values = the matrix, shape (n_out, n_in)) or 'identity' (values = None)."""
-
-    kind: str
-    n_out: int
-    n_in: int
-    values: torch.Tensor | None = None
-
-    def dense(self) -> torch.Tensor:
-        if self.kind == "identity":
-            return torch.eye(self.n_out)
-        if self.kind == "diagonal":
-            return torch.diag(self.values)
-        return self.values
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the operator to the last axis of x."""
-        if self.kind == "identity":
-            return x
-        if self.kind == "diagonal":
-            return x * self.values
-        return x @ self.values.T
-
-
-@dataclass(frozen=True)
-class LinearPart:
-    """The affine injection u = Ā h + B̄ e + bias, detached from autograd."""
-
-    A: Operator
-    B: Operator
-    bias: torch.Tensor | None = None
-
-    def __iter__(self):
-        return iter((self.A, self.B))
 
 
 def log_softplus(x: torch.Tensor) -> torch.Tensor:
@@ -124,9 +87,8 @@ class DiagonalInjection(nn.Module):
 
     @torch.no_grad()
     def linear_part(self) -> LinearPart:
-        A = Operator("diagonal", self.d_state, self.d_state, self.A_bar().detach().clone())
-        B = Operator("dense", self.d_state, self.d_model, (self.input_gains()[:, None] * self.B).detach().clone())
-        return LinearPart(A, B)
+        return LinearPart(DiagonalOperator(self.A_bar().detach().clone()),
+                          DenseOperator((self.input_gains()[:, None] * self.B).detach().clone()))
 
 
 class LinearInjection(nn.Module):
@@ -153,8 +115,7 @@ class LinearInjection(nn.Module):
     def linear_part(self) -> LinearPart:
         W = self.W.weight.detach()
         bias = None if self.W.bias is None else self.W.bias.detach().clone()
-        return LinearPart(Operator("dense", self.d_state, self.d_state, W[:, : self.d_state].clone()),
-                          Operator("dense", self.d_state, self.d_model, W[:, self.d_state:].clone()), bias)
+        return LinearPart(DenseOperator(W[:, : self.d_state].clone()), DenseOperator(W[:, self.d_state:].clone()), bias)
 
 
 class AdditiveInjection(nn.Module):
@@ -173,8 +134,7 @@ class AdditiveInjection(nn.Module):
         return h + e
 
     def linear_part(self) -> LinearPart:
-        return LinearPart(Operator("identity", self.d_state, self.d_state),
-                          Operator("identity", self.d_state, self.d_model))
+        return LinearPart(IdentityOperator(self.d_state), IdentityOperator(self.d_state, self.d_model))
 
 
 def make_injection(kind: str, d_state: int, d_model: int, *, input_gain: str = "euler", bias: bool = False) -> nn.Module:

@@ -25,6 +25,7 @@ from loopdyn.models.config import LoopConfig
 from loopdyn.models.errors import ConfigError, InputError
 from loopdyn.models.injection import make_injection
 from loopdyn.models.layers import Block, make_norm, rope_table
+from loopdyn.models.protocol import LinearPart, Sublayer
 
 
 @dataclass
@@ -259,6 +260,47 @@ class LoopedLM(nn.Module):
         for _ in range(n_loops):
             states.append(self.step(states[-1], ctx))
         return states, ctx
+
+    # ---- the rest of the LoopedModel protocol (models/protocol.py) ------------------------
+    state_norm_kind = "none"  # pre-norm core: the state itself is never renormalised
+
+    @property
+    def mean_loops(self) -> int:
+        """μ_rec, the trained depth; 0 for a fixed-depth model (it has no loop)."""
+        return self.config.mean_loops if self.config.looped else 0
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def injection_name(self) -> str:
+        return self.config.injection
+
+    def linear_part(self) -> LinearPart:
+        """(Ā, B̄, bias) of the injection as structured operators."""
+        self._require_loop()
+        return self.injection.linear_part()
+
+    def sublayers(self, ctx: LoopContext) -> list[Sublayer]:
+        """The step as a composition: the injection h ↦ u, then per core block its attention and
+        MLP branches ("residual": x ← x + f(x)), or for sandwich blocks the whole normalised
+        sublayer ("map": x ← N(x + f(N'(x))))."""
+        self._require_loop()
+        out = [Sublayer("injection", lambda h: self.injection(h, ctx.e), "injection")]
+        for j, (blk, ve) in enumerate(zip(self.core, ctx.core_ve)):
+            def attn(a, blk=blk, ve=ve):
+                return blk.attn(blk.norm_1(a), ctx.rope, ve)
+
+            def mlp(a, blk=blk):
+                return blk.mlp(blk.norm_2(a))
+            if blk.sandwich:
+                out.append(Sublayer(f"core.{j}.attn", lambda z, f=attn, n=blk.norm_3: n(z + f(z)), "map"))
+                out.append(Sublayer(f"core.{j}.mlp", lambda z, f=mlp, n=blk.norm_4: n(z + f(z)), "map"))
+            else:
+                out.append(Sublayer(f"core.{j}.attn", attn, "residual"))
+                out.append(Sublayer(f"core.{j}.mlp", mlp, "residual"))
+        return out
 
     # ---- depth sampling and forward ----------------------------------------------------
     def _loop_count(self, n_loops: int | None) -> int:
