@@ -32,6 +32,7 @@ from loopdyn.dynamics.loopmap import MAX_HORIZON, MAX_LOOPS, Cost, Linearisation
 from loopdyn.dynamics.lti import InjectionSpectrum, injection_spectrum
 from loopdyn.dynamics.lyapunov_exponents import LyapunovAccumulator, LyapunovResult
 from loopdyn.dynamics.trajectory import Trajectory, measure_trajectory
+from loopdyn.models import protocol
 from loopdyn.models.errors import InputError
 
 VERDICTS = ("stable", "marginal", "explosive")
@@ -40,7 +41,7 @@ VERDICTS = ("stable", "marginal", "explosive")
 @dataclass
 class ModelInfo:
     path: str | None
-    format: str  # "loopdyn" | "parcae" (a model built in memory is a loopdyn model, path None)
+    format: str  # "loopdyn" | "parcae" | "huginn" | "ouro" | "adapter" (in memory: loopdyn or adapter, path None)
     injection: str
     params: int
     d_state: int
@@ -95,13 +96,14 @@ class AuditReport:
     cost: Cost = field(default_factory=Cost)
     seconds: float = 0.0
     notes: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)  # "part: why" for each analysis the model's members did not allow
 
     def to_json(self) -> dict:
         gain = gain_graph_json(self.gain) if self.gain is not None else {"nodes": [], "edges": [], "cycle_gain": None}
         return {"model": self.model.to_json(), "injection": self.injection.to_json(),
                 "trajectory": self.trajectory.to_json(), "jacobian": self.jacobian.to_json(),
                 "lyapunov": self.lyapunov.to_json(), "forecast": self.forecast.to_json(),
-                "gain_graph": gain, "verdict": self.verdict}
+                "gain_graph": gain, "verdict": self.verdict, "skipped": list(self.skipped)}
 
     def to_text(self) -> str:
         return format_report(self)
@@ -134,7 +136,7 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
     """
     start = time.perf_counter()
     require_loop(model)
-    T = model.config.mean_loops if loops is None else loops
+    T = model.mean_loops if loops is None else loops
     if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T <= MAX_LOOPS:
         raise InputError(f"loops must be an integer in [1, {MAX_LOOPS}], got {loops!r}")
     H = 4 * T if horizon is None else horizon
@@ -143,17 +145,21 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
     report = progress or (lambda stage, done, total: None)
     cost = Cost()
     notes: list[str] = []
+    skipped: list[str] = []
     info = getattr(model, "checkpoint_info", None)
-    minfo = ModelInfo(path if path is not None else getattr(info, "path", None),
-                      getattr(info, "format", "loopdyn"), model.config.injection, model.num_params(),
-                      model.config.d_state, model.config.mean_loops)
+    fmt = getattr(info, "format", None) or ("loopdyn" if hasattr(model, "config") else "adapter")
 
     bad = nonfinite_parameters(model)
     report("injection spectrum", 0, 1)
     spec = injection_spectrum(model, horizon=H, tol=tol)
+    if spec.absent:
+        skipped.append(f"injection spectrum: {spec.notes[0]}")
     report("trajectory", 0, T)
     traj = measure_trajectory(model, idx, T, cost=cost)
     broken = bool(bad) or traj.nonfinite_at is not None
+    minfo = ModelInfo(path if path is not None else getattr(info, "path", None), fmt,
+                      protocol.injection_name(model), protocol.num_params(model),
+                      int(traj.states[0].shape[-1]) if traj.states else 0, model.mean_loops)
 
     lyap = LyapunovResult(np.full(max(lyapunov_k, 1), math.nan), 0, None, broken)
     sweep = _nan_sweep(T, "not computed (non-finite weights or states)" if broken else "not computed")
@@ -164,9 +170,9 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
         sweep, lyap, krylov = _sweep(model, traj, lyapunov_k, jacobian_steps, arnoldi_steps, krylov_dim,
                                      _jacobian_loops(T, jacobian_loops), cost, report)
         sweep.lti_spectral_norm, sweep.lti_spectral_radius = spec.spectral_norm, spec.spectral_radius
-        A = model.injection.linear_part().A
-        if krylov is not None and krylov.H.shape[0] and (A.values is None or bool(torch.isfinite(A.values).all())):
-            HL = fc.lti_projection(krylov, A)
+        part = protocol.linear_part(model)
+        if part is not None and krylov is not None and krylov.H.shape[0] and part.A.is_finite():
+            HL = fc.lti_projection(krylov, part.A)
             if HL is not None and np.all(np.isfinite(HL)):
                 sweep.lti_ritz_radius = float(np.abs(np.linalg.eigvals(HL)).max())
         report("gain graph", 0, 1)
@@ -192,8 +198,13 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
                                     explosion_factor=explosion_factor, settle_tol=settle_tol,
                                     extra_evidence=extra, sigma_T=sigma_T, jacobian_hindcast=hind, cost=cost)
     traj.states = []  # free the tensors; the statistics stay
+    if G is not None and G.graph.get("method", "").startswith("no sublayers"):
+        skipped.append("gain graph per sublayer: the model has no sublayers(); the whole step's measured "
+                       "local Lipschitz constant is used instead")
+    if broken:
+        skipped.append("Jacobian, Lyapunov exponents and gain graph: non-finite weights or states")
     return AuditReport(minfo, spec, traj, sweep, lyap, forecast, G, forecast.verdict, probe, cost,
-                       time.perf_counter() - start, notes + spec.notes)
+                       time.perf_counter() - start, notes + [n for n in spec.notes if not spec.absent], skipped)
 
 
 def _sweep(model, traj: Trajectory, lyapunov_k: int, gkl_steps: int, arnoldi_steps: int, krylov_dim: int,
@@ -279,7 +290,7 @@ def _gain_evidence(G, sweep: JacobianSweep) -> str:
 # ---- terminal report ----------------------------------------------------------------------------
 
 def format_report(r: AuditReport) -> str:
-    m, s, tr, j, ly, f = r.model, r.injection, r.trajectory, r.jacobian, r.lyapunov, r.forecast
+    m, s = r.model, r.injection
     lines = []
     src = m.path or "in-memory model"
     lines.append(f"loopdyn audit: {src}")
@@ -288,7 +299,17 @@ def format_report(r: AuditReport) -> str:
     if r.probe:
         lines.append(f"  probe: {r.probe}")
     lines.append("")
-    lines.append(f"injection Ā ({s.kind}, {s.method}):")
+    if s.absent:
+        lines.append(f"injection Ā: none — {s.notes[0]}")
+    else:
+        lines.extend(_injection_lines(s))
+    lines.append("")
+    lines.extend(_trajectory_lines(r))
+    return "\n".join(lines)
+
+
+def _injection_lines(s) -> list[str]:
+    lines = [f"injection Ā ({s.kind}, {s.method}):"]
     settle = ("n/a (non-finite Ā)" if s.method == "non-finite" else "never (ρ ≥ 1)") if s.settle_loops is None \
         else f"{s.settle_loops} loops"
     lines.append(f"  ‖Ā‖₂ {_fmt(s.spectral_norm)}   ρ(Ā) {_fmt(s.spectral_radius)}   "
@@ -298,7 +319,12 @@ def format_report(r: AuditReport) -> str:
     stab = "n/a" if not np.isfinite(s.spectral_radius) else \
         f"{'stable' if s.stable else 'not stable'} (ρ {'<' if s.stable else '≥'} 1)"
     lines.append(f"  LTI surrogate settles to tol {s.tol:g} in {settle}; {stab}{gain}")
-    lines.append("")
+    return lines
+
+
+def _trajectory_lines(r: AuditReport) -> list[str]:
+    s, tr, j, ly, f = r.injection, r.trajectory, r.jacobian, r.lyapunov, r.forecast
+    lines = []
     lines.append(f"measured trajectory ({tr.n_loops} loops)   and the Jacobian J_t = ∂h_(t+1)/∂h_t at h_t:")
     lines.append(f"  {'loop':>4} {'‖h_t‖':>10} {'rel.resid':>10} {'‖J_t‖₂≥':>10} {'ρ(J_t)≈':>10}")
     jmap = {t: (a, b) for t, a, b in zip(j.loops, j.spectral_norm, j.spectral_radius)}
@@ -313,7 +339,7 @@ def format_report(r: AuditReport) -> str:
     if r.gain is not None:
         G = r.gain
         subl = [(u, v, d["gain"]) for u, v, d in G.edges(data=True) if d.get("kind") == "local_lipschitz"]
-        lines.append(f"gain graph: ‖Ā‖₂ {_fmt(G['h']['Ā']['gain'])}, ‖B̄‖₂ {_fmt(G.graph['input_gain'])}, "
+        lines.append(f"gain graph: ‖Ā‖₂ {_fmt(s.spectral_norm)}, ‖B̄‖₂ {_fmt(G.graph['input_gain'])}, "
                      f"‖C‖₂ {_fmt(G.graph['readout_gain'])}; sublayer local gains "
                      + ", ".join(f"{v} {_fmt(g)}" for _, v, g in subl))
         lines.append(f"  cycle gain (small-gain bound) {_fmt(G.graph['cycle_gain'])} vs measured ρ(J) "
@@ -332,4 +358,6 @@ def format_report(r: AuditReport) -> str:
         lines.append(f"  - {e}")
     for n in r.notes:
         lines.append(f"note: {n}")
-    return "\n".join(lines)
+    for n in r.skipped:
+        lines.append(f"skipped: {n}")
+    return lines

@@ -31,13 +31,12 @@ from __future__ import annotations
 import math
 
 import networkx as nx
-import numpy as np
 import torch
 
 from loopdyn.dynamics.jacobian import golub_kahan
-from loopdyn.dynamics.loopmap import Cost, Linearisation, analysis, require_loop
-from loopdyn.dynamics.lti import norm2
+from loopdyn.dynamics.loopmap import Cost, DynamicsError, Linearisation, analysis, require_loop
 from loopdyn.dynamics.trajectory import initial_state
+from loopdyn.models import protocol
 
 
 def _local_gain(fn, x: torch.Tensor, model, steps: int, cost: Cost, seed: int) -> float:
@@ -53,81 +52,82 @@ def gain_graph(model, idx: torch.Tensor | None = None, *, h: torch.Tensor | None
     """The loop's signal-flow DiGraph with edge gains (see the module docstring).
 
     The sublayer gains are measured at state h with context ctx if given; else at the state
-    after n_loops (default μ_rec) loops on idx; else on a fixed probe of 32 random token ids
-    (seeded). Graph attributes: cycle_gain, small_gain (cycle_gain < 1), spectral_radius_A,
-    input_gain (‖B̄‖₂), readout_gain (‖C‖₂), where (the state used).
+    after n_loops (default mean_loops) loops on idx (required then). Built from the model's
+    `sublayers(ctx)` when it has them; otherwise the whole step is one edge whose gain is the
+    measured local Lipschitz constant σ_max(J) at h (kind "measured_step", stated in
+    G.graph["method"]). Graph attributes: cycle_gain, small_gain (cycle_gain < 1),
+    spectral_radius_A (NaN without an LTI part), input_gain (‖B̄‖₂), readout_gain (‖C‖₂, NaN
+    when the model exposes no `readout_part()`), method, where (the state used).
     """
     require_loop(model)
     cost = cost if cost is not None else Cost()
     where = "given state"
     if h is None or ctx is None:
         if idx is None:
-            g = torch.Generator().manual_seed(seed)
-            idx = torch.randint(0, model.config.vocab_size, (1, min(32, model.config.block_size)), generator=g)
-            where = "random probe"
-        T = model.config.mean_loops if n_loops is None else int(n_loops)
+            raise DynamicsError("gain_graph needs a probe batch idx, or a state h with its context ctx")
+        T = model.mean_loops if n_loops is None else int(n_loops)
         with analysis(model):
             ctx = model.encode(idx)
             h = initial_state(model, ctx)
             for _ in range(T):
                 h = model.step(h, ctx)
                 cost.steps += 1
-        where = f"{where}, state after {T} loops"
-    part = model.injection.linear_part()
-    A, B = part.A, part.B
-    if A.kind == "identity":
-        a_norm, a_rho = 1.0, 1.0
-    elif A.kind == "diagonal":
-        a_norm = a_rho = float(A.values.abs().max())
-    else:
-        M = A.values.to("cpu", torch.float64).numpy()
-        a_norm, a_rho = norm2(M), float(np.abs(np.linalg.eigvals(M)).max())
-    b_norm = 1.0 if B.kind == "identity" else norm2(B.dense().to("cpu", torch.float64).numpy())
-    c_norm = norm2(model.readout.weight.detach().to("cpu", torch.float64).numpy())
+        where = f"probe, state after {T} loops"
+    part = protocol.linear_part(model)
+    a_norm, a_rho = (part.A.norm(), part.A.radius()) if part is not None else (math.nan, math.nan)
+    b_norm = part.B.norm() if part is not None else math.nan
+    readout = getattr(model, "readout_part", None)
+    c_norm = readout().norm() if callable(readout) else math.nan
+    finite = bool(torch.isfinite(h).all())
 
     G = nx.DiGraph()
     G.add_node("h", role="state")
-    G.add_node("Ā", role="injection")
-    G.add_node("B̄e", role="input", gain=b_norm)
-    G.add_node("u", role="sum")
-    G.add_edge("h", "Ā", gain=a_norm, kind="spectral_norm")
-    G.add_edge("Ā", "u", gain=1.0, kind="identity")
-    G.add_edge("B̄e", "u", gain=1.0, kind="identity")
-    cycle = a_norm
-    finite = bool(torch.isfinite(h).all())
-    with analysis(model):
-        x = model.injection(h, ctx.e)
-    prev = "u"
-    for j, (blk, ve) in enumerate(zip(model.core, ctx.core_ve)):
-        subs = [("attn", blk.norm_1, lambda a, blk=blk, ve=ve: blk.attn(a, ctx.rope, ve),
-                 getattr(blk, "norm_3", None)),
-                ("mlp", blk.norm_2, lambda a, blk=blk: blk.mlp(a), getattr(blk, "norm_4", None))]
-        for name, pre, body, post in subs:
-            node, out = f"core.{j}.{name}", f"core.{j}.{name}+res"
-            if blk.sandwich:
-                def fn(z, pre=pre, body=body, post=post):
-                    return post(z + body(pre(z)))
-            else:
-                def fn(z, pre=pre, body=body):
-                    return body(pre(z))
-            gain = _local_gain(fn, x, model, steps, cost, seed + 2 * j + (name == "mlp")) if finite else math.nan
-            G.add_node(node, role=f"{name} sublayer")
-            G.add_node(out, role="sum")
-            G.add_edge(prev, node, gain=gain, kind="local_lipschitz")
-            G.add_edge(node, out, gain=1.0, kind="identity")
-            if blk.sandwich:
-                cycle *= gain
-            else:
+    stages = model.sublayers(ctx) if callable(getattr(model, "sublayers", None)) else None
+    if stages is None:
+        gain = _local_gain(lambda z: model.step(z, ctx), h, model, steps, cost, seed) if finite else math.nan
+        G.add_node("step", role="whole loop step")
+        G.add_edge("h", "step", gain=gain, kind="measured_step")
+        G.add_edge("step", "h", gain=1.0, kind="identity")
+        cycle, method = gain, "no sublayers(): one edge, the measured local Lipschitz constant σ_max(J) of the whole step"
+    else:
+        cycle, method = 1.0, "sublayers(): exact ‖Ā‖₂ for the injection, measured local gains for the rest"
+        prev, x = "h", h
+        for j, s in enumerate(stages):
+            if s.kind == "injection" and part is not None:
+                G.add_node("Ā", role="injection")
+                G.add_node("B̄e", role="input", gain=b_norm)
+                G.add_node("u", role="sum")
+                G.add_edge(prev, "Ā", gain=a_norm, kind="spectral_norm")
+                G.add_edge("Ā", "u", gain=1.0, kind="identity")
+                G.add_edge("B̄e", "u", gain=1.0, kind="identity")
+                cycle *= a_norm
+                prev = "u"
+                with analysis(model):
+                    x = s.fn(x)
+                continue
+            gain = _local_gain(s.fn, x, model, steps, cost, seed + j) if finite else math.nan
+            G.add_node(s.name, role=f"{s.kind} sublayer")
+            G.add_edge(prev, s.name, gain=gain, kind="local_lipschitz")
+            if s.kind == "residual":
+                out = f"{s.name}+res"
+                G.add_node(out, role="sum")
+                G.add_edge(s.name, out, gain=1.0, kind="identity")
                 G.add_edge(prev, out, gain=1.0, kind="identity")
                 cycle *= 1.0 + gain
-            with analysis(model):
-                x = fn(x) if blk.sandwich else x + fn(x)
-            prev = out
-    G.add_edge(prev, "h", gain=1.0, kind="identity")
-    G.add_node("C", role="readout")
-    G.add_edge("h", "C", gain=c_norm, kind="spectral_norm")
+                with analysis(model):
+                    x = x + s.fn(x)
+                prev = out
+            else:
+                cycle *= gain
+                with analysis(model):
+                    x = s.fn(x)
+                prev = s.name
+        G.add_edge(prev, "h", gain=1.0, kind="identity")
+    if math.isfinite(c_norm):
+        G.add_node("C", role="readout")
+        G.add_edge("h", "C", gain=c_norm, kind="spectral_norm")
     G.graph.update(cycle_gain=float(cycle), small_gain=bool(cycle < 1.0), spectral_radius_A=a_rho,
-                   input_gain=b_norm, readout_gain=c_norm, where=where)
+                   input_gain=b_norm, readout_gain=c_norm, method=method, where=where)
     return G
 
 
@@ -135,4 +135,4 @@ def gain_graph_json(G: nx.DiGraph) -> dict:
     """The DESIGN §7 `gain_graph` record."""
     return {"nodes": list(G.nodes),
             "edges": [[u, v, float(d.get("gain", math.nan))] for u, v, d in G.edges(data=True)],
-            "cycle_gain": float(G.graph.get("cycle_gain", math.nan))}
+            "cycle_gain": float(G.graph.get("cycle_gain", math.nan)), "method": G.graph.get("method")}

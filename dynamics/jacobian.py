@@ -35,6 +35,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator, eigs, svds
 
 from loopdyn.dynamics import loopmap
+from loopdyn.models import protocol
 from loopdyn.dynamics.loopmap import Cost, Linearisation
 
 # A Krylov direction smaller than this fraction of the column is round-off of float32 products
@@ -146,7 +147,11 @@ class LTIJacobian(LinearOperator):
 
     def __init__(self, model, state_shape):
         loopmap.require_loop(model)
-        self.A = model.injection.linear_part().A
+        part = protocol.linear_part(model)
+        if part is None:
+            raise loopmap.DynamicsError(f"model '{protocol.model_name(model)}' has no LTI part (no linear_part): "
+                                        "its loop has no injection Ā")
+        self.A = part.A
         self.state_shape = tuple(state_shape)
         n = int(np.prod(self.state_shape))
         super().__init__(dtype=np.float64, shape=(n, n))
@@ -157,11 +162,7 @@ class LTIJacobian(LinearOperator):
 
     def _rmatvec(self, x):
         v = torch.from_numpy(np.ravel(x).astype(np.float64)).reshape(self.state_shape).to(self._device(), self._dtype())
-        if self.A.kind == "dense":
-            out = v @ self.A.values
-        else:
-            out = self.A.apply(v)
-        return out.to("cpu", torch.float64).reshape(-1).numpy()
+        return self.A.apply_adjoint(v).to("cpu", torch.float64).reshape(-1).numpy()
 
     def _dtype(self):
         return torch.float32 if self.A.values is None else self.A.values.dtype

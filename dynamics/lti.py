@@ -37,6 +37,8 @@ from scipy import linalg as sla
 from scipy import optimize
 from scipy.sparse.linalg import LinearOperator, eigs, svds
 
+from loopdyn.models import protocol
+
 DENSE_LIMIT = 2048  # state channels above which Ā is handled matrix-free
 _SVD_LIMIT = 256  # dense 2-norms by full SVD up to this size, ARPACK above
 _BATCHED_RESOLVENT_LIMIT = 128  # Kreiss grid by batched SVD up to this size, Schur + inverse iteration above
@@ -68,6 +70,7 @@ class InjectionSpectrum:
     fixed_point_gain: float | None  # ‖(I − Ā)⁻¹B̄‖₂, None if I − Ā is singular
     fixed_point: torch.Tensor | None = field(default=None, repr=False)  # h* for the given e
     notes: list = field(default_factory=list)
+    absent: bool = False  # the model has no LTI part (no injection): every number is NaN
 
     @property
     def stable(self) -> bool:
@@ -75,7 +78,10 @@ class InjectionSpectrum:
         return bool(self.spectral_radius < 1.0)
 
     def to_json(self) -> dict:
-        """The DESIGN §7 `injection` record."""
+        """The DESIGN §7 `injection` record; for a loop with no LTI part, nulls and `skipped`."""
+        if self.absent:
+            return {"spectral_norm": None, "spectral_radius": None, "eigenvalues": [], "transient_max": None,
+                    "kreiss_bound": None, "settle_loops": None, "stable": None, "skipped": self.notes[0]}
         return {
             "spectral_norm": float(self.spectral_norm),
             "spectral_radius": float(self.spectral_radius),
@@ -268,15 +274,24 @@ def injection_spectrum(model, horizon: int = 64, tol: float = 1e-3, e: torch.Ten
 
     require_loop(model)
     horizon = max(int(horizon), 1)
-    part = model.injection.linear_part()
+    part = protocol.linear_part(model)
+    if part is None:
+        return absent_spectrum(horizon, tol, f"model '{protocol.model_name(model)}' has no LTI part "
+                                             "(no linear_part: a loop without an input injection)")
+    return operator_spectrum(part, horizon, tol, e, dense_limit)
+
+
+def operator_spectrum(part, horizon: int = 64, tol: float = 1e-3, e: torch.Tensor | None = None,
+                      dense_limit: int = DENSE_LIMIT) -> InjectionSpectrum:
+    """`injection_spectrum` of a `LinearPart` (Ā, B̄ as structured operators)."""
     A_op, B_op = part.A, part.B
     n = A_op.n_out
     notes: list[str] = []
-    B_np = _to_numpy(B_op.dense()) if B_op.kind != "identity" else None
-    input_norm = 1.0 if B_op.kind == "identity" else norm2(B_np)
+    B_np = _to_numpy(B_op.dense())
+    input_norm = B_op.norm()
 
-    if A_op.kind in ("diagonal", "identity"):
-        a = np.ones(n) if A_op.kind == "identity" else _to_numpy(A_op.values)
+    if A_op.normal:  # identity or diagonal: ‖Āᵏ‖₂ = ρᵏ exactly
+        a = A_op.diagonal_numpy()
         if not np.all(np.isfinite(a)):
             return _nonfinite_spectrum(A_op.kind, n, horizon, tol, input_norm)
         mags = np.abs(a)
@@ -292,16 +307,13 @@ def injection_spectrum(model, horizon: int = 64, tol: float = 1e-3, e: torch.Ten
             settle = 0 if tol >= 1 else (1 if rho == 0 else int(math.ceil(math.log(tol) / math.log(rho) - 1e-12)))
         else:
             settle = None
-        if A_op.kind == "diagonal":
-            denom = 1.0 - a
-            gain_matrix = (B_np / denom[:, None]) if np.all(np.abs(denom) > 1e-12) else None
-            fp_gain = None if gain_matrix is None else norm2(gain_matrix)
-        else:
-            fp_gain = None
+        denom = 1.0 - a
+        gain_matrix = (B_np / denom[:, None]) if np.all(np.abs(denom) > 1e-12) else None
+        fp_gain = None if gain_matrix is None else norm2(gain_matrix)
         method = "closed-form"
         spectral_norm = rho
     else:
-        A = _to_numpy(A_op.dense())
+        A = A_op.dense_numpy()
         finite = bool(np.all(np.isfinite(A)))
         if not finite:
             return _nonfinite_spectrum(A_op.kind, n, horizon, tol, input_norm)
@@ -340,7 +352,7 @@ def injection_spectrum(model, horizon: int = 64, tol: float = 1e-3, e: torch.Ten
             notes.append("Ā handled matrix-free: transient from 8 random vectors (a lower bound); "
                          "Kreiss constant not computed")
         fp_gain = None
-        if B_np is not None and n <= dense_limit:
+        if n <= dense_limit:
             M = np.eye(n) - A
             if np.linalg.cond(M) < 1e12:
                 fp_gain = norm2(np.linalg.solve(M, B_np))
@@ -355,6 +367,16 @@ def injection_spectrum(model, horizon: int = 64, tol: float = 1e-3, e: torch.Ten
         transient_max=float(transient[peak]), transient_peak=peak, kreiss_constant=float(K),
         kreiss_bound=float(bound), settle_loops=settle, tol=float(tol), input_norm=float(input_norm),
         fixed_point_gain=fp_gain, fixed_point=fixed_point, notes=notes)
+
+
+def absent_spectrum(horizon: int, tol: float, why: str) -> InjectionSpectrum:
+    """The record of a loop with no LTI part: every number NaN, `absent` set, `why` in the notes."""
+    nan = math.nan
+    return InjectionSpectrum(kind="none", n=0, method="absent", spectral_norm=nan, spectral_radius=nan,
+                             eigenvalues=np.zeros(0, dtype=complex), horizon=horizon,
+                             transient=np.full(horizon + 1, nan), transient_max=nan, transient_peak=0,
+                             kreiss_constant=nan, kreiss_bound=nan, settle_loops=None, tol=tol,
+                             input_norm=nan, fixed_point_gain=None, notes=[why], absent=True)
 
 
 def _nonfinite_spectrum(kind: str, n: int, horizon: int, tol: float, input_norm: float) -> InjectionSpectrum:
@@ -376,14 +398,4 @@ def lti_fixed_point(part, e: torch.Tensor) -> torch.Tensor | None:
         rhs = rhs.to(torch.float64)
         if bias is not None:
             rhs = rhs + bias.to(torch.float64)
-        if A_op.kind == "identity":
-            return None
-        if A_op.kind == "diagonal":
-            denom = 1.0 - A_op.values.to(torch.float64)
-            if bool((denom.abs() <= 1e-12).any()):
-                return None
-            return rhs / denom
-        M = torch.eye(A_op.n_out, dtype=torch.float64, device=A_op.values.device) - A_op.values.to(torch.float64)
-        if torch.linalg.cond(M) > 1e12:
-            return None
-        return torch.linalg.solve(M, rhs.reshape(-1, A_op.n_out).T).T.reshape(rhs.shape)
+        return A_op.shifted_solve(rhs)

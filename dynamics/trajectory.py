@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from loopdyn.dynamics.loopmap import analysis, require_loop
+from loopdyn.models import protocol
 
 
 @dataclass
@@ -70,9 +71,9 @@ def trajectory_stats(states: list[torch.Tensor], ctx=None, keep_states: bool = T
 
 
 def initial_state(model, ctx) -> torch.Tensor:
-    """h_0 as the model draws it in eval mode (a fixed seed), also for a model in training mode:
-    an analysis never consumes the global random stream of a training run."""
-    return model.init_state(ctx, generator=torch.Generator().manual_seed(0))
+    """h_0 drawn deterministically (a fixed seed), also for a model in training mode: an analysis
+    never consumes the global random stream of a training run (`protocol.initial_state`)."""
+    return protocol.initial_state(model, ctx)
 
 
 def run_loop(model, ctx, n_loops: int, h0: torch.Tensor | None = None, stop_nonfinite: bool = True,

@@ -25,6 +25,7 @@ from loopdyn.models.config import LoopConfig
 from loopdyn.models.errors import ConfigError, InputError
 from loopdyn.models.injection import make_injection
 from loopdyn.models.layers import Block, make_norm, rope_table
+from loopdyn.models.operator import DenseOperator
 from loopdyn.models.protocol import LinearPart, Sublayer
 
 
@@ -281,6 +282,11 @@ class LoopedLM(nn.Module):
         """(Ā, B̄, bias) of the injection as structured operators."""
         self._require_loop()
         return self.injection.linear_part()
+
+    def readout_part(self) -> DenseOperator:
+        """C, the linear readout from the state (ds) to the coda's width (d)."""
+        self._require_loop()
+        return DenseOperator(self.readout.weight.detach())
 
     def sublayers(self, ctx: LoopContext) -> list[Sublayer]:
         """The step as a composition: the injection h ↦ u, then per core block its attention and

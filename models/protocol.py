@@ -27,6 +27,7 @@ Optional members; an analysis that needs a missing one says what it skipped and 
   and the audit looks through the norm.
 * `pre_norm_state(h, ctx)` → the state before the step's final renormalisation (for "post").
 * `exit_gate(h, ctx)` → per-token exit probabilities (B, S) in [0, 1] at state h (Ouro).
+* `readout_part()` → the Operator C that reads the state out to the decoder (gain graph).
 * `state_tap`: an `nn.Module` called with h_0 and every new state during the model's own
   forward pass; live monitors hook it to read per-loop state norms at no extra cost.
 * `name`, `injection_name`: labels for reports.

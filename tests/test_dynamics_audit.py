@@ -23,7 +23,7 @@ SECTIONS = {
     "jacobian": {"loops", "spectral_norm", "spectral_radius", "method", "matvecs"},
     "lyapunov": {"exponents", "loops"},
     "forecast": {"verdict", "growth_rate", "max_safe_loops", "loops", "state_norm", "measured_loops", "evidence"},
-    "gain_graph": {"nodes", "edges", "cycle_gain"},
+    "gain_graph": {"nodes", "edges", "cycle_gain", "method"},  # method: how the gains were measured
 }
 
 
@@ -46,7 +46,8 @@ def plain(obj):
 def test_json_has_exactly_the_design_fields():
     report = audit(make(), IDX, loops=4, horizon=12)
     js = json_safe(report.to_json())
-    assert set(js) == set(SECTIONS) | {"verdict"}
+    # DESIGN §7 plus `skipped` (what the model's protocol members did not allow; empty here)
+    assert set(js) == set(SECTIONS) | {"verdict", "skipped"} and js["skipped"] == []
     for name, keys in SECTIONS.items():
         assert set(js[name]) == keys, name
     assert plain(js)
