@@ -31,7 +31,7 @@ from loopdyn.dynamics.jacobian import golub_kahan
 from loopdyn.dynamics.loopmap import MAX_HORIZON, MAX_LOOPS, Cost, Linearisation, nonfinite_parameters, require_loop
 from loopdyn.dynamics.lti import InjectionSpectrum, injection_spectrum
 from loopdyn.dynamics.lyapunov_exponents import LyapunovAccumulator, LyapunovResult
-from loopdyn.dynamics.trajectory import Trajectory, measure_trajectory
+from loopdyn.dynamics.trajectory import Trajectory, check_pure, measure_trajectory
 from loopdyn.models import protocol
 from loopdyn.models.errors import InputError
 
@@ -219,6 +219,8 @@ def _sweep(model, traj: Trajectory, lyapunov_k: int, gkl_steps: int, arnoldi_ste
     for t in range(T + 1):
         report("linearised loops", t, T + 1)
         lin = Linearisation(model, ctx, states[t], cost)
+        if t < T:
+            check_pure(model, lin.output, states[t + 1], t)
         if acc is not None and t < T:
             acc.update(lin)
         if t >= 1 and (t in jac_loops or t == T):

@@ -69,6 +69,7 @@ import torch
 
 from loopdyn.dynamics.jacobian import arnoldi, ritz_values
 from loopdyn.dynamics.loopmap import Cost, Linearisation, nonfinite_parameters, require_loop
+from loopdyn.models import protocol
 from loopdyn.dynamics.lti import InjectionSpectrum, injection_spectrum
 
 NOISE_FLOOR = 1e-5  # residuals below this fraction of the state are float32 round-off
@@ -224,11 +225,7 @@ def _token_norms(x: torch.Tensor) -> torch.Tensor:
 
 
 def _lti_apply(A, x: torch.Tensor) -> torch.Tensor:
-    if A.kind == "identity":
-        return x
-    if A.kind == "diagonal":
-        return x * A.values.to(torch.float64)
-    return x @ A.values.to(torch.float64).T
+    return A.apply(x.to(torch.float64))
 
 
 def lti_model(model, states: list[torch.Tensor], total_norm: np.ndarray, total_residual: np.ndarray,
@@ -236,12 +233,13 @@ def lti_model(model, states: list[torch.Tensor], total_norm: np.ndarray, total_r
     """r_{T+j} = Āʲ r_T exactly (see the module docstring); tokens are subsampled (evenly) when
     propagating every token would cost more than max_flops."""
     T = len(states) - 1
-    A = model.injection.linear_part().A
-    if T < 1 or (A.values is not None and not bool(torch.isfinite(A.values).all())):
+    part = protocol.linear_part(model)
+    if T < 1 or part is None or not part.A.is_finite():
         return None
+    A = part.A
     ds = states[T].shape[-1]
     rows_T = states[T].reshape(-1, ds).to(torch.float64)
-    per_token = (ds * ds if A.kind == "dense" else ds) * 2.0 * max(J, 1)
+    per_token = (ds if A.normal else ds * ds) * 2.0 * max(J, 1)
     n_tok = rows_T.shape[0]
     keep = max(1, min(n_tok, int(max_flops / per_token)))
     sel = torch.linspace(0, n_tok - 1, keep).round().long() if keep < n_tok else slice(None)
@@ -559,7 +557,7 @@ def forecast(model, idx: torch.Tensor, max_loops: int, measured_loops: int | Non
 
     require_loop(model)
     H = int(max_loops)
-    T = min(model.config.mean_loops, H) if measured_loops is None else int(measured_loops)
+    T = min(model.mean_loops, H) if measured_loops is None else int(measured_loops)
     if T < 1 or H < T:
         raise ValueError(f"need 1 ≤ measured_loops ≤ max_loops, got {T} and {H}")
     cost = cost if cost is not None else Cost()
@@ -618,9 +616,9 @@ def forecast_from(model, traj, spec: InjectionSpectrum, horizon: int, *, krylov:
         krylov = krylov_at(lin, states[T], r_T, min(krylov_dim, r_T.numel()))
         del lin
     lti_part = None
-    if krylov is not None and getattr(model.config, "block", "prenorm") == "prenorm":
-        A = model.injection.linear_part().A
-        if A.values is None or bool(torch.isfinite(A.values).all()):
-            lti_part = lti_projection(krylov, A)
+    part = protocol.linear_part(model)
+    if krylov is not None and part is not None and protocol.state_norm_kind(model) == "none" \
+            and getattr(getattr(model, "config", None), "block", "prenorm") == "prenorm" and part.A.is_finite():
+        lti_part = lti_projection(krylov, part.A)
     jac_m = jacobian_model(krylov, traj.total_norm, T, J_int, sigma_T, jacobian_hindcast, lti_part)
     return combine(traj, [traj_m, lti_m, jac_m], H, explosion_factor, settle_tol, extra_evidence)

@@ -35,7 +35,7 @@ import torch
 
 from loopdyn.dynamics.jacobian import golub_kahan
 from loopdyn.dynamics.loopmap import Cost, DynamicsError, Linearisation, analysis, require_loop
-from loopdyn.dynamics.trajectory import initial_state
+from loopdyn.dynamics.trajectory import run_loop
 from loopdyn.models import protocol
 
 
@@ -68,10 +68,7 @@ def gain_graph(model, idx: torch.Tensor | None = None, *, h: torch.Tensor | None
         T = model.mean_loops if n_loops is None else int(n_loops)
         with analysis(model):
             ctx = model.encode(idx)
-            h = initial_state(model, ctx)
-            for _ in range(T):
-                h = model.step(h, ctx)
-                cost.steps += 1
+        h = run_loop(model, ctx, T, cost=cost)[-1]
         where = f"probe, state after {T} loops"
     part = protocol.linear_part(model)
     a_norm, a_rho = (part.A.norm(), part.A.radius()) if part is not None else (math.nan, math.nan)

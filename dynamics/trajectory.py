@@ -81,22 +81,51 @@ def run_loop(model, ctx, n_loops: int, h0: torch.Tensor | None = None, stop_nonf
     """h_0..h_T by plain loop steps (monitor hooks detached); stops after a non-finite state."""
     with analysis(model):
         h = initial_state(model, ctx) if h0 is None else h0
+        if not isinstance(h, torch.Tensor) or not h.is_floating_point():
+            raise protocol.ProtocolError(f"LoopedModel.init_state must return a floating-point tensor, "
+                                         f"got {type(h).__name__}")
         states = [h]
         for _ in range(n_loops):
             if stop_nonfinite and not bool(torch.isfinite(h).all()):
                 break
-            h = model.step(h, ctx)
+            h = checked_step(model, h, ctx)
             if cost is not None:
                 cost.steps += 1
             states.append(h)
     return states
 
 
+def checked_step(model, h: torch.Tensor, ctx) -> torch.Tensor:
+    """model.step(h, ctx), with a ProtocolError naming `step` for a wrong signature or shape."""
+    try:
+        out = model.step(h, ctx)
+    except TypeError as err:
+        raise protocol.ProtocolError(f"LoopedModel.step(h, ctx) failed: {err}") from None
+    if not isinstance(out, torch.Tensor) or out.shape != h.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise protocol.ProtocolError(f"LoopedModel.step must keep the state's shape: h has {tuple(h.shape)}, "
+                                     f"step(h) gave {got}")
+    return out
+
+
+def check_pure(model, recomputed: torch.Tensor, measured: torch.Tensor, t: int) -> None:
+    """Raise a ProtocolError when F(h_t) recomputed (by a linearisation) differs from the measured
+    h_{t+1}: the step is not a pure function of h (random numbers, dropout in train mode, state)."""
+    scale = float(measured.abs().max()) if measured.numel() else 0.0
+    if not torch.allclose(recomputed, measured, rtol=1e-4, atol=1e-5 * max(scale, 1.0), equal_nan=True):
+        raise protocol.ProtocolError(f"LoopedModel.step is not a pure function of h: recomputing loop {t + 1} "
+                                     f"gave a different state (random numbers drawn each call? dropout in "
+                                     f"train mode?)")
+
+
 def measure_trajectory(model, idx: torch.Tensor, n_loops: int, keep_states: bool = True, cost=None) -> Trajectory:
     """Run the loop n_loops times on idx and measure it (states past a non-finite one are not run)."""
     require_loop(model)
     with analysis(model):
-        ctx = model.encode(idx)
+        try:
+            ctx = model.encode(idx)
+        except TypeError as err:
+            raise protocol.ProtocolError(f"LoopedModel.encode(idx) failed: {err}") from None
     states = run_loop(model, ctx, n_loops, cost=cost)
     traj = trajectory_stats(states, ctx, keep_states)
     traj.n_loops = n_loops
