@@ -33,7 +33,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from loopdyn.models import LoopConfig, LoopedLM, save
+from loopdyn.models import LoopConfig, LoopedLM, protocol, save
 from loopdyn.models.errors import InputError
 from loopdyn.models.fileio import atomic_write_json, json_safe
 from loopdyn.data import load_text
@@ -166,16 +166,10 @@ def injection_norms(model: LoopedLM) -> tuple[float, float]:
 
     `loopdyn.dynamics.injection_spectrum` gives these too, but also the Kreiss constant, which costs
     ~0.4 s for a 64-wide dense Ā: too slow for the 20 probes of every run."""
-    A, _ = model.injection.linear_part()
-    if A.kind == "identity":
-        return 1.0, 1.0
-    if A.kind == "diagonal":
-        a = float(A.values.abs().max())
-        return a, a
-    M = A.values.double().cpu().numpy()
-    if not np.isfinite(M).all():
+    part = protocol.linear_part(model)
+    if part is None or not part.A.is_finite():
         return float("nan"), float("nan")
-    return float(np.abs(np.linalg.eigvals(M)).max()), float(np.linalg.norm(M, 2))
+    return part.A.radius(), part.A.norm()
 
 
 def state_norms(model: LoopedLM, idx: torch.Tensor, n_loops: int) -> list[float]:

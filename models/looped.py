@@ -278,6 +278,14 @@ class LoopedLM(nn.Module):
     def injection_name(self) -> str:
         return self.config.injection
 
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.config.block_size
+
     def linear_part(self) -> LinearPart:
         """(Ā, B̄, bias) of the injection as structured operators."""
         self._require_loop()

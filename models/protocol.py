@@ -30,7 +30,8 @@ Optional members; an analysis that needs a missing one says what it skipped and 
 * `readout_part()` → the Operator C that reads the state out to the decoder (gain graph).
 * `state_tap`: an `nn.Module` called with h_0 and every new state during the model's own
   forward pass; live monitors hook it to read per-loop state norms at no extra cost.
-* `name`, `injection_name`: labels for reports.
+* `name`, `injection_name`: labels for reports; `vocab_size`, `max_seq_len`: the token ids and
+  sequence length a probe batch may use.
 
 `LoopedLM` implements all of these; `LoopAdapter` builds a LoopedModel from plain callables.
 """
@@ -148,6 +149,14 @@ def initial_state(model, ctx, seed: int = 0) -> torch.Tensor:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return fn(ctx)
+
+
+def token_limits(model) -> tuple[int | None, int | None]:
+    """(vocabulary size, longest sequence) from the optional members `vocab_size` and
+    `max_seq_len` (None when the model does not say)."""
+    def as_int(x):
+        return int(x) if isinstance(x, int) and not isinstance(x, bool) and x > 0 else None
+    return as_int(getattr(model, "vocab_size", None)), as_int(getattr(model, "max_seq_len", None))
 
 
 def is_looped(model) -> bool:

@@ -357,3 +357,36 @@ def test_sublayers_compose_to_the_step():
             for s in native.sublayers(ctx):
                 x = x + s.fn(x) if s.kind == "residual" else s.fn(x)
             torch.testing.assert_close(x, native.step(h, ctx), rtol=1e-6, atol=1e-6)
+
+
+# ---- the command line on a user's own model ------------------------------------------------------
+
+USER_FILE = '''
+import torch
+from loopdyn.models import LoopAdapter
+
+def build():
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(256, 8)
+    W = 1.2 * torch.eye(8)                      # ρ(Ā) = 1.2 > 1: explosive
+    return LoopAdapter(encode=emb, step=lambda h, e: h @ W.T + e, decode=lambda h, e: h @ emb.weight.T,
+                       mean_loops=3, linear_part=lambda: (W, torch.eye(8)), module=emb)
+'''
+
+
+def test_cli_audits_a_user_factory(tmp_path, capsys):
+    import json
+
+    from loopdyn.cli import main
+
+    src = tmp_path / "my_model.py"
+    src.write_text(USER_FILE)
+    out_json = tmp_path / "a.json"
+    code = main(["audit", f"{src}:build", "--json", str(out_json), "--seq-len", "8", "--no-progress", "--strict"])
+    out, err = capsys.readouterr()
+    assert code == 3, err  # --strict and not stable
+    js = json.loads(out_json.read_text())
+    assert js["model"]["format"] == "adapter" and abs(js["injection"]["spectral_radius"] - 1.2) < 1e-6
+    assert js["verdict"] == "explosive"
+    code = main(["audit", f"{src}:nothing", "--no-progress"])
+    assert code == 1 and "has no function nothing" in capsys.readouterr().err

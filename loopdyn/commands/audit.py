@@ -34,7 +34,10 @@ def register(subparsers) -> None:
         "audit", help="stability audit of a looped model's recurrence (spectra, Jacobians, forecast)",
         description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1],
     )
-    p.add_argument("path", metavar="PATH", help="checkpoint folder (loopdyn or official Parcae), or its config.json")
+    p.add_argument("path", metavar="PATH",
+                   help="checkpoint folder (loopdyn, official Parcae, Huginn/Raven, Ouro) or its config.json; "
+                        "or your own model as MODULE:FUNCTION or FILE.py:FUNCTION, a function returning a "
+                        "LoopedModel (e.g. a loopdyn.models.LoopAdapter)")
     p.add_argument("--loops", type=int, default=None, metavar="T",
                    help=f"loops to measure (default: the model's μ_rec; 1..{MAX_LOOPS})")
     p.add_argument("--horizon", type=int, default=None, metavar="H",
@@ -56,24 +59,64 @@ def register(subparsers) -> None:
 
 def _probe(args, model) -> tuple[torch.Tensor, str]:
     from loopdyn.data import load_text
+    from loopdyn.models import protocol
 
-    cfg = model.config
-    S = args.seq_len if args.seq_len is not None else min(DEFAULT_SEQ_LEN, cfg.block_size)
+    vocab, max_len = protocol.token_limits(model)
+    S = args.seq_len if args.seq_len is not None else min(DEFAULT_SEQ_LEN, max_len or DEFAULT_SEQ_LEN)
     if S < 2:
         raise InputError(f"--seq-len must be at least 2, got {S}")
-    if S > cfg.block_size:
-        raise InputError(f"a probe of {S} tokens is longer than the model's context (block_size {cfg.block_size})")
+    if max_len is not None and S > max_len:
+        raise InputError(f"a probe of {S} tokens is longer than the model's context ({max_len} tokens)")
     if not 1 <= args.batch <= 64:
         raise InputError(f"--batch must be in [1, 64], got {args.batch}")
     data = load_text(args.data, max_bytes=None if args.data else CORPUS_BYTES)
     x, _ = data.val_batches(1, args.batch, S)[0]
     note = ""
-    if cfg.vocab_size < 256:
-        x = x % cfg.vocab_size
-        note = f", byte ids modulo the vocabulary ({cfg.vocab_size})"
-    elif cfg.vocab_size > 256:
-        note = f"; byte ids < 256 are valid ids of the {cfg.vocab_size}-id vocabulary (not its tokenizer's text)"
+    if vocab is not None and vocab < 256:
+        x = x % vocab
+        note = f", byte ids modulo the vocabulary ({vocab})"
+    elif vocab is not None and vocab > 256:
+        note = f"; byte ids < 256 are valid ids of the {vocab}-id vocabulary (not its tokenizer's text)"
     return x.to(args.device), f"{args.batch} × {S} byte ids from {data.source}{note}"
+
+
+def user_factory(spec: str):
+    """For PATH = MODULE:FUNCTION or FILE.py:FUNCTION (and no such file or folder), the function;
+    else None. The function is called with no arguments and must return a LoopedModel."""
+    import importlib
+    import importlib.util
+    from pathlib import Path
+
+    if ":" not in spec or Path(spec).exists():
+        return None
+    where, _, name = spec.rpartition(":")
+    if not where or not name.isidentifier():
+        return None
+    try:
+        if where.endswith(".py"):
+            if not Path(where).is_file():
+                raise InputError(f"{spec}: no file {where}")
+            module_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except ImportError as err:
+        raise InputError(f"{spec}: cannot import {where}: {err}") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise InputError(f"{spec}: {where} has no function {name}")
+
+    def build():
+        from loopdyn.models import protocol
+
+        model = fn()
+        if hasattr(model, "eval"):
+            model.eval()
+        if not protocol.is_looped(model):
+            protocol.require_looped(model)  # raises the one-line reason
+        return model
+    return build
 
 
 def _progress_bar(enabled: bool):
@@ -95,7 +138,7 @@ def _progress_bar(enabled: bool):
 
 def run(args) -> int:
     from loopdyn.dynamics.audit_report import MAX_HORIZON, MAX_LOOPS, audit
-    from loopdyn.models import load
+    from loopdyn.models import load, protocol
     from loopdyn.models.fileio import atomic_write_json
 
     if args.loops is not None and not 1 <= args.loops <= MAX_LOOPS:
@@ -108,11 +151,13 @@ def run(args) -> int:
         raise InputError(f"--explosion-factor must be > 1, got {args.explosion_factor}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # non-finite weights are reported in the verdict
-        model = load(args.path, device=args.device)
-    if not model.config.looped:
-        raise InputError(f"{args.path}: model '{model.config.name}' is fixed-depth (injection='none'): "
-                         f"it has no loop to audit")
-    loops = args.loops if args.loops is not None else min(model.config.mean_loops, MAX_LOOPS)
+        factory = user_factory(str(args.path))
+        model = load(args.path, device=args.device) if factory is None else factory()
+    try:
+        protocol.require_looped(model)
+    except protocol.ProtocolError as err:
+        raise InputError(f"{args.path}: {err}") from None
+    loops = args.loops if args.loops is not None else min(model.mean_loops, MAX_LOOPS)
     horizon = args.horizon if args.horizon is not None else min(4 * loops, MAX_HORIZON)
     if horizon < loops:
         raise InputError(f"--horizon ({horizon}) must be at least --loops ({loops})")
