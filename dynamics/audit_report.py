@@ -147,7 +147,7 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
     notes: list[str] = []
     skipped: list[str] = []
     info = getattr(model, "checkpoint_info", None)
-    fmt = getattr(info, "format", None) or ("loopdyn" if hasattr(model, "config") else "adapter")
+    fmt = getattr(info, "format", None) or getattr(model, "checkpoint_format", None) or "adapter"
 
     bad = nonfinite_parameters(model)
     report("injection spectrum", 0, 1)

@@ -264,6 +264,7 @@ class LoopedLM(nn.Module):
 
     # ---- the rest of the LoopedModel protocol (models/protocol.py) ------------------------
     state_norm_kind = "none"  # pre-norm core: the state itself is never renormalised
+    checkpoint_format = "loopdyn"  # the format `save` writes (reports say where a model came from)
 
     @property
     def mean_loops(self) -> int:

@@ -30,7 +30,7 @@ Optional members; an analysis that needs a missing one says what it skipped and 
 * `readout_part()` → the Operator C that reads the state out to the decoder (gain graph).
 * `state_tap`: an `nn.Module` called with h_0 and every new state during the model's own
   forward pass; live monitors hook it to read per-loop state norms at no extra cost.
-* `name`, `injection_name`: labels for reports; `vocab_size`, `max_seq_len`: the token ids and
+* `name`, `injection_name`, `checkpoint_format`: labels for reports; `vocab_size`, `max_seq_len`: the token ids and
   sequence length a probe batch may use.
 
 `LoopedLM` implements all of these; `LoopAdapter` builds a LoopedModel from plain callables.

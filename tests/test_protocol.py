@@ -390,3 +390,20 @@ def test_cli_audits_a_user_factory(tmp_path, capsys):
     assert js["verdict"] == "explosive"
     code = main(["audit", f"{src}:nothing", "--no-progress"])
     assert code == 1 and "has no function nothing" in capsys.readouterr().err
+
+
+def test_one_audit_is_one_pass_through_the_loop():
+    """encode once, T plain steps, one linearisation per measured state h_0..h_T; nothing else
+    runs the whole step (the gain graph linearises single sublayers, counted separately)."""
+    native = small_loop_model("linear", perturb=0.2)
+    calls = {"encode": 0, "step": 0}
+    model = LoopAdapter(encode=lambda idx: (calls.__setitem__("encode", calls["encode"] + 1), native.encode(idx))[1],
+                        step=lambda h, ctx: (calls.__setitem__("step", calls["step"] + 1), native.step(h, ctx))[1],
+                        decode=native.decode, mean_loops=4, linear_part=native.linear_part,
+                        sublayers=native.sublayers, init_state=native.init_state, module=native)
+    T = 4
+    rep = dynamics.audit(model, IDX, loops=T, horizon=16)
+    assert calls["encode"] == 1
+    assert rep.cost.steps == T and rep.cost.linearisations == T + 1
+    # every call of step is one of those: T plain steps + one recorded forward per linearisation
+    assert calls["step"] == T + (T + 1)
