@@ -140,11 +140,7 @@ def initial_state(model, ctx, seed: int = 0) -> torch.Tensor:
     generator (an analysis never consumes a training run's global random stream), else
     `init_state(ctx)` under a forked, seeded global RNG."""
     fn = model.init_state
-    try:
-        accepts = "generator" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        accepts = False
-    if accepts:
+    if _takes_generator(fn):
         return fn(ctx, generator=torch.Generator().manual_seed(seed))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -157,6 +153,13 @@ def token_limits(model) -> tuple[int | None, int | None]:
     def as_int(x):
         return int(x) if isinstance(x, int) and not isinstance(x, bool) and x > 0 else None
     return as_int(getattr(model, "vocab_size", None)), as_int(getattr(model, "max_seq_len", None))
+
+
+def _takes_generator(fn) -> bool:
+    try:
+        return "generator" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def is_looped(model) -> bool:
@@ -327,11 +330,13 @@ class LoopAdapter(nn.Module):
     def init_state(self, ctx, generator: torch.Generator | None = None):
         if self._init is not None:
             fn = self._init
-            try:
-                takes = "generator" in inspect.signature(fn).parameters
-            except (TypeError, ValueError):
-                takes = False
-            return fn(ctx, generator=generator) if takes and generator is not None else fn(ctx)
+            if generator is None:
+                return fn(ctx)
+            if _takes_generator(fn):
+                return fn(ctx, generator=generator)
+            with torch.random.fork_rng(devices=[]):  # a draw from the global RNG, seeded, then put back
+                torch.manual_seed(generator.initial_seed())
+                return fn(ctx)
         e = _state_of(ctx)
         if e is None:
             raise ProtocolError("LoopAdapter: no init_state given and the context has no tensor 'e' to shape "

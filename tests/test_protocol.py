@@ -407,3 +407,17 @@ def test_one_audit_is_one_pass_through_the_loop():
     assert rep.cost.steps == T and rep.cost.linearisations == T + 1
     # every call of step is one of those: T plain steps + one recorded forward per linearisation
     assert calls["step"] == T + (T + 1)
+
+
+def test_random_init_state_never_consumes_the_training_rng():
+    """An analysis of a model whose init_state draws from the global RNG (and takes no generator)
+    leaves the global random stream exactly where it was, and is itself deterministic."""
+    parts = good_parts()
+    model = LoopAdapter(**{**parts, "init_state": lambda e: torch.randn_like(e)})
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a = dynamics.audit(model, IDX, loops=2, horizon=4).to_json()
+    b = dynamics.audit(model, IDX, loops=2, horizon=4).to_json()
+    assert torch.equal(torch.rand(3), expected)
+    assert a["trajectory"]["state_norm"] == b["trajectory"]["state_norm"]
