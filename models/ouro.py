@@ -10,7 +10,8 @@ Forward pass (shared/reference/ouro-checkpoint-format.md §3; N = RMSNorm, ε = 
 
 Attention: separate bias-free q/k/v/o projections, H query and KV key/value heads of size hd
 (hd may differ from d/H), half-split ("rotate_half") RoPE with θ = rope_theta computed in
-float32 and cast to the activation dtype, causal softmax attention with scale hd^−½; MLP:
+float32 and cast to the activation dtype, causal softmax attention with scale hd^−½ (SDPA in
+float32; in lower precision the official eager path, softmax in float32); MLP:
 SwiGLU, down(SiLU(gate·x) ⊙ up·x).
 
 There is no input injection: the loop is autonomous, F(h) = N_final(Stack(h)), with no
@@ -184,7 +185,14 @@ class OuroAttention(nn.Module):
         if self.n_kv_heads != self.n_heads:  # each KV head serves H/KV consecutive query heads
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = _causal_sdpa(q, k, v, 1.0 / math.sqrt(self.head_dim))  # (B, H, S, hd)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if x.dtype == torch.float32:
+            y = _causal_sdpa(q, k, v, scale)  # (B, H, S, hd); eager differs by ~1e-7 relative
+        else:  # the official eager path: softmax in float32, cast back (SDPA differs by ~1e-2 in bf16)
+            scores = (q @ k.transpose(-1, -2)) * scale
+            causal = torch.ones(S, S, dtype=torch.bool, device=x.device).tril()
+            scores = scores.masked_fill(~causal, float("-inf"))
+            y = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
         return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
 
 

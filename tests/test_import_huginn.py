@@ -116,7 +116,7 @@ def test_bfloat16_weights_load_in_float32_and_compute_in_bfloat16_on_request(tmp
         assert states[-1].dtype == torch.bfloat16
         out = ref.reference_forward(folder, idx, 4, h0=h0, dtype=torch.bfloat16)
         for t in range(5):
-            assert rel(low.decode(states[t], ctx), out.logits_per_loop[t]) < 2e-2
+            assert rel(low.decode(states[t], ctx), out.logits_per_loop[t]) <= RTOL  # the same bf16 casts
         # and bf16 is a different computation from float32 (the option does something)
         assert rel(low.decode(states[-1], ctx), model(idx, n_loops=4, h0=h0).logits) > 1e-4
 
