@@ -192,9 +192,19 @@ class HuginnLM(nn.Module):
     def mean_loops(self) -> int:
         return self.config.mean_recurrence
 
+    checkpoint_format = "huginn"  # report label (also in checkpoint_info.format once loaded)
+
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.config.block_size
 
     def encode(self, idx: torch.Tensor) -> HuginnContext:
         """Embedding (scaled by √d) and prelude: the injected input e."""

@@ -130,6 +130,8 @@ class LoopedLM(nn.Module):
             self.injection, self.core, self.state_tap, self.readout = None, nn.ModuleList(), None, None
         # autonomous loop: the state is renormalised at the end of every step, h ← Norm(core(h))
         self.state_norm = make_norm(cfg.norm, ds, cfg.norm_eps) if cfg.injection == "autonomous" else None
+        if self.state_norm is not None:
+            self.state_norm_kind = "post"  # h_{t+1} = Norm(core(h_t)): ‖h‖ cannot explode
         self.coda = nn.ModuleList(block(d, cfg.n_heads, cfg.n_kv_heads, cfg.d_mlp, f"coda.{i}")
                                   for i in range(cfg.n_coda))
         self.ln_f = make_norm(cfg.norm, d, cfg.norm_eps)
@@ -291,11 +293,7 @@ class LoopedLM(nn.Module):
         return states, ctx
 
     # ---- the rest of the LoopedModel protocol (models/protocol.py) ------------------------
-    @property
-    def state_norm_kind(self) -> str:
-        """"post" for the autonomous loop (h ← Norm(core(h))); "none" otherwise (pre-norm core:
-        the state itself is never renormalised)."""
-        return "post" if self.state_norm is not None else "none"
+    state_norm_kind = "none"  # pre-norm core: the state itself is never renormalised
 
     @property
     def mean_loops(self) -> int:

@@ -264,9 +264,19 @@ class OuroLM(nn.Module):
     def mean_loops(self) -> int:
         return self.config.total_ut_steps
 
+    checkpoint_format = "ouro"  # report label (also in checkpoint_info.format once loaded)
+
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.config.max_position_embeddings
 
     def encode(self, idx: torch.Tensor) -> OuroContext:
         check_tokens(idx, self.config.vocab_size, self.config.max_position_embeddings)
