@@ -248,7 +248,6 @@ def jacobian_norms(model, ctx, states: list[torch.Tensor], loops: list[int], ste
         lin = Linearisation(module, ctx, h, cost, fn=lambda x: model.step(x, ctx))
         s, v, _, _ = golub_kahan(lambda x: lin.jvp(x), lambda x: lin.vjp(x), v, steps)
         out[i] = float(s[0]) if len(s) else math.nan
-        del lin
     return out
 
 
