@@ -246,6 +246,15 @@ def load_imported(directory: Path, raw: dict, fmt: str, device: str | torch.devi
     return model.to(device).eval()
 
 
+def cast_in_place(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Cast every tensor of `state` to `dtype`, replacing it in the dict one at a time, so a stored
+    tensor is freed as soon as its cast copy exists (peak ≈ the cast weights plus one tensor, not
+    stored + cast). The caller must hold no other reference to the stored tensors."""
+    for key in list(state):
+        state[key] = state[key].to(dtype)
+    return state
+
+
 def stored_dtype_note(state: dict[str, torch.Tensor], compute: torch.dtype) -> list[str]:
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in state.values()})
     if dtypes != [str(compute).replace("torch.", "")]:

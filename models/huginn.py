@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from loopdyn.models.errors import CheckpointError, ConfigError, InputError
-from loopdyn.models.formats import (ConfigReader, check_h0, check_layer_count, check_loops, check_tokens,
-                                    check_weights, read_weights, stored_dtype_note)
+from loopdyn.models.formats import (ConfigReader, cast_in_place, check_h0, check_layer_count, check_loops,
+                                    check_tokens, check_weights, read_weights, stored_dtype_note)
 from loopdyn.models.layers import Block, RMSNorm, rope_table
 from loopdyn.models.looped import LMOutput, StateTap, block_sublayers
 from loopdyn.models.operator import DenseOperator
@@ -339,13 +339,15 @@ def official_shapes(cfg: HuginnConfig) -> tuple[dict[str, tuple], dict[str, tupl
 
 
 def to_loopdyn_state(state: dict[str, torch.Tensor], cfg: HuginnConfig) -> dict[str, torch.Tensor]:
-    """Official keys → HuginnLM parameter names (Wqkv split into q, k, v; norm_2/norm_3 swapped)."""
+    """Official keys → HuginnLM parameter names (Wqkv split into q, k, v; norm_2/norm_3 swapped);
+    a tied head is left out (it is the embedding)."""
     d = cfg.n_embd
     out = {"wte.weight": state["transformer.wte.weight"], "adapter.weight": state["transformer.adapter.weight"],
            "ln_f.weight": state["transformer.ln_f.weight"]}
     if cfg.bias:
         out["adapter.bias"] = state["transformer.adapter.bias"]
-    out["lm_head.weight"] = state["transformer.wte.weight" if cfg.tie_embeddings else "lm_head.weight"]
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = state["lm_head.weight"]
     for stage, ours, count in _STAGES:
         for i in range(getattr(cfg, count)):
             p, q = f"transformer.{stage}.{i}", f"{ours}.{i}"
@@ -382,14 +384,20 @@ def from_official(directory: Path, raw: dict, dtype: torch.dtype | None = None) 
                                                                              state["transformer.wte.weight"]):
         raise CheckpointError(f"{source}: tie_embeddings is true but lm_head.weight differs from transformer.wte.weight")
     compute = dtype or torch.float32
+    notes += stored_dtype_note(state, compute)
+    freqs = state.pop("freqs_cis", None)
+    ours = to_loopdyn_state(state, cfg)
+    state.clear()  # from here on `ours` holds the only references: cast one tensor at a time
+    cast_in_place(ours, compute)
+    if cfg.tie_embeddings:
+        ours["lm_head.weight"] = ours["wte.weight"]
     with torch.device("meta"):
         model = HuginnLM(cfg)
-    ours = {k: v.to(compute) for k, v in to_loopdyn_state(state, cfg).items()}
     model.load_state_dict(ours, strict=True, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.wte.weight
-    if "freqs_cis" in state:
-        stored = state["freqs_cis"].float()[0, :, 0]  # (S, hd/2, 2); bf16-rounded if stored in bf16
+    if freqs is not None:
+        stored = freqs.float()[0, :, 0]  # (S, hd/2, 2); bf16-rounded if stored in bf16
         computed = rope_table(cfg.block_size, cfg.head_dim, cfg.rope_base)
         if not torch.allclose(stored, computed, atol=1e-6, rtol=0):
             notes.append("stored RoPE table (freqs_cis) differs from the recomputed one by "
@@ -397,6 +405,5 @@ def from_official(directory: Path, raw: dict, dtype: torch.dtype | None = None) 
         model.rope = stored
     else:
         model.rope = rope_table(cfg.block_size, cfg.head_dim, cfg.rope_base)
-    notes += stored_dtype_note(state, compute)
     model.checkpoint_info = CheckpointInfo(str(directory), "huginn", source, _nonfinite(model), notes)
     return model

@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from loopdyn.models.errors import CheckpointError, ConfigError, InputError
-from loopdyn.models.formats import (ConfigReader, check_h0, check_layer_count, check_loops, check_tokens,
-                                    check_weights, read_weights, stored_dtype_note)
+from loopdyn.models.formats import (ConfigReader, cast_in_place, check_h0, check_layer_count, check_loops,
+                                    check_tokens, check_weights, read_weights, stored_dtype_note)
 from loopdyn.models.layers import RMSNorm, _causal_sdpa
 from loopdyn.models.looped import LMOutput, StateTap
 from loopdyn.models.protocol import Sublayer
@@ -430,14 +430,17 @@ def from_official(directory: Path, raw: dict, dtype: torch.dtype | None = None) 
         raise CheckpointError(f"{source}: tie_word_embeddings is true but lm_head.weight differs from "
                               f"model.embed_tokens.weight")
     compute = dtype or torch.float32
+    state.pop("model.rotary_emb.inv_freq", None)  # a non-persistent buffer, recomputed
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    notes += stored_dtype_note(state, compute)
+    cast_in_place(state, compute)  # `state` holds the only references: one tensor at a time
+    if cfg.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
     with torch.device("meta"):
         model = OuroLM(cfg)
-    ours = {k: v.to(compute) for k, v in state.items() if k != "model.rotary_emb.inv_freq"}
-    if cfg.tie_word_embeddings:
-        ours["lm_head.weight"] = ours["model.embed_tokens.weight"]
-    model.load_state_dict(ours, strict=True, assign=True)
+    model.load_state_dict(state, strict=True, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    notes += stored_dtype_note({k: v for k, v in state.items() if k != "model.rotary_emb.inv_freq"}, compute)
     model.checkpoint_info = CheckpointInfo(str(directory), "ouro", source, _nonfinite(model), notes)
     return model
