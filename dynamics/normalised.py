@@ -208,26 +208,33 @@ def convergence(states: list[torch.Tensor], tol: float = 1e-3, rate_tol: float =
             dist[p - 1, p - 1:] = d.numpy()
     last = dist[:, -1] if T else np.full((periods,) + tuple(H.shape[1:-1]), np.nan)
     shape = last.shape[1:]
+    rates = np.full((periods,) + shape, np.nan)  # fitted decay rate of d_p over the last half
+    for p in range(1, periods + 1):
+        avail = T - p + 1  # loops with a distance for this p
+        if avail >= 3:
+            rates[p - 1] = _log_slope(dist[p - 1, T - max(3, avail // 2):], axis=0)
+    decays = rates <= 1 - rate_tol
     period = np.zeros(shape, dtype=int)
     approaching = np.zeros(shape, dtype=int)
-    rate = np.full(shape, np.nan)
-    settle = np.full(shape, np.nan)
-    for p in range(periods, 0, -1):  # smallest p wins
-        hit = last[p - 1] <= tol
-        period = np.where(hit, p, period)
-    for p in range(periods, 0, -1):
-        avail = T - p + 1  # loops with a distance for this p
-        if avail < 3:
-            continue
-        window = dist[p - 1, T - max(3, avail // 2):]
-        r = _log_slope(window, axis=0)
-        decays = (r <= 1 - rate_tol) & (period == 0)
-        approaching = np.where(decays, p, approaching)
-        rate = np.where(decays | (period == p), r, rate)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            need = np.ceil(np.log(tol / last[p - 1]) / np.log(r))
-        settle = np.where(decays, need, settle)
-    settle = np.where(period > 0, 0, settle)
+    # in order: (1) at a fixed point, d_1 ≤ tol; (2) approaching one, d_1 decays (whatever d_p
+    # does: an oscillating approach has small d_2); (3) in a p-cycle, d_p ≤ tol; (4) approaching
+    # a p-cycle, d_p decays and is well below d_1 (an approach to a fixed point has d_p ≈ p·d_1)
+    fixed = last[0] <= tol
+    period[fixed] = 1
+    approaching[~fixed & decays[0]] = 1
+    for p in range(2, periods + 1):
+        free = (period == 0) & (approaching == 0)
+        period[free & (last[p - 1] <= tol)] = p
+    for p in range(2, periods + 1):
+        free = (period == 0) & (approaching == 0)
+        approaching[free & decays[p - 1] & (last[p - 1] < 0.5 * last[0])] = p
+    which = np.maximum(period, approaching)  # the distance that decides, per token
+    rate = np.take_along_axis(rates, np.maximum(which - 1, 0)[None], 0)[0]
+    rate = np.where(which > 0, rate, np.nan)
+    d_which = np.take_along_axis(last, np.maximum(which - 1, 0)[None], 0)[0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        need = np.ceil(np.log(tol / d_which) / np.log(rate))
+    settle = np.where(period > 0, 0.0, np.where(approaching > 0, need, np.nan))
     mean_dist = dist.reshape(periods, T, -1).mean(-1) if T else np.zeros((periods, 0))  # NaN where t < p
     return Convergence(tol, rate_tol, period, approaching, rate, settle), mean_dist
 

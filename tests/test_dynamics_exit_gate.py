@@ -158,3 +158,19 @@ def test_bad_inputs_one_line():
                         exit_gate=lambda h, e: torch.full((1, S), 2.0), mean_loops=3)
     with pytest.raises(DynamicsError, match=r"\[0, 1\]"):
         exit_gate_audit(wrong, IDX)
+
+
+@pytest.mark.parametrize("q", [0.5, 0.9])
+def test_ouro_reference_gate_exit_loops(tmp_path, q):
+    """On the spec-only Ouro loop with confident gates, the audit's exit loops (float64 from λ)
+    equal the reference's threshold rule (float32, spec §3.5) for thresholds away from 1."""
+    from tests import ouro_reference as ouro
+    from tests.test_dynamics_normalised import ouro_reference_adapter
+
+    cfg, sd = ouro.load_checkpoint(ouro.make_ouro_checkpoint(tmp_path, seed=6, gate_scale=4.0))
+    idx = torch.tensor([[3, 17, 99, 5, 64, 1, 8, 42]])
+    ref = ouro.reference_forward((cfg, sd), idx, 6, threshold=q)
+    res = exit_gate_audit(ouro_reference_adapter(cfg, sd, 8), idx, 6, threshold=q)
+    assert np.allclose(res.gate, ref.gate_probs.double().numpy(), atol=1e-6)
+    assert (res.exit_loop == ref.exit_step.numpy() + 1).all()
+    assert len(set(res.exit_loop.ravel().tolist())) >= 3  # the gate spreads exits over loops

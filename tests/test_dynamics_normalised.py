@@ -122,6 +122,16 @@ def test_power_iteration_fixed_point_rate_and_jacobian():
     assert not (normalised_loop(model(need - 2), IDX, need - 2, jacobian_loops=1).convergence.period == 1).all()
 
 
+def test_oscillating_approach_is_a_fixed_point_not_a_cycle():
+    """M = Q diag(2, −1.6, …) Qᵀ: the state flips sides of q₁ each loop while it closes in at rate
+    0.8, so ‖h_t − h_{t−2}‖ ≪ ‖h_t − h_{t−1}‖, yet the limit is a fixed point."""
+    M, Q = _spectral([2.0, -1.6, 0.1, 0.05, 0.02, 0.01])
+    h0 = (Q[:, 0] + 0.7 * Q[:, 1])[None, None].expand(B, S, D)
+    res = normalised_loop(norm_loop(M, loops=16, h0=h0), IDX, 16, jacobian_loops=1)
+    assert (res.convergence.approaching == 1).all() and np.allclose(res.convergence.rate, 0.8, atol=0.01)
+    assert res.cycle_distance[1][-1] < 0.5 * res.cycle_distance[0][-1] and res.verdict == "stable"
+
+
 def test_approach_to_a_two_cycle():
     M, _ = _spectral([-2.0, 1.0, 0.1, 0.05, 0.02, 0.01])
     res = normalised_loop(norm_loop(M, loops=8), IDX, 8, jacobian_loops=1)
@@ -184,28 +194,37 @@ def test_convergence_classifier_on_hand_made_sequences():
     assert dist.shape == (4, T) and np.isnan(dist[2, :2]).all()
 
 
+def ouro_reference_adapter(cfg, sd, L: int):
+    """The spec-only Ouro loop (tests/ouro_reference.py) as a LoopedModel on sequences of length
+    L: h_0 = embedding, step = model.norm ∘ layers, pre-norm state = layers, gate σ(w·h + b)."""
+    from tests import ouro_reference as ouro
+    from tests.hf_layout_reference import rms_norm
+
+    dims = ouro._dims(cfg)
+    cos, sin = ouro.rope_cos_sin(cfg, L, torch.float32)
+
+    def stack(h):
+        for i in range(dims.L):
+            h = ouro._layer(h, sd, i, dims, cos, sin)
+        return h
+
+    gw, gb = sd["model.early_exit_gate.weight"][0], sd["model.early_exit_gate.bias"]
+    return LoopAdapter(encode=lambda i: sd["model.embed_tokens.weight"][i], init_state=lambda e: e.clone(),
+                       step=lambda h, e: rms_norm(stack(h), sd["model.norm.weight"], dims.eps),
+                       pre_norm_state=lambda h, e: stack(h), decode=lambda h, e: h @ sd["lm_head.weight"].T,
+                       exit_gate=lambda h, e: torch.sigmoid(h @ gw + gb), mean_loops=cfg["total_ut_steps"],
+                       state_norm_kind="post")
+
+
 def test_ouro_reference_loop_pre_norm_and_dense_jacobian(tmp_path):
-    """The spec-only Ouro loop wrapped as a LoopedModel: pre-norm states match the reference's,
-    ‖h_t‖ is fixed by model.norm, and ‖J‖₂ through the norm matches a dense autograd Jacobian."""
+    """The spec-only Ouro loop wrapped as a LoopedModel: pre-norm and post-norm states match the
+    reference's, the norm absorbs a gain > 1, and ‖J‖₂ through the norm matches a dense autograd
+    Jacobian."""
     from tests import ouro_reference as ouro
 
     cfg, sd = ouro.load_checkpoint(ouro.make_ouro_checkpoint(tmp_path, seed=2))
-    Dm = ouro._dims(cfg)
     idx = torch.tensor([[3, 17, 99, 5]])
-    cos, sin = ouro.rope_cos_sin(cfg, 4, torch.float32)
-
-    def stack(h):
-        for i in range(Dm.L):
-            h = ouro._layer(h, sd, i, Dm, cos, sin)
-        return h
-
-    w = sd["model.norm.weight"]
-    from tests.hf_layout_reference import rms_norm
-
-    model = LoopAdapter(encode=lambda i: sd["model.embed_tokens.weight"][i],
-                        init_state=lambda e: e.clone(), step=lambda h, e: rms_norm(stack(h), w, 1e-6),
-                        pre_norm_state=lambda h, e: stack(h), decode=lambda h, e: h @ sd["lm_head.weight"].T,
-                        exit_gate=None, mean_loops=4, state_norm_kind="post")
+    model = ouro_reference_adapter(cfg, sd, 4)
     ref = ouro.reference_forward((cfg, sd), idx, 5)
     res = normalised_loop(model, idx, 5, jacobian_loops=None, jacobian_steps=40)
     for t in range(5):
