@@ -61,6 +61,19 @@ def _token_norms(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x.detach().to(torch.float64), dim=-1)
 
 
+def _ratio(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    a, b = a.numpy(), b.numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(b > 0, a / b, np.nan)
+
+
+def _mean(x: np.ndarray) -> float:
+    """Mean of the finite entries (NaN if none)."""
+    x = np.asarray(x, dtype=float)
+    ok = np.isfinite(x)
+    return float(x[ok].mean()) if ok.any() else math.nan
+
+
 def _log_slope(y: np.ndarray, axis: int = 0) -> np.ndarray:
     """exp of the least-squares slope of log y along `axis` (a geometric rate per step); NaN
     where fewer than 2 finite positive points."""
@@ -128,7 +141,7 @@ class NormalisedLoop:
     step_growth: np.ndarray  # mean token ‖r_t‖/‖h_{t−1}‖
     absorbed_gain: np.ndarray  # mean token ‖r_t‖/‖h_t‖
     pre_norm_rate: float  # fitted geometric rate of mean ‖r_t‖ per loop
-    log_gain: float  # mean over loops and tokens of log(‖r_t‖/‖h_{t−1}‖)
+    log_gain: float  # mean over loops t ≥ 2 and tokens of log(‖r_t‖/‖h_{t−1}‖)
     jacobian_loops: list[int]
     jacobian_norm: np.ndarray  # ‖J_t‖₂ lower bounds
     jacobian_steps: int
@@ -146,7 +159,7 @@ class NormalisedLoop:
 
     @property
     def mean_step_gain(self) -> float:
-        """Geometric mean over loops and tokens of the per-step gain the norm removes."""
+        """Geometric mean over loops t ≥ 2 and tokens of the per-step gain the norm removes."""
         return math.exp(self.log_gain) if math.isfinite(self.log_gain) else math.nan
 
     def to_json(self) -> dict:
@@ -310,15 +323,17 @@ def normalised_loop(model, idx: torch.Tensor | None = None, loops: int | None = 
         hn, hp, rn = _token_norms(states[t]), _token_norms(states[t - 1]), _token_norms(pre[t - 1])
         post_n[t - 1] = float(hn.mean())
         pre_n[t - 1] = float(rn.mean())
-        g = (rn / hp.clamp_min(1e-300))
-        tok_growth[t - 1] = g.numpy()
-        growth[t - 1] = float(g.mean())
-        absorbed[t - 1] = float((rn / hn.clamp_min(1e-300)).mean())
+        g = _ratio(rn, hp)  # NaN for a zero state (e.g. Huginn's h_0 = 0)
+        tok_growth[t - 1] = g
+        growth[t - 1] = _mean(g)
+        absorbed[t - 1] = _mean(_ratio(rn, hn))
     half = pre_n[max(0, n_ok - max(3, n_ok // 2)):n_ok] if n_ok >= 2 else np.array([])
     pre_rate = float(_log_slope(half)) if half.size >= 2 else math.nan
+    # the gain the norm removes per loop, from loop 2 on: h_0 (an embedding, zeros, a random draw)
+    # is not a normalised state, so ‖r_1‖/‖h_0‖ says nothing about the loop
     with np.errstate(divide="ignore", invalid="ignore"):
-        lg = np.log(tok_growth[:n_ok])
-    log_gain = float(np.mean(lg)) if n_ok and np.isfinite(lg).all() else math.nan
+        lg = np.log(tok_growth[1 if n_ok >= 2 else 0:n_ok])
+    log_gain = _mean(lg)
 
     finite_states = states[: (nonfinite_at if nonfinite_at is not None and nonfinite_at <= len(states) else len(states))]
     conv, mean_dist = convergence(finite_states, tol, rate_tol)

@@ -152,6 +152,20 @@ def test_growth_without_a_norm_is_explosive():
     assert res.verdict == "explosive" and "1.5" in res.evidence
 
 
+def test_zero_initial_state():
+    """Huginn starts from h_0 = 0: the growth into loop 1 is undefined (NaN), not 1e300, and the
+    absorbed gain is read from loop 2 on. h ↦ rms(a·R h + b): ‖r_t‖² = a²d + ‖b‖² + 2a⟨Rh, b⟩."""
+    R, b = orthogonal(D, 4), torch.full((D,), 0.01, dtype=torch.float64)
+    model = LoopAdapter(encode=lambda idx: torch.zeros(B, S, D, dtype=torch.float64),
+                        step=lambda h, e: rms(3.0 * h @ R.T + b), pre_norm_state=lambda h, e: 3.0 * h @ R.T + b,
+                        decode=lambda h, e: h, mean_loops=4, state_norm_kind="post")
+    res = normalised_loop(model, IDX, 4, jacobian_loops=1)
+    assert math.isnan(res.step_growth[0]) and np.allclose(res.step_growth[1:], 3.0, rtol=0.01)
+    assert res.mean_step_gain == pytest.approx(3.0, rel=0.01)
+    assert res.absorbed_gain[0] == pytest.approx(float(b.norm()) / math.sqrt(D))
+    json.dumps(res.to_json(), allow_nan=False)
+
+
 def test_non_finite_state_is_explosive():
     res = normalised_loop(norm_loop(torch.eye(D), float("inf")), IDX, 5)
     assert res.verdict == "explosive" and res.nonfinite_at == 1
