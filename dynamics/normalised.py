@@ -274,7 +274,9 @@ def jacobian_norms(model, ctx, states: list[torch.Tensor], loops: list[int], ste
 def _pick_loops(T: int, limit: int | None) -> list[int]:
     if limit is None or limit >= T:
         return list(range(1, T + 1))
-    if limit <= 1:
+    if limit <= 0:
+        return []
+    if limit == 1:
         return [T]
     return [int(t) for t in np.unique(np.linspace(1, T, limit).round().astype(int))]
 
@@ -287,7 +289,7 @@ def normalised_loop(model, idx: torch.Tensor | None = None, loops: int | None = 
 
     loops: loops measured (default `model.mean_loops`); h0: the initial state (default the
     model's, drawn with `seed`); jacobian_loops: how many loops (evenly spread, always incl. T)
-    get ‖J_t‖₂, None = all; tol / rate_tol: convergence tolerance (relative distance) and the
+    get ‖J_t‖₂, None = all, 0 = none (an audit that has its own Jacobian sweep); tol / rate_tol: convergence tolerance (relative distance) and the
     margin below 1 for a decay to count as geometric. An audit that already ran the loop may
     pass `ctx` and `states` (h_0..h_T); the pre-norm states are then recomputed from them.
     """

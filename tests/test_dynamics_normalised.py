@@ -183,6 +183,9 @@ def test_reuses_measured_states():
     again = normalised_loop(model, loops=7, ctx=ctx, states=h)
     assert np.allclose(again.step_growth, fresh.step_growth) and again.verdict == fresh.verdict
     assert np.allclose(again.jacobian_norm, fresh.jacobian_norm)
+    none = normalised_loop(model, loops=7, ctx=ctx, states=h, jacobian_loops=0)
+    assert none.jacobian_loops == [] and none.cost.linearisations == 0 and none.verdict == fresh.verdict
+    assert none.to_json()["jacobian"]["spectral_norm"] == []
 
 
 def test_bad_input_one_line():
