@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from loopdyn.models.errors import CheckpointError, InputError
 
@@ -202,6 +203,15 @@ class ConfigReader:
         if dt is None:
             raise CheckpointError(f"{self.source}: {name} must be float32, float16 or bfloat16, got {value!r}")
         return dt
+
+
+def make_embedding(vocab_size: int, width: int) -> nn.Embedding:
+    """nn.Embedding with N(0, 1) rows, except on the meta device, where the draw is skipped:
+    torch's first meta-device normal_ costs seconds, and an importer overwrites the rows anyway."""
+    weight = torch.empty(vocab_size, width)
+    if not weight.is_meta:
+        nn.init.normal_(weight)
+    return nn.Embedding(vocab_size, width, _weight=weight)
 
 
 # ---- shared input check -----------------------------------------------------------------------

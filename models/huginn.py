@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loopdyn.models.errors import CheckpointError, ConfigError, InputError
-from loopdyn.models.formats import (ConfigReader, cast_in_place, check_h0, check_layer_count, check_loops,
+from loopdyn.models.formats import (ConfigReader, cast_in_place, make_embedding, check_h0, check_layer_count, check_loops,
                                     check_tokens, check_weights, read_weights, stored_dtype_note)
 from loopdyn.models.layers import Block, RMSNorm, rope_table
 from loopdyn.models.looped import LMOutput, StateTap, block_sublayers
@@ -173,7 +173,7 @@ class HuginnLM(nn.Module):
             return Block(d, H, H, I, mlp="swiglu", norm="rmsnorm", norm_eps=cfg.norm_eps, kind="sandwich",
                          bias=False, qk_norm=False, qk_bias=cfg.qk_bias)
 
-        self.wte = nn.Embedding(cfg.vocab_size, d)
+        self.wte = make_embedding(cfg.vocab_size, d)
         self.prelude = nn.ModuleList(block() for _ in range(cfg.n_layers_in_prelude))
         self.adapter = nn.Linear(2 * d, d, bias=cfg.bias)  # columns [state | e]
         self.core = nn.ModuleList(block() for _ in range(cfg.n_layers_in_recurrent_block))
@@ -183,7 +183,9 @@ class HuginnLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.state_tap = StateTap()
-        self.register_buffer("rope", rope_table(cfg.block_size, cfg.head_dim, cfg.rope_base), persistent=False)
+        # on the CPU even under torch.device("meta"): a first meta-device arange imports torch._dynamo (~10 s)
+        self.register_buffer("rope", rope_table(cfg.block_size, cfg.head_dim, cfg.rope_base, device="cpu"),
+                             persistent=False)
         self.init_mode = "random"
         self.init_scale = 1.0
 

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loopdyn.models.errors import CheckpointError, ConfigError, InputError
-from loopdyn.models.formats import (ConfigReader, cast_in_place, check_h0, check_layer_count, check_loops,
+from loopdyn.models.formats import (ConfigReader, cast_in_place, make_embedding, check_h0, check_layer_count, check_loops,
                                     check_tokens, check_weights, read_weights, stored_dtype_note)
 from loopdyn.models.layers import RMSNorm, _causal_sdpa
 from loopdyn.models.looped import LMOutput, StateTap
@@ -237,7 +237,7 @@ class OuroModelBody(nn.Module):
 
     def __init__(self, cfg: OuroConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = make_embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(OuroLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.early_exit_gate = nn.Linear(cfg.hidden_size, 1, bias=True)
