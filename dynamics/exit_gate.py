@@ -7,9 +7,9 @@ over T loops (ouro-checkpoint-format.md §3.5) is
     p_t = λ_t ∏_{j<t} (1 − λ_j)  for t < T,      p_T = ∏_{j<T} (1 − λ_j),
 
 and the threshold rule exits each token at the first loop t whose cumulative exit probability
-Σ_{j≤t} p_j ≥ q (else at T). Here it is computed in float64 from the gate's λ; the official
-code runs it in the checkpoint dtype, where bfloat16 rounding makes confident gates exit
-earlier (§8.2).
+Σ_{j≤t} p_j ≥ q (else at T). Here it is computed in float64 from the gate's λ by default; the
+official code runs it in the checkpoint dtype, where rounding makes confident gates exit
+earlier (§8.2): `gate_dtype=torch.bfloat16` reproduces that.
 
 Against that exit loop e we set the loop c from which the token has converged: with the
 changes into loop t
@@ -46,27 +46,38 @@ def _num(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def exit_distribution(gate: np.ndarray) -> np.ndarray:
-    """Ouro's exit distribution p (T, …) from the gate probabilities λ (T, …) (module docstring)."""
-    lam = np.asarray(gate, dtype=np.float64)
+def _exit_probs(gate, dtype: torch.dtype | None) -> torch.Tensor:
+    """p (T, …) in `dtype` (default float64), as the spec computes it: a running product that
+    starts from ones, the remainder at the last loop."""
+    lam = torch.as_tensor(np.asarray(gate) if not isinstance(gate, torch.Tensor) else gate)
+    lam = lam.to(dtype or torch.float64)
     T = lam.shape[0]
-    p = np.empty_like(lam)
-    remaining = np.ones_like(lam[0])
+    remaining = torch.ones_like(lam[0])
+    out = []
     for t in range(T):
         if t < T - 1:
-            p[t] = lam[t] * remaining
+            out.append(lam[t] * remaining)
             remaining = remaining * (1 - lam[t])
         else:
-            p[t] = remaining
-    return p
+            out.append(remaining)
+    return torch.stack(out)
 
 
-def exit_loops(gate: np.ndarray, threshold: float) -> np.ndarray:
+def exit_distribution(gate, dtype: torch.dtype | None = None) -> np.ndarray:
+    """Ouro's exit distribution p (T, …) from the gate probabilities λ (T, …) (module
+    docstring), computed in `dtype` (default float64) and returned as float64."""
+    return _exit_probs(gate, dtype).to(torch.float64).numpy()
+
+
+def exit_loops(gate, threshold: float, dtype: torch.dtype | None = None) -> np.ndarray:
     """Per token the 1-based loop at which the threshold rule exits: the first t with
-    Σ_{j≤t} p_j ≥ threshold, else T. `gate` is λ with loops on axis 0."""
-    p = exit_distribution(gate)
+    Σ_{j≤t} p_j ≥ threshold, else T. `gate` is λ with loops on axis 0. `dtype` is the
+    arithmetic of p and of the cumulative sum (default float64, exact to round-off; pass the
+    checkpoint dtype, e.g. torch.bfloat16, to reproduce the official rule with its rounding,
+    under which confident gates exit early even at threshold 1.0)."""
+    p = _exit_probs(gate, dtype)
     T = p.shape[0]
-    hit = np.cumsum(p, axis=0) >= threshold
+    hit = (torch.cumsum(p, dim=0) >= threshold).numpy()
     return np.where(hit.any(0), hit.argmax(0) + 1, T).astype(int)
 
 
@@ -107,6 +118,7 @@ class ExitGateAudit:
     rel_residual: np.ndarray  # (T, B, S)
     kl: np.ndarray  # (T, B, S), NaN at t = 1
     exit_kl_to_final: np.ndarray  # (B, S) KL(p_T ‖ p_e)
+    gate_dtype: str = "float64"  # arithmetic of the exit rule
     cost: Cost = field(default_factory=Cost)
 
     @property
@@ -147,6 +159,7 @@ class ExitGateAudit:
         return {
             "loops": list(range(1, T + 1)),
             "threshold": self.threshold,
+            "gate_dtype": self.gate_dtype,
             "kl_tol": self.kl_tol,
             "residual_tol": self.residual_tol,
             **self.counts(),
@@ -166,13 +179,14 @@ class ExitGateAudit:
 def exit_gate_audit(model, idx: torch.Tensor | None = None, loops: int | None = None, *, threshold: float = 0.5,
                     kl_tol: float = 1e-3, residual_tol: float = 1e-3, ctx=None, h0: torch.Tensor | None = None,
                     states: list[torch.Tensor] | None = None, seed: int = 0,
-                    cost: Cost | None = None) -> ExitGateAudit:
+                    gate_dtype: torch.dtype | None = None, cost: Cost | None = None) -> ExitGateAudit:
     """Run the loop T times on `idx` (B, S) (default T = `model.mean_loops`) and compare the
     gate's exit loop with the measured convergence loop per token (module docstring).
 
     threshold: q of the exit rule (Ouro's released configs use 1.0, which in exact arithmetic
     exits every token at T; q < 1 is the early-exit setting). kl_tol (nats) and residual_tol:
-    what counts as "still changing". An audit that already ran the loop may pass `ctx` and
+    what counts as "still changing". gate_dtype: the arithmetic of the exit rule (default float64;
+    the checkpoint dtype reproduces the official rounding, see `exit_loops`). An audit that already ran the loop may pass `ctx` and
     `states` (h_0..h_T). A model without `exit_gate` raises a one-line DynamicsError.
     """
     require_looped(model)
@@ -206,7 +220,8 @@ def exit_gate_audit(model, idx: torch.Tensor | None = None, loops: int | None = 
             raise DynamicsError(f"exit_gate_audit needs {T + 1} states h_0..h_T, got {len(states)}")
         if not all(bool(torch.isfinite(h).all()) for h in states):
             raise DynamicsError("non-finite state in the loop: the exit gate cannot be audited")
-        gate = np.stack([gate_fn(h, ctx).detach().to(torch.float64).cpu().numpy() for h in states[1:]])
+        gate_t = torch.stack([gate_fn(h, ctx).detach().cpu() for h in states[1:]])
+        gate = gate_t.to(torch.float64).numpy()
         logp = [F.log_softmax(model.decode(h, ctx).detach().to(torch.float64), dim=-1) for h in states[1:]]
     if gate.shape != (T,) + tuple(states[0].shape[:-1]):
         raise DynamicsError(f"exit_gate must return one probability per token, shape "
@@ -220,7 +235,7 @@ def exit_gate_audit(model, idx: torch.Tensor | None = None, loops: int | None = 
     kl = np.full_like(rel, np.nan)
     for t in range(1, T):
         kl[t] = _kl(logp[t], logp[t - 1]).cpu().numpy()
-    e = exit_loops(gate, threshold)
+    e = exit_loops(gate_t if gate_dtype is not None else gate, threshold, gate_dtype)
     c_state = converged_loops(rel, residual_tol)
     c_kl = converged_loops(kl, kl_tol)
     both = np.where((c_state == 0) | (c_kl == 0), 0, np.maximum(c_state, c_kl))
@@ -228,8 +243,10 @@ def exit_gate_audit(model, idx: torch.Tensor | None = None, loops: int | None = 
     lp = torch.stack(logp)  # (T, B, S, V)
     chosen = torch.from_numpy(e - 1)[None, ..., None].expand(1, *e.shape, lp.shape[-1])
     exit_kl = _kl(final, lp.gather(0, chosen)[0]).cpu().numpy()
-    return ExitGateAudit(T, float(threshold), float(kl_tol), float(residual_tol), gate, exit_distribution(gate), e,
-                         both, c_state, c_kl, rel, kl, exit_kl, cost)
+    return ExitGateAudit(T, float(threshold), float(kl_tol), float(residual_tol), gate,
+                         exit_distribution(gate_t if gate_dtype is not None else gate, gate_dtype), e,
+                         both, c_state, c_kl, rel, kl, exit_kl, str(gate_dtype or torch.float64).replace("torch.", ""),
+                         cost)
 
 
 def plot_exit_gate(result: ExitGateAudit):

@@ -174,3 +174,30 @@ def test_ouro_reference_gate_exit_loops(tmp_path, q):
     assert np.allclose(res.gate, ref.gate_probs.double().numpy(), atol=1e-6)
     assert (res.exit_loop == ref.exit_step.numpy() + 1).all()
     assert len(set(res.exit_loop.ravel().tolist())) >= 3  # the gate spreads exits over loops
+
+
+def test_bfloat16_rule_exits_confident_gates_early():
+    """Spec §8.2: in bfloat16 the cumulative sum rounds to 1.0 once the remaining mass is below
+    ≈ 2⁻⁹, so threshold 1.0 exits a confident token early; in float64 it runs to T."""
+    lam = np.full((6, 2), 0.99)
+    lam[:, 1] = 0.5
+    assert exit_loops(lam, 1.0).tolist() == [6, 6]
+    assert exit_loops(lam, 1.0, torch.bfloat16).tolist() == [2, 6]
+    p16 = exit_distribution(lam, torch.bfloat16)
+    assert np.allclose(p16.sum(0), 1.0, atol=1e-2) and not np.allclose(p16, exit_distribution(lam), atol=1e-4)
+
+
+def test_bfloat16_rule_matches_the_reference_in_bfloat16(tmp_path):
+    """On the spec-only Ouro loop run in bfloat16, the audit's bf16 rule picks the reference's exit
+    loop (gate, products and cumulative sum in bf16, spec §3.5) token for token, at threshold 1.0."""
+    from tests import ouro_reference as ouro
+    from tests.test_dynamics_normalised import ouro_reference_adapter
+
+    cfg, sd = ouro.load_checkpoint(ouro.make_ouro_checkpoint(tmp_path, seed=6, gate_scale=4.0, gate_bias=3.0))
+    sd16 = {k: v.to(torch.bfloat16) for k, v in sd.items()}
+    idx = torch.tensor([[3, 17, 99, 5, 64, 1, 8, 42]])
+    ref = ouro.reference_forward((cfg, sd16), idx, 6, threshold=1.0, dtype=torch.bfloat16)
+    res = exit_gate_audit(ouro_reference_adapter(cfg, sd16, 8), idx, 6, threshold=1.0, gate_dtype=torch.bfloat16)
+    assert (res.exit_loop == ref.exit_step.numpy() + 1).all()
+    assert (res.exit_loop < 6).sum() >= 4  # early exits at the released threshold
+    assert res.to_json()["gate_dtype"] == "bfloat16"

@@ -218,7 +218,7 @@ def ouro_reference_adapter(cfg, sd, L: int):
     from tests.hf_layout_reference import rms_norm
 
     dims = ouro._dims(cfg)
-    cos, sin = ouro.rope_cos_sin(cfg, L, torch.float32)
+    cos, sin = ouro.rope_cos_sin(cfg, L, sd["model.embed_tokens.weight"].dtype)  # activation dtype (§4)
 
     def stack(h):
         for i in range(dims.L):
