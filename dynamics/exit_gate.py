@@ -152,6 +152,14 @@ class ExitGateAudit:
             "exit_at_last_loop": int((self.exit_loop == self.n_loops).sum()),
         }
 
+    def to_text(self) -> str:
+        """One line for a terminal report."""
+        c = self.counts()
+        return (f"exit gate (q = {self.threshold:g}, {self.gate_dtype}): of {c['tokens']} tokens "
+                f"{c['exit_while_changing']} exit while still changing, {c['loop_after_converged']} loop on after "
+                f"converging (mean {float(self.wasted_loops.mean()):.2g} wasted loops), {c['never_converged']} "
+                f"not converged within {self.n_loops} loops")
+
     def to_json(self) -> dict:
         T = self.n_loops
         hist = lambda a, lo: [int((a == t).sum()) for t in range(lo, T + 1)]  # noqa: E731

@@ -2,8 +2,8 @@
 
 Huginn's sandwich blocks and Ouro's final norm inside the loop give h_{t+1} = N(r_{t+1}) with
 r_{t+1} = G(h_t) the *pre-norm* state (`model.pre_norm_state(h, ctx)`, protocol
-"state_norm_kind" = "post"). ‖h_t‖ is then fixed by N (RMSNorm with weight w: ‖h‖ ≈ ‖w‖), so
-the post-norm state norm says nothing; the dynamics lives in what N absorbs and in the
+"state_norm_kind" = "post"). ‖h_t‖ is then pinned by N (RMSNorm with weight w: ‖h‖ ≤ √d·max|w|,
+= √d for unit weights), so the post-norm state norm says nothing; the dynamics lives in what N absorbs and in the
 direction of h. Measured per loop t = 1..T on a probe batch (means over batch and tokens of
 per-token quantities; all norms are token vector 2-norms):
 
@@ -161,6 +161,14 @@ class NormalisedLoop:
     def mean_step_gain(self) -> float:
         """Geometric mean over loops t ≥ 2 and tokens of the per-step gain the norm removes."""
         return math.exp(self.log_gain) if math.isfinite(self.log_gain) else math.nan
+
+    def to_text(self) -> str:
+        """Two lines for a terminal report."""
+        g = self.step_growth[np.isfinite(self.step_growth)]
+        growth = f"{g.min():.3g}–{g.max():.3g}" if g.size else "n/a"
+        return (f"normalised state ({self.state_norm_kind}): pre-norm growth per step {growth}, "
+                f"pre-norm drift ×{self.pre_norm_rate:.4g}/loop\n"
+                f"  {self.verdict}: {self.evidence}")
 
     def to_json(self) -> dict:
         return {

@@ -92,6 +92,7 @@ def test_hard_gate_exit_loops_and_convergence_against_closed_form():
     assert sum(js["exit_histogram"]) == S and sum(js["converged_histogram"]) == S
     assert js["exit_histogram"][0] == 1 and js["kl_mean"][0] is None
     assert js["tokens_by_position"]["exit_loop"] == [exit_loop.tolist()]
+    assert f"{changing.sum()} exit while still changing" in res.to_text()
     # an early exit costs KL(p_T ‖ p_e) > 0; exiting at T costs nothing
     assert res.exit_kl_to_final[0, 1] == 0.0 and res.exit_kl_to_final[0, 0] > KL_TOL
 

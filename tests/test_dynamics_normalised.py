@@ -68,6 +68,7 @@ def test_pre_norm_growth_is_the_gain_and_the_norm_absorbs_it(a):
     js = res.to_json()
     json.dumps(js, allow_nan=False)
     assert js["step_growth"] == pytest.approx([a] * 6) and js["verdict"] == "marginal"
+    assert f"{a:.3g}–{a:.3g}" in res.to_text() and "marginal" in res.to_text()
 
 
 @pytest.mark.parametrize("R,period", [
