@@ -51,11 +51,31 @@ def ouro_config(d: int | None = None, layers: int = 24):
 
 
 def build(family: str, d: int | None, layers: int = 24, device: str = "cpu"):
+    """The model on `device`; on the CPU it is built on meta and filled in place, as `load` does
+    (no construction transients in the peak memory): N(0, 1) embeddings, N(0, 1/fan_in) linears,
+    unit norms, RoPE recomputed, a tied head re-tied."""
     from loopdyn.models.huginn import HuginnLM
+    from loopdyn.models.layers import rope_table
     from loopdyn.models.ouro import OuroLM
-    with torch.device(device):
-        torch.manual_seed(0)
-        return HuginnLM(huginn_config(d)) if family == "huginn" else OuroLM(ouro_config(d, layers))
+    with torch.device("meta"):
+        model = HuginnLM(huginn_config(d)) if family == "huginn" else OuroLM(ouro_config(d, layers))
+    if device == "meta":
+        return model
+    model.to_empty(device=device)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "bias" not in name:
+                p.fill_(1.0)
+            elif "embed" in name or name.startswith("wte"):
+                p.normal_(generator=g)
+            else:
+                p.normal_(generator=g).mul_(p.shape[-1] ** -0.5)
+    if family == "huginn":
+        model.lm_head.weight = model.wte.weight
+        cfg = model.config
+        model.rope = rope_table(cfg.block_size, cfg.head_dim, cfg.rope_base)
+    return model
 
 
 def step_flops(family: str, d: int, S: int) -> float:
