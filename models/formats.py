@@ -40,7 +40,8 @@ def detect_format(raw: dict) -> str | None:
     model_type = str(raw.get("model_type", "")).lower()
     archs = raw.get("architectures") or []
     archs = [str(a) for a in archs] if isinstance(archs, list) else [str(archs)]
-    auto = " ".join(str(v) for v in (raw.get("auto_map") or {}).values()) if isinstance(raw.get("auto_map"), dict) else ""
+    auto_map = raw.get("auto_map")
+    auto = " ".join(str(v) for v in auto_map.values()) if isinstance(auto_map, dict) else ""
     if model_type == "huginn_raven" or "RavenForCausalLM" in archs or "raven_modeling" in auto:
         return "huginn"
     if model_type == "ouro" or "OuroForCausalLM" in archs or "modeling_ouro" in auto:

@@ -44,8 +44,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from loopdyn.models.errors import CheckpointError, ConfigError, InputError
-from loopdyn.models.formats import (ConfigReader, cast_in_place, make_embedding, check_h0, check_layer_count, check_loops,
-                                    check_tokens, check_weights, read_weights, stored_dtype_note)
+from loopdyn.models.formats import (ConfigReader, cast_in_place, check_h0, check_layer_count, check_loops,
+                                    check_tokens, check_weights, make_embedding, read_weights,
+                                    stored_dtype_note)
 from loopdyn.models.layers import Block, RMSNorm, rope_table
 from loopdyn.models.looped import LMOutput, StateTap, block_sublayers
 from loopdyn.models.operator import DenseOperator
@@ -384,7 +385,8 @@ def from_official(directory: Path, raw: dict, dtype: torch.dtype | None = None) 
     check_weights(state, required, optional, source)
     if cfg.tie_embeddings and "lm_head.weight" in state and not torch.equal(state["lm_head.weight"],
                                                                              state["transformer.wte.weight"]):
-        raise CheckpointError(f"{source}: tie_embeddings is true but lm_head.weight differs from transformer.wte.weight")
+        raise CheckpointError(f"{source}: tie_embeddings is true but lm_head.weight differs from "
+                              f"transformer.wte.weight")
     compute = dtype or torch.float32
     notes += stored_dtype_note(state, compute)
     freqs = state.pop("freqs_cis", None)
@@ -403,7 +405,8 @@ def from_official(directory: Path, raw: dict, dtype: torch.dtype | None = None) 
         computed = rope_table(cfg.block_size, cfg.head_dim, cfg.rope_base)
         if not torch.allclose(stored, computed, atol=1e-6, rtol=0):
             notes.append("stored RoPE table (freqs_cis) differs from the recomputed one by "
-                         f"{float((stored - computed).abs().max()):.1e}; using the stored one, as the official model does")
+                         f"{float((stored - computed).abs().max()):.1e}; using the stored one, as the official "
+                         f"model does")
         model.rope = stored
     else:
         model.rope = rope_table(cfg.block_size, cfg.head_dim, cfg.rope_base)

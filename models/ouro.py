@@ -46,8 +46,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from loopdyn.models.errors import CheckpointError, ConfigError, InputError
-from loopdyn.models.formats import (ConfigReader, cast_in_place, make_embedding, check_h0, check_layer_count, check_loops,
-                                    check_tokens, check_weights, read_weights, stored_dtype_note)
+from loopdyn.models.formats import (ConfigReader, cast_in_place, check_h0, check_layer_count, check_loops,
+                                    check_tokens, check_weights, make_embedding, read_weights,
+                                    stored_dtype_note)
 from loopdyn.models.layers import RMSNorm, _causal_sdpa
 from loopdyn.models.looped import LMOutput, StateTap
 from loopdyn.models.protocol import Sublayer

@@ -102,7 +102,8 @@ def test_bfloat16_weights_load_in_float32_by_default(tmp_path):
     assert all(p.dtype == torch.bfloat16 for p in low.parameters())
     with torch.no_grad():
         # the same bf16 computation as the reference (eager attention, gate in bf16)
-        assert rel(low(idx, n_loops=6).logits, ref.reference_forward(folder, idx, 6, dtype=torch.bfloat16).logits) <= RTOL
+        expected = ref.reference_forward(folder, idx, 6, dtype=torch.bfloat16).logits
+        assert rel(low(idx, n_loops=6).logits, expected) <= RTOL
 
 
 def test_protocol_members_and_initial_state(tmp_path):
