@@ -283,7 +283,11 @@ def ref_key(k: str) -> str:
 
 
 def test_bad_calls(tmp_path):
-    model = load(ref.make_huginn_checkpoint(tmp_path / "h"))
+    folder = ref.make_huginn_checkpoint(tmp_path / "h")
+    model = load(folder)
+    with torch.no_grad():  # the folder, its config.json or its weights file name the checkpoint
+        for path in (folder / "config.json", folder / "model.safetensors"):
+            assert torch.equal(load(path)(tokens(), n_loops=2).logits, model(tokens(), n_loops=2).logits)
     with pytest.raises(InputError, match="n_loops must be a non-negative integer"):
         model(tokens(), n_loops=-1)
     with pytest.raises(InputError, match="token ids must lie in"):
