@@ -39,7 +39,7 @@ from loopdyn.models.fileio import atomic_write_json, json_safe
 from loopdyn.data import load_text
 from loopdyn.train import TrainConfig, evaluate, train
 
-INJECTIONS = ("diagonal", "linear", "additive", "fixed")
+INJECTIONS = ("diagonal", "linear", "additive", "autonomous", "fixed")
 DIVERGE_MARGIN = 0.5  # nats
 EXPLOSION_LOOPS = 4  # state norms are measured up to 4·μ_rec loops
 EXPLOSION_RATIO = 10.0  # ‖h_{4μ}‖ / ‖h_μ‖ above this is a residual explosion
@@ -49,7 +49,7 @@ RECORD = "record.json"
 
 @dataclass(frozen=True)
 class RunSpec:
-    injection: str  # diagonal | linear | additive | fixed
+    injection: str  # diagonal | linear | additive | autonomous | fixed
     lr: float
     seed: int = 0
     preset: str = "tiny"

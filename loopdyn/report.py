@@ -17,8 +17,10 @@ from loopdyn.models.fileio import atomic_write_bytes, atomic_write_json, atomic_
 from loopdyn.compare import (DIVERGE_MARGIN, EXPLOSION_LOOPS, EXPLOSION_RATIO, INJECTIONS, CompareResult,
                              RunRecord, smoothed)
 
-COLORS = {"diagonal": "#1f77b4", "linear": "#d62728", "additive": "#2ca02c", "fixed": "#7f7f7f"}
+COLORS = {"diagonal": "#1f77b4", "linear": "#d62728", "additive": "#2ca02c", "autonomous": "#9467bd",
+          "fixed": "#7f7f7f"}
 LABELS = {"diagonal": "diagonal (Parcae)", "linear": "linear (Huginn/RDM)", "additive": "additive",
+          "autonomous": "autonomous (Ouro-style, no injection)",
           "fixed": "fixed-depth twin"}
 OUTCOME_MARK = {"converged": "✓", "diverged": "✗", "residual explosion": "✗ explosion"}
 

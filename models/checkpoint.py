@@ -67,9 +67,10 @@ def save(model: LoopedLM, directory: str | Path) -> Path:
     return directory
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> LoopedLM:
-    """Load a loopdyn checkpoint or an official Parcae checkpoint (a folder, its config.json,
-    or its weights file). The model is returned in eval mode, in float32, with
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LoopedLM:
+    """Load a loopdyn checkpoint, an official Parcae checkpoint, or a Huginn-0125/Raven or Ouro
+    folder (models/formats.py) — a folder, its config.json, or its weights file. The model is
+    returned in eval mode, in float32 (Huginn/Ouro: in `dtype` when given), with
     `model.checkpoint_info` telling where it came from and whether any weight is not finite."""
     directory = _checkpoint_dir(Path(path))
     config_path = directory / "config.json"
@@ -81,7 +82,13 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> LoopedLM:
         raise CheckpointError(f"{config_path}: cannot read ({err})") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{config_path}: expected a JSON object")
-    if raw.get("format") == "loopdyn":
+    from loopdyn.models.formats import detect_format, load_imported
+
+    imported = detect_format(raw)
+    if imported is not None:
+        model = load_imported(directory, raw, imported, device, dtype)
+        info = model.checkpoint_info
+    elif raw.get("format") == "loopdyn":
         model, info = _load_own(directory, raw)
     elif "_class_name" in raw or "n_embd" in raw:
         model, info = _load_official(directory, raw)

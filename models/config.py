@@ -17,7 +17,7 @@ from typing import Any
 
 from loopdyn.models.errors import ConfigError
 
-INJECTIONS = ("diagonal", "linear", "additive", "none")
+INJECTIONS = ("diagonal", "linear", "additive", "autonomous", "none")
 MLPS = ("relu2", "relu", "gelu", "swiglu", "geglu")
 NORMS = ("rmsnorm", "layernorm")
 BLOCKS = ("prenorm", "sandwich")
@@ -57,7 +57,7 @@ class LoopConfig:
     n_state_heads: int | None = None
     d_state_mlp: int | None = None
     # the loop
-    injection: str = "diagonal"
+    injection: str = "diagonal"  # | linear | additive | autonomous (no input: h_0 = e, h ← Norm(core(h))) | none
     input_gain: str = "euler"  # diagonal only: Δ·B (euler) or (1 − e^{−Δa})/a ⊙ B (zoh)
     state_init: str = "like-init"
     prelude_norm: bool = True
@@ -145,8 +145,8 @@ class LoopConfig:
             need(1 <= self.backprop_loops, "backprop_loops must be ≥ 1")
             need(self.d_state // self.n_state_heads == self.head_dim,
                  "the core head size d_state/n_state_heads must equal d_model/n_heads (shared RoPE table)")
-            need(self.injection != "additive" or self.d_state == self.d_model,
-                 "additive injection needs d_state == d_model")
+            need(self.injection not in ("additive", "autonomous") or self.d_state == self.d_model,
+                 f"{self.injection} injection needs d_state == d_model")
         else:
             need(self.n_core == 0, "a fixed-depth model (injection='none') has n_core = 0")
         if self.value_embeds:

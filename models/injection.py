@@ -8,6 +8,7 @@ structured form, so analysis code never has to guess (shared/DESIGN.md §1):
 | diagonal   | exp(−Δ·a), a = exp(A_log), Δ = softplus(dt_bias) | Δ·B (euler) or (1 − e^{−Δa})/a ⊙ B (zoh) |
 | linear     | W[:, :ds] of Linear(concat[h, e])   | W[:, ds:]                             |
 | additive   | I                                   | I                                     |
+| autonomous | none: u = h, no input (Ouro-style; the model renormalises h each step) | none |
 
 The diagonal Ā has every entry in (0, 1) for every finite parameter value: Δ·a is floored at
 MIN_DECAY_RATE, so even in float32 exp(−Δ·a) never rounds to 1, and 0·∞ is avoided.
@@ -137,9 +138,31 @@ class AdditiveInjection(nn.Module):
         return LinearPart(IdentityOperator(self.d_state), IdentityOperator(self.d_state, self.d_model))
 
 
+class AutonomousInjection(nn.Module):
+    """No injection, u = h: the loop h_{t+1} = Norm(core(h_t)) never sees e again (Ouro-style;
+    LoopedLM adds the state norm and starts from h_0 = e). It has no LTI part: linear_part() is None."""
+
+    kind = "autonomous"
+
+    def __init__(self, d_state: int, d_model: int):
+        super().__init__()
+        self.d_state, self.d_model = d_state, d_model
+
+    def reset_parameters(self) -> None:
+        pass
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        return h
+
+    def linear_part(self) -> None:
+        return None
+
+
 def make_injection(kind: str, d_state: int, d_model: int, *, input_gain: str = "euler", bias: bool = False) -> nn.Module:
     if kind == "diagonal":
         return DiagonalInjection(d_state, d_model, input_gain)
     if kind == "linear":
         return LinearInjection(d_state, d_model, bias)
+    if kind == "autonomous":
+        return AutonomousInjection(d_state, d_model)
     return AdditiveInjection(d_state, d_model)

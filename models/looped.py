@@ -87,6 +87,20 @@ def value_embedding_layout(config: LoopConfig) -> ValueEmbeddingLayout:
     return ValueEmbeddingLayout(live, tables, gated)
 
 
+def block_sublayers(name: str, blk: Block, rope: torch.Tensor, ve: torch.Tensor | None = None) -> list[Sublayer]:
+    """A block's two sublayers: pre-norm branches ("residual": x ← x + f(x)), or for a sandwich
+    block the whole normalised sublayer ("map": x ← N(x + f(N'(x))))."""
+    def attn(a):
+        return blk.attn(blk.norm_1(a), rope, ve)
+
+    def mlp(a):
+        return blk.mlp(blk.norm_2(a))
+    if blk.sandwich:
+        return [Sublayer(f"{name}.attn", lambda z: blk.norm_3(z + attn(z)), "map"),
+                Sublayer(f"{name}.mlp", lambda z: blk.norm_4(z + mlp(z)), "map")]
+    return [Sublayer(f"{name}.attn", attn, "residual"), Sublayer(f"{name}.mlp", mlp, "residual")]
+
+
 class LoopedLM(nn.Module):
     def __init__(self, config: LoopConfig):
         super().__init__()
@@ -115,6 +129,10 @@ class LoopedLM(nn.Module):
             self.readout = nn.Linear(ds, d, bias=cfg.bias)  # C
         else:
             self.injection, self.core, self.state_tap, self.readout = None, nn.ModuleList(), None, None
+        # autonomous loop: the state is renormalised at the end of every step, h ← Norm(core(h))
+        self.state_norm = make_norm(cfg.norm, ds, cfg.norm_eps) if cfg.injection == "autonomous" else None
+        if self.state_norm is not None:
+            self.state_norm_kind = "post"  # h_{t+1} = Norm(core(h_t)): ‖h‖ cannot explode
         self.coda = nn.ModuleList(block(d, cfg.n_heads, cfg.n_kv_heads, cfg.d_mlp, f"coda.{i}")
                                   for i in range(cfg.n_coda))
         self.ln_f = make_norm(cfg.norm, d, cfg.norm_eps)
@@ -161,7 +179,7 @@ class LoopedLM(nn.Module):
         scaled_orthogonal(self.wte.weight, cfg.d_model)
         if not cfg.tie_embeddings:
             scaled_orthogonal(self.lm_head.weight, cfg.d_model)
-        for norm in (self.ln_prelude, self.ln_f):
+        for norm in (self.ln_prelude, self.ln_f, self.state_norm):
             if norm is not None:
                 norm.reset_parameters() if isinstance(norm, nn.LayerNorm) else norm.weight.fill_(1.0)
         for table in self.value_embeds.values():
@@ -209,9 +227,13 @@ class LoopedLM(nn.Module):
 
     def init_state(self, ctx: LoopContext, generator: torch.Generator | None = None) -> torch.Tensor:
         """h_0 of shape (B, S, ds). Random kinds use the global RNG in training mode and a fixed
-        seed in eval mode (so eval is deterministic), unless a generator is given."""
+        seed in eval mode (so eval is deterministic), unless a generator is given. The autonomous
+        loop has no other access to the input, so it starts from the prelude output, h_0 = e (as
+        Ouro starts from the embeddings), whatever `state_init` says."""
         self._require_loop()
         cfg = self.config
+        if cfg.injection == "autonomous":
+            return self.state_tap(ctx.e)
         shape = (*ctx.e.shape[:-1], cfg.d_state)
         kind = cfg.state_init
         if kind == "zero":
@@ -232,12 +254,21 @@ class LoopedLM(nn.Module):
                 h = (h - h.mean(-1, keepdim=True)) / (h.std(-1, keepdim=True) + 1e-8)
         return self.state_tap(h.to(device=ctx.e.device, dtype=ctx.e.dtype))
 
-    def step(self, h: torch.Tensor, ctx: LoopContext) -> torch.Tensor:
-        """One loop iteration h_{t+1} = R(inject(h_t, e)), a pure function of h for fixed ctx."""
+    def pre_norm_state(self, h: torch.Tensor, ctx: LoopContext) -> torch.Tensor:
+        """R(inject(h, e)): the step before its final renormalisation (only the autonomous loop
+        renormalises, h_{t+1} = Norm(R(h_t)); for the other kinds this is the step itself)."""
         self._require_loop()
         u = self.injection(h, ctx.e)
         for blk, ve in zip(self.core, ctx.core_ve):
             u = blk(u, ctx.rope, ve)
+        return u
+
+    def step(self, h: torch.Tensor, ctx: LoopContext) -> torch.Tensor:
+        """One loop iteration h_{t+1} = R(inject(h_t, e)) (autonomous: Norm(R(h_t))), a pure
+        function of h for fixed ctx."""
+        u = self.pre_norm_state(h, ctx)
+        if self.state_norm is not None:
+            u = self.state_norm(u)
         return self.state_tap(u)
 
     def decode(self, h: torch.Tensor, ctx: LoopContext) -> torch.Tensor:
@@ -287,8 +318,9 @@ class LoopedLM(nn.Module):
     def max_seq_len(self) -> int:
         return self.config.block_size
 
-    def linear_part(self) -> LinearPart:
-        """(Ā, B̄, bias) of the injection as structured operators."""
+    def linear_part(self) -> LinearPart | None:
+        """(Ā, B̄, bias) of the injection as structured operators; None for the autonomous loop
+        (no injection: the whole step is nonlinear, there is no LTI part)."""
         self._require_loop()
         return self.injection.linear_part()
 
@@ -302,19 +334,12 @@ class LoopedLM(nn.Module):
         MLP branches ("residual": x ← x + f(x)), or for sandwich blocks the whole normalised
         sublayer ("map": x ← N(x + f(N'(x))))."""
         self._require_loop()
-        out = [Sublayer("injection", lambda h: self.injection(h, ctx.e), "injection")]
+        out = [] if self.config.injection == "autonomous" else [
+            Sublayer("injection", lambda h: self.injection(h, ctx.e), "injection")]
         for j, (blk, ve) in enumerate(zip(self.core, ctx.core_ve)):
-            def attn(a, blk=blk, ve=ve):
-                return blk.attn(blk.norm_1(a), ctx.rope, ve)
-
-            def mlp(a, blk=blk):
-                return blk.mlp(blk.norm_2(a))
-            if blk.sandwich:
-                out.append(Sublayer(f"core.{j}.attn", lambda z, f=attn, n=blk.norm_3: n(z + f(z)), "map"))
-                out.append(Sublayer(f"core.{j}.mlp", lambda z, f=mlp, n=blk.norm_4: n(z + f(z)), "map"))
-            else:
-                out.append(Sublayer(f"core.{j}.attn", attn, "residual"))
-                out.append(Sublayer(f"core.{j}.mlp", mlp, "residual"))
+            out += block_sublayers(f"core.{j}", blk, ctx.rope, ve)
+        if self.state_norm is not None:
+            out.append(Sublayer("state_norm", self.state_norm, "map"))
         return out
 
     # ---- depth sampling and forward ----------------------------------------------------

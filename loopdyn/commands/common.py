@@ -11,7 +11,7 @@ from loopdyn.models.errors import InputError
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
-    g.add_argument("--injection", choices=["diagonal", "linear", "additive", "none"],
+    g.add_argument("--injection", choices=["diagonal", "linear", "additive", "autonomous", "none"],
                    help="injection kind (default: the preset's; 'none' = the fixed-depth twin)")
     g.add_argument("--mean-loops", type=int, help="μ_rec, the mean loop count")
     g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
