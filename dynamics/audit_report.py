@@ -97,13 +97,17 @@ class AuditReport:
     seconds: float = 0.0
     notes: list = field(default_factory=list)
     skipped: list = field(default_factory=list)  # "part: why" for each analysis the model's members did not allow
+    normalised: object = None  # NormalisedLoop, for a loop that renormalises its state (state_norm_kind ≠ "none")
+    exit_gate: object = None  # ExitGateAudit, for a model with an exit gate
 
     def to_json(self) -> dict:
         gain = gain_graph_json(self.gain) if self.gain is not None else {"nodes": [], "edges": [], "cycle_gain": None}
         return {"model": self.model.to_json(), "injection": self.injection.to_json(),
                 "trajectory": self.trajectory.to_json(), "jacobian": self.jacobian.to_json(),
                 "lyapunov": self.lyapunov.to_json(), "forecast": self.forecast.to_json(),
-                "gain_graph": gain, "verdict": self.verdict, "skipped": list(self.skipped)}
+                "gain_graph": gain, "verdict": self.verdict, "skipped": list(self.skipped),
+                "normalised": None if self.normalised is None else self.normalised.to_json(),
+                "exit_gate": None if self.exit_gate is None else self.exit_gate.to_json()}
 
     def to_text(self) -> str:
         return format_report(self)
@@ -125,7 +129,7 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
           tol: float = 1e-3, explosion_factor: float = 10.0, settle_tol: float = 1e-2,
           jacobian_steps: int = 4, arnoldi_steps: int = 6, krylov_dim: int = 10, lyapunov_k: int = 4,
           gain_steps: int = 4, jacobian_loops: int | None = 8, path: str | None = None, probe: str = "",
-          progress=None) -> AuditReport:
+          exit_threshold: float = 0.5, progress=None) -> AuditReport:
     """Audit the recurrence of `model` on the probe batch `idx` (B, S).
 
     loops: loops measured (default μ_rec, at most MAX_LOOPS); horizon: loops forecast (default
@@ -133,6 +137,12 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
     `progress`, if given, is called as progress(stage: str, done: int, total: int).
     Non-finite weights or states give an `explosive` verdict with the evidence "non-finite";
     a model without a loop raises DynamicsError.
+
+    A loop that renormalises its state (`state_norm_kind` "pre"/"post") has a flat ‖h_t‖ by
+    construction: the audit then also measures what the norm hides (`dynamics.normalised`:
+    pre-norm growth, the gain the norm absorbs, convergence per token) and the verdict follows
+    that analysis. A model with an `exit_gate` gets the exit-gate audit (`dynamics.exit_gate`,
+    exit threshold q = exit_threshold) in the report; it does not change the verdict.
     """
     start = time.perf_counter()
     require_loop(model)
@@ -197,14 +207,29 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
         forecast = fc.forecast_from(model, traj, spec, H, krylov=krylov, krylov_dim=krylov_dim,
                                     explosion_factor=explosion_factor, settle_tol=settle_tol,
                                     extra_evidence=extra, sigma_T=sigma_T, jacobian_hindcast=hind, cost=cost)
+    norm_result = gate_result = None
+    verdict = forecast.verdict
+    if protocol.state_norm_kind(model) != "none":
+        from loopdyn.dynamics.normalised import normalised_loop
+
+        report("normalised loop", 0, 1)
+        norm_result = normalised_loop(model, loops=T, ctx=traj.ctx, states=traj.states, jacobian_loops=0, cost=cost)
+        if not broken:
+            verdict = norm_result.verdict
+    if callable(getattr(model, "exit_gate", None)) and not broken:
+        from loopdyn.dynamics.exit_gate import exit_gate_audit
+
+        report("exit gate", 0, 1)
+        gate_result = exit_gate_audit(model, loops=T, ctx=traj.ctx, states=traj.states, threshold=exit_threshold)
     traj.states = []  # free the tensors; the statistics stay
     if G is not None and G.graph.get("method", "").startswith("no sublayers"):
         skipped.append("gain graph per sublayer: the model has no sublayers(); the whole step's measured "
                        "local Lipschitz constant is used instead")
     if broken:
         skipped.append("Jacobian, Lyapunov exponents and gain graph: non-finite weights or states")
-    return AuditReport(minfo, spec, traj, sweep, lyap, forecast, G, forecast.verdict, probe, cost,
-                       time.perf_counter() - start, notes + [n for n in spec.notes if not spec.absent], skipped)
+    return AuditReport(minfo, spec, traj, sweep, lyap, forecast, G, verdict, probe, cost,
+                       time.perf_counter() - start, notes + [n for n in spec.notes if not spec.absent], skipped,
+                       norm_result, gate_result)
 
 
 def _sweep(model, traj: Trajectory, lyapunov_k: int, gkl_steps: int, arnoldi_steps: int, krylov_dim: int,
@@ -307,6 +332,13 @@ def format_report(r: AuditReport) -> str:
         lines.extend(_injection_lines(s))
     lines.append("")
     lines.extend(_trajectory_lines(r))
+    if r.normalised is not None:
+        lines += ["", r.normalised.to_text()]
+        if r.verdict != r.forecast.verdict:
+            lines.append(f"VERDICT: {r.verdict.upper()} — decided by the normalised loop (the state norm is flat "
+                         f"by construction; the forecast of ‖h‖ alone said {r.forecast.verdict})")
+    if r.exit_gate is not None:
+        lines += ["", r.exit_gate.to_text()]
     return "\n".join(lines)
 
 

@@ -52,6 +52,9 @@ def register(subparsers) -> None:
     p.add_argument("--lyapunov-k", type=int, default=4, metavar="K", help="Lyapunov exponents to compute (default 4)")
     p.add_argument("--explosion-factor", type=float, default=10.0, metavar="F",
                    help="a state more than F × its natural scale is unsafe (default 10)")
+    p.add_argument("--exit-threshold", type=float, default=0.5, metavar="Q",
+                   help="exit-gate audit (models with an exit gate, e.g. Ouro): a token exits once its cumulative "
+                        "exit probability reaches Q (default 0.5)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -147,6 +150,8 @@ def run(args) -> int:
         raise InputError(f"--horizon must be in [1, {MAX_HORIZON}], got {args.horizon}")
     if args.lyapunov_k < 0:
         raise InputError(f"--lyapunov-k must be ≥ 0, got {args.lyapunov_k}")
+    if not 0 < args.exit_threshold <= 1:
+        raise InputError(f"--exit-threshold must be in (0, 1], got {args.exit_threshold}")
     if not args.explosion_factor > 1:
         raise InputError(f"--explosion-factor must be > 1, got {args.explosion_factor}")
     with warnings.catch_warnings():
@@ -166,7 +171,7 @@ def run(args) -> int:
     try:
         report = audit(model, idx, loops, horizon, lyapunov_k=args.lyapunov_k,
                        explosion_factor=args.explosion_factor, path=str(args.path), probe=probe,
-                       progress=update)
+                       exit_threshold=args.exit_threshold, progress=update)
     finally:
         if bar is not None:
             bar.close()
