@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from loopdyn.models import protocol
 from loopdyn.models.errors import InputError
 
 MAX_LOOPS = 256  # measured loops an audit accepts
@@ -83,11 +84,11 @@ class Cost:
 
 
 def require_loop(model) -> None:
-    """Raise a one-line DynamicsError for a model without a recurrence (fixed-depth)."""
-    config = getattr(model, "config", None)
-    if config is None or not getattr(config, "looped", False):
-        name = getattr(config, "name", type(model).__name__)
-        raise DynamicsError(f"model '{name}' is fixed-depth (injection='none'): it has no loop to analyse")
+    """Raise a one-line DynamicsError unless `model` is a LoopedModel with a loop (protocol.py)."""
+    try:
+        protocol.require_looped(model)
+    except protocol.ProtocolError as err:
+        raise DynamicsError(str(err)) from None
 
 
 @contextlib.contextmanager
@@ -95,7 +96,7 @@ def quiet_hooks(model) -> Iterator[None]:
     """Detach the forward (pre-)hooks of every submodule of `model` for the duration and put
     them back afterwards: a training monitor's hooks (on `state_tap`, attention, the head) must
     not see analysis inputs, nor the batched or graph-carrying tensors of an analysis."""
-    if model is None:
+    if not isinstance(model, torch.nn.Module):  # a protocol model that is not a Module has no hooks
         yield
         return
     saved = [(m, m._forward_hooks, m._forward_pre_hooks) for m in model.modules()
