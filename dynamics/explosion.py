@@ -90,6 +90,7 @@ OVERFLOW = 3.0e38  # float32 max: beyond it the real loop is non-finite
 LONG_RUN = 2000  # loops the reduced models are run for their asymptotic rate
 SEVERITY = {"stable": 0, "marginal": 1, "explosive": 2}
 MODEL_ORDER = {"LTI": 0, "Jacobian": 1, "trajectory": 2}  # preference on exact ties
+TREND_R2 = 0.9  # the measured-norm fallback calls a residual trend geometric above this goodness of fit
 
 
 # ---- results --------------------------------------------------------------------------------------
@@ -112,6 +113,8 @@ class ForecastModel:
     safe_limit: float = math.nan
     settle_loops: int | None = None
     used: bool = True  # reproduces the past (hindcast error ≤ HINDCAST_TOL, or unchecked)
+    band: float = UNIT_BAND  # its unit band: max(UNIT_BAND, hindcast error / w) for a fitted rate
+    exact_rate: bool = False  # the rate is a known spectral radius (log ρ(Ā)), not a fitted one
 
     @property
     def tail_rate(self) -> float:  # the name the previous forecast used
@@ -430,7 +433,48 @@ def lti_model(part, data: _Data, J: int, eigenvalues: np.ndarray | None = None,
         hind = max(errs)
     nrm = A.norm()
     detail = f"ρ(Ā) {_fmt(rho)}, ‖Ā‖₂ {_fmt(nrm)} ({A.kind} Ā, {'normal' if A.normal else 'possibly non-normal'})"
-    return ForecastModel("LTI", total, res, tok, rate, lam, detail, hind, limit)
+    out = ForecastModel("LTI", total, res, tok, rate, lam, detail, hind, limit)
+    out.exact_rate = True
+    return out
+
+
+def measured_model(traj, J: int) -> ForecastModel | None:
+    """The fallback when no linear model reproduces the past (irregular, strongly nonlinear motion):
+    log-linear fits over the last half of the measured loops. The state norm growing geometrically
+    (R² ≥ TREND_R2 and by ≥ 2× over the window) is continued at that rate; the residual shrinking
+    geometrically (R² ≥ TREND_R2 and by ≥ 4×) is converging, the state held at ‖h_T‖; anything else is
+    irregular motion that is not shown to converge (rate 0), the state held at ‖h_T‖."""
+    T = traj.n_loops
+    R, N, S = traj.total_residual, traj.total_norm, traj.state_norm
+    tail = [t for t in range(max(1, T - max(3, T // 2)), T + 1) if np.isfinite(R[t]) and R[t] > 0]
+    if len(tail) < 3:
+        return None
+
+    def fit(v):
+        x, y = np.array(tail, float), np.log([v[t] for t in tail])
+        slope, icpt = np.polyfit(x, y, 1)
+        ss = float(((y - y.mean()) ** 2).sum())
+        return float(slope), (1 - float(((y - (slope * x + icpt)) ** 2).sum()) / ss if ss > 0 else 1.0)
+
+    sn, r2n = fit(N)
+    sr, r2r = fit(R)
+    j = np.arange(J + 1, dtype=float)
+    if r2n >= TREND_R2 and sn > UNIT_BAND and N[T] >= 2 * N[tail[0]]:
+        rate, kind = sn, f"the state norm grows geometrically ({_fmt(math.exp(sn))}/loop, R² {_fmt(r2n)})"
+        with np.errstate(over="ignore"):
+            total = N[T] * np.exp(sn * j)
+            res = R[T] * np.exp(sn * j)
+    else:
+        conv = r2r >= TREND_R2 and sr < -UNIT_BAND and R[tail[0]] >= 4 * R[T]
+        rate = sr if conv else 0.0
+        kind = (f"the residual shrinks geometrically ({_fmt(math.exp(sr))}/loop, R² {_fmt(r2r)})" if conv else
+                f"no clean geometric trend (residual {_fmt(math.exp(sr))}/loop, R² {_fmt(r2r)}; state "
+                f"{_fmt(math.exp(sn))}/loop): irregular, not shown to converge")
+        total = np.full(J + 1, N[T])
+        res = R[T] * np.exp(rate * j)
+    tok = total * (S[T] / N[T] if N[T] > 0 else 1.0)
+    detail = f"measured norms over loops {tail[0]}-{T}: {kind}"
+    return ForecastModel("measured", total, res, tok, rate, np.zeros(0, complex), detail)
 
 
 # ---- Krylov spaces of the Jacobian -----------------------------------------------------------------
@@ -496,6 +540,10 @@ class Subspace:
     @property
     def n(self) -> int:
         return int(self.V.shape[0])
+
+    def head(self, k: int) -> "Subspace":
+        """The first k basis vectors (the Krylov space of r alone when k = from_r)."""
+        return Subspace(self.V[:k], self.JV[:k], self.H[:k, :k], self.products, min(k, self.from_r))
 
     def ritz(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Ritz values by decreasing modulus, their relative residuals ‖J V y − λ V y‖/|λ| (exact, from
@@ -588,28 +636,40 @@ def _jacobian_propagator(sub: Subspace, HL: np.ndarray | None, N0: float):
 
 
 def jacobian_model(sub: Subspace, sub0: Subspace | None, data: _Data, J: int, HL: np.ndarray | None,
-                   HL0: np.ndarray | None, sigma: float | None = None) -> ForecastModel | None:
-    """Propagate r_T in the Krylov space of J_T (module docstring); `sub0` at h_{T−w} gives the hindcast."""
+                   HL0: np.ndarray | None, sigma: float | None = None, rho_A: float = math.nan) -> ForecastModel | None:
+    """Propagate r_T in the Krylov space of r_T under J_T (module docstring); `sub0` at h_{T−w} gives
+    the hindcast. The random-start part of `sub` only contributes converged Ritz values (relative
+    residual ≤ 0.05: eigenvalues of J_T): a Galerkin projection of a non-normal J can have Ritz
+    values outside its spectrum, so unconverged ones are not evidence.
+
+    Rate: the tail rate of a long propagation of r_T, raised to log|λ| of any converged Ritz value
+    outside it. With the pre-norm scaling (HL given), growth leaves the core behind: the rate is then
+    log ρ(Ā) when ρ(Ā) ≥ 1; when ρ(Ā) < 1 large states contract, and the rate is that of the scaled
+    propagation of r_T if it converges, else 0 (bounded, not shown to converge)."""
     T = data.T
     if sub.n == 0 or not np.all(np.isfinite(sub.H)):
         return None
     shape = data.h[T].shape
-    V = sub.V.reshape(sub.n, *shape)
-    norms = _Norms(V, data.h[T])
-    r_T = data.r(T).reshape(-1)
-    z0 = (sub.V.reshape(sub.n, -1) @ r_T).numpy()
-    N0 = norms.N0
-    step = _jacobian_propagator(sub, HL, N0)
+    k = max(sub.from_r, 1)
+    core = sub.head(k)
+    norms = _Norms(core.V.reshape(k, *shape), data.h[T])
+    z0 = (core.V.reshape(k, -1) @ data.r(T).reshape(-1)).numpy()
+    HLk = None if HL is None else HL[:k, :k]
+    step = _jacobian_propagator(core, HLk, norms.N0)
     total, tok, res, _ = _propagate(z0, step, norms, J)
-    lam, ritz_res, Y = sub.ritz()
-    # the asymptotic rate: r_T plus round-off along every converged Ritz vector outside the unit circle
-    z_long = z0.copy()
-    scale = max(float(np.linalg.norm(z0)), data.floor(T))
-    unstable = [i for i in range(len(lam)) if abs(lam[i]) > math.exp(UNIT_BAND) and ritz_res[i] <= 0.05]
-    for i in unstable:
-        v = Y[:, i].real if np.linalg.norm(Y[:, i].real) > 1e-8 else Y[:, i].imag
-        z_long = z_long + 1e-6 * scale * v / max(np.linalg.norm(v), 1e-300)
-    rate, limit_total = _long_rate(z_long, step, norms)
+    rate_prop, limit_total = _long_rate(z0, step, norms)
+    lam, ritz_res, _ = sub.ritz()
+    conv = [i for i in range(len(lam)) if ritz_res[i] <= 0.05]
+    rho_conv = float(np.abs(lam[conv]).max()) if conv else math.nan
+    rate = rate_prop
+    if conv and math.log(max(rho_conv, 1e-300)) > rate:
+        rate = math.log(max(rho_conv, 1e-300))
+    exact = False
+    if HL is not None and rate > UNIT_BAND:
+        if rho_A >= 1:
+            rate, exact = math.log(rho_A), True
+        else:
+            rate = rate_prop if rate_prop < -UNIT_BAND else 0.0
     limit = None
     if limit_total is not None and rate < -UNIT_BAND:
         limit = limit_total * (tok[0] / total[0] if total[0] > 0 else 1.0)
@@ -617,10 +677,12 @@ def jacobian_model(sub: Subspace, sub0: Subspace | None, data: _Data, J: int, HL
     if sub0 is not None and sub0.n and np.all(np.isfinite(sub0.H)):
         w = data.hindcast_window()
         t0 = T - w
-        V0 = sub0.V.reshape(sub0.n, -1)
+        k0 = max(sub0.from_r, 1)
+        c0 = sub0.head(k0)
+        V0 = c0.V.reshape(k0, -1)
         z = (V0 @ data.r(t0).reshape(-1)).numpy()
-        norms0 = _Norms(sub0.V.reshape(sub0.n, *shape), data.h[t0])
-        step0 = _jacobian_propagator(sub0, HL0, norms0.N0)
+        norms0 = _Norms(c0.V.reshape(k0, *shape), data.h[t0])
+        step0 = _jacobian_propagator(c0, None if HL0 is None else HL0[:k0, :k0], norms0.N0)
         errs, y = [], np.zeros_like(z)
         for t in range(t0 + 1, T + 1):
             z = step0(z, norms0.total(y))
@@ -628,15 +690,16 @@ def jacobian_model(sub: Subspace, sub0: Subspace | None, data: _Data, J: int, HL
             pred = (V0.T @ torch.from_numpy(z)).reshape(shape)
             errs.append(_rel_error(pred, data.r(t), data.floor(t)))
         hind = max(errs)
-    conv = [i for i in range(len(lam)) if ritz_res[i] <= 0.05]
-    rho_conv = float(np.abs(lam[conv]).max()) if conv else math.nan
+    lead = lam[conv] if conv else lam
     sig = "" if sigma is None else f"‖J_T‖₂ ≥ {_fmt(sigma)}, "
-    detail = (f"{sig}J_T on a {sub.n}-dimensional Krylov space ({sub.from_r} vectors from r_T, "
-              f"{sub.n - sub.from_r} from random starts; {sub.products} products): Ritz ρ ≈ "
-              f"{_fmt(float(np.abs(lam[0])) if lam.size else math.nan)}"
-              + (f", converged Ritz values up to |λ| {_fmt(rho_conv)}" if conv else "")
+    detail = (f"{sig}J_T on the Krylov space of r_T ({k} vectors) and of {sub.n - sub.from_r} vectors from "
+              f"random starts ({sub.products} products): "
+              + (f"converged Ritz values up to |λ| {_fmt(rho_conv)}" if conv else
+                 f"no converged Ritz value (largest Ritz |λ| {_fmt(float(np.abs(lam[0])) if lam.size else math.nan)})")
               + ("; the core part scaled by ‖h_T‖/‖h_t‖ (its Jacobian falls like 1/‖h‖)" if HL is not None else ""))
-    return ForecastModel("Jacobian", total, res, tok, rate, lam, detail, hind, limit)
+    out = ForecastModel("Jacobian", total, res, tok, rate, np.asarray(lead), detail, hind, limit)
+    out.exact_rate = exact
+    return out
 
 
 # ---- the large-state limit --------------------------------------------------------------------------
@@ -683,9 +746,13 @@ def large_state_limit(model, ctx, h: torch.Tensor, h_next: torch.Tensor, part, c
 
 # ---- verdicts ---------------------------------------------------------------------------------------
 
-def judge(m: ForecastModel, T: int, H: int, limit_fn, settle_tol: float) -> None:
-    """A model's own verdict, safe-loop crossing and settling loop (module docstring)."""
+def judge(m: ForecastModel, T: int, H: int, limit_fn, settle_tol: float, w: int = 1) -> None:
+    """A model's own verdict, safe-loop crossing and settling loop (module docstring). The unit band
+    widens with the model's hindcast error e over w loops to max(UNIT_BAND, e / w): a modulus error δ
+    shows as a relative error ≈ wδ after w loops, so a rate within e / w of 0 is not resolved."""
     J = H - T
+    m.band = max(UNIT_BAND, m.hindcast_error / max(w, 1)) if m.checked and not m.exact_rate else UNIT_BAND
+    band = m.band
     m.safe_limit = limit_fn(m)
     first = None
     if J > 0:
@@ -698,10 +765,10 @@ def judge(m: ForecastModel, T: int, H: int, limit_fn, settle_tol: float) -> None
     if first is not None:
         burst = not np.isfinite(m.residual[first]) or \
             np.nanmax(m.residual[1: first + 1]) > GROWTH_AT_CROSSING * max(m.residual[0], 1e-300)
-        m.verdict = "explosive" if burst or m.rate > UNIT_BAND else "marginal"
-    elif m.rate > UNIT_BAND:
+        m.verdict = "explosive" if burst or m.rate > band else "marginal"
+    elif m.rate > band:
         m.verdict = "explosive"
-    elif m.rate >= -UNIT_BAND:
+    elif m.rate >= -band:
         m.verdict = "marginal"
     else:
         m.verdict = "stable"
@@ -710,11 +777,11 @@ def judge(m: ForecastModel, T: int, H: int, limit_fn, settle_tol: float) -> None
     if m.verdict == "stable":
         with np.errstate(invalid="ignore", divide="ignore"):
             rel = np.where(m.total_norm > 0, m.residual / m.total_norm, 0.0)
-        ok = np.nonzero(rel[1: J + 1] <= settle_tol)[0] if J > 0 else np.zeros(0, int)
-        if rel[0] <= settle_tol:
+        above = np.nonzero(~(rel[: J + 1] <= settle_tol))[0]  # loops T + j not settled (NaN counts)
+        if not above.size:
             m.settle_loops = T
-        elif ok.size:
-            m.settle_loops = T + int(ok[0]) + 1
+        elif above[-1] < J:
+            m.settle_loops = T + int(above[-1]) + 1
         else:
             last = rel[J] if J > 0 else rel[0]
             extra = math.ceil(math.log(settle_tol / max(last, 1e-300)) / m.rate) if m.rate < 0 else 0
@@ -723,6 +790,10 @@ def judge(m: ForecastModel, T: int, H: int, limit_fn, settle_tol: float) -> None
 
 def _select(models: list[ForecastModel]) -> tuple[ForecastModel, str]:
     """The deciding model and why (module docstring)."""
+    fallback = next((m for m in models if m.name == "measured"), None)
+    models = [m for m in models if m.name != "measured"]
+    if not models and fallback is not None:
+        return fallback, "no linear model could be built"
     exact = [m for m in models if m.name == "LTI" and m.checked and m.hindcast_error <= EXACT_HINDCAST]
     if exact:
         return exact[0], "the LTI part reproduces the measured loops to measurement precision"
@@ -741,6 +812,10 @@ def _select(models: list[ForecastModel]) -> tuple[ForecastModel, str]:
         why = "too few measured loops to hindcast"
     else:
         best = min(checked, key=lambda m: m.hindcast_error)
+        if fallback is not None:
+            return fallback, (f"no linear model reproduces the measured residual vectors within {HINDCAST_TOL:g} "
+                              f"(best: {best.name}, {_fmt(best.hindcast_error)}): the motion is not linear about a "
+                              f"fixed point, so the measured norms decide")
         return best, (f"no model reproduces the measured residuals within {HINDCAST_TOL:g}; the best "
                       f"({_fmt(best.hindcast_error)}) decides")
     pick = max(cands, key=lambda m: (SEVERITY[m.verdict], -(m.hindcast_error if m.checked else 1e9),
@@ -793,9 +868,10 @@ def combine(traj, models, horizon: int, explosion_factor: float = 10.0, settle_t
     def limit_of(m: ForecastModel) -> float:
         return explosion_factor * max(ref_of(m), 1e-30)
 
+    w = max(min(3, (T - 1) // 2), 1)
     for m in models:
         m.used = (not m.checked) or m.hindcast_error <= HINDCAST_TOL
-        judge(m, T, H, limit_of, settle_tol)
+        judge(m, T, H, limit_of, settle_tol, w)
     if not models:  # nothing to extrapolate with (a single measured loop): the measurement only
         m = ForecastModel("trajectory", np.array([traj.total_norm[T]]), np.array([traj.total_residual[T]]),
                           np.array([measured[T]]), 0.0, np.zeros(0, complex), "one measured loop: no model")
@@ -859,7 +935,7 @@ def combine(traj, models, horizon: int, explosion_factor: float = 10.0, settle_t
     if large_txt:
         evidence.append(large_txt)
     for m in models:
-        if m is pick:
+        if m is pick or (m.name == "measured" and m is not pick):
             continue
         h_txt = "not hindcast" if not m.checked else f"hindcast error {_fmt(m.hindcast_error)}" + \
             ("" if m.used else f" > {HINDCAST_TOL:g}: does not reproduce the past, not used")
@@ -934,7 +1010,7 @@ def forecast_from(model, traj, spec, horizon: int, *, krylov: KrylovResult | Non
     if part is not None and not part.A.is_finite():
         part = None
     large = large_state_limit(model, traj.ctx, states[T - 1], states[T], part, cost) if T >= 1 else None
-    models = [trajectory_model(data, J)]
+    models = [trajectory_model(data, J), measured_model(traj, J)]
     eig = None
     if spec is not None and not getattr(spec, "absent", False) and len(getattr(spec, "eigenvalues", [])):
         eig = np.asarray(spec.eigenvalues)
@@ -957,6 +1033,6 @@ def forecast_from(model, traj, spec, horizon: int, *, krylov: KrylovResult | Non
             del lin0
         HL = lti_projection(sub, part.A) if use_scaling else None
         HL0 = lti_projection(sub0, part.A) if use_scaling and sub0 is not None else None
-        models.append(jacobian_model(sub, sub0, data, J, HL, HL0, sigma_T))
+        models.append(jacobian_model(sub, sub0, data, J, HL, HL0, sigma_T, large.spectral_radius))
     return combine(traj, models, H, explosion_factor, settle_tol, extra_evidence, mean_loops=model.mean_loops,
                    large=large)
