@@ -95,13 +95,15 @@ class AuditReport:
     cost: Cost = field(default_factory=Cost)
     seconds: float = 0.0
     notes: list = field(default_factory=list)
+    phases: object = None  # loopdyn.dynamics.phases.Phases (None: not computed)
 
     def to_json(self) -> dict:
         gain = gain_graph_json(self.gain) if self.gain is not None else {"nodes": [], "edges": [], "cycle_gain": None}
         return {"model": self.model.to_json(), "injection": self.injection.to_json(),
                 "trajectory": self.trajectory.to_json(), "jacobian": self.jacobian.to_json(),
                 "lyapunov": self.lyapunov.to_json(), "forecast": self.forecast.to_json(),
-                "gain_graph": gain, "verdict": self.verdict}
+                "gain_graph": gain, "verdict": self.verdict,
+                "phases": self.phases.to_json() if self.phases is not None else None}
 
     def to_text(self) -> str:
         return format_report(self)
@@ -191,9 +193,11 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
         forecast = fc.forecast_from(model, traj, spec, H, krylov=krylov, krylov_dim=krylov_dim,
                                     explosion_factor=explosion_factor, settle_tol=settle_tol,
                                     extra_evidence=extra, sigma_T=sigma_T, jacobian_hindcast=hind, cost=cost)
+    from loopdyn.dynamics.phases import token_phases
+    phases = None if broken else token_phases(traj.states, forecast.leading_eigenvalues, forecast.eigenvalue_source)
     traj.states = []  # free the tensors; the statistics stay
     return AuditReport(minfo, spec, traj, sweep, lyap, forecast, G, forecast.verdict, probe, cost,
-                       time.perf_counter() - start, notes + spec.notes)
+                       time.perf_counter() - start, notes + spec.notes, phases)
 
 
 def _sweep(model, traj: Trajectory, lyapunov_k: int, gkl_steps: int, arnoldi_steps: int, krylov_dim: int,
@@ -326,6 +330,8 @@ def format_report(r: AuditReport) -> str:
     lines.append(f"forecast to {f.horizon} loops (measured {f.measured_loops}): growth rate {rate}; {pred}")
     lines.append(f"  safe through {f.max_safe_loops} loops (safe: finite and ‖h‖ ≤ {f.explosion_factor:g}× the "
                  f"natural scale = {_fmt(f.safe_limit)})")
+    if r.phases is not None:
+        lines.extend(r.phases.to_text())
     lines.append(f"VERDICT: {r.verdict.upper()} — decided by {f.decided_by}")
     lines.append(f"  {f.evidence[0]}" if f.evidence else "")
     for e in f.evidence[1:]:

@@ -111,3 +111,16 @@ def test_circle_maps_of_the_forecast_cases():
         traj = measure_trajectory(case.build(), idx_of(case), 24)
         ph = token_phases(traj.states)
         assert set(ph.labels) == {label}, (name, ph.labels)
+
+
+def test_audit_reports_phases_in_json_and_text():
+    from loopdyn.dynamics import audit
+    from tests.helpers import small_loop_model
+
+    model = small_loop_model("additive")  # official init: the core is the identity, h_t = t·e: drifting
+    idx = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(0))
+    report = audit(model, idx, loops=6, horizon=12)
+    js = report.to_json()["phases"]
+    assert js["labels"] == ["drifting"] * 10 and js["counts"] == {"drifting": 10}
+    assert js["crossing"]["type"] == "fold"  # J = I: the eigenvalue +1
+    assert "dynamical phase per token" in report.to_text()
