@@ -90,6 +90,8 @@ OVERFLOW = 3.0e38  # float32 max: beyond it the real loop is non-finite
 LONG_RUN = 2000  # loops the reduced models are run for their asymptotic rate
 SEVERITY = {"stable": 0, "marginal": 1, "explosive": 2}
 MODEL_ORDER = {"LTI": 0, "Jacobian": 1, "trajectory": 2}  # preference on exact ties
+BAND_PER_ERROR = 4.0  # a fitted rate's unit band is hindcast error / (4 w)
+SAFE_WIDEN = 4.0  # the largest factor a prediction is widened by for max_safe_loops
 TREND_R2 = 0.9  # the measured-norm fallback calls a residual trend geometric above this goodness of fit
 
 
@@ -110,6 +112,7 @@ class ForecastModel:
     limit_state: float | None = None  # mean token ‖ĥ_∞‖ when the model converges
     verdict: str = ""  # the model's own verdict (set by `judge`)
     first_unsafe: int | None = None  # first loop this model puts outside the safe region
+    safe_bound: int | None = None  # the same for its prediction widened by its hindcast error (max_safe_loops)
     safe_limit: float = math.nan
     settle_loops: int | None = None
     used: bool = True  # reproduces the past (hindcast error ≤ HINDCAST_TOL, or unchecked)
@@ -747,11 +750,13 @@ def large_state_limit(model, ctx, h: torch.Tensor, h_next: torch.Tensor, part, c
 # ---- verdicts ---------------------------------------------------------------------------------------
 
 def judge(m: ForecastModel, T: int, H: int, limit_fn, settle_tol: float, w: int = 1) -> None:
-    """A model's own verdict, safe-loop crossing and settling loop (module docstring). The unit band
-    widens with the model's hindcast error e over w loops to max(UNIT_BAND, e / w): a modulus error δ
-    shows as a relative error ≈ wδ after w loops, so a rate within e / w of 0 is not resolved."""
+    """A model's own verdict, safe-loop crossing and settling loop (module docstring). For a fitted
+    rate the unit band widens with the model's hindcast error e over w loops to max(UNIT_BAND, e / 4w):
+    a modulus error δ shows as a relative error ≈ wδ after w loops (the factor 4: most of a hindcast
+    error is direction, not modulus), so a rate that close to 0 is not resolved."""
     J = H - T
-    m.band = max(UNIT_BAND, m.hindcast_error / max(w, 1)) if m.checked and not m.exact_rate else UNIT_BAND
+    m.band = max(UNIT_BAND, m.hindcast_error / (BAND_PER_ERROR * max(w, 1))) if m.checked and not m.exact_rate \
+        else UNIT_BAND
     band = m.band
     m.safe_limit = limit_fn(m)
     first = None
@@ -762,6 +767,16 @@ def judge(m: ForecastModel, T: int, H: int, limit_fn, settle_tol: float, w: int 
         if hit.size:
             first = int(hit[0]) + 1
     m.first_unsafe = None if first is None else T + first
+    # the bound for max_safe_loops: the prediction widened by (1 + e)^(j/w), at most SAFE_WIDEN
+    m.safe_bound = m.first_unsafe
+    if J > 0 and m.checked and m.hindcast_error > 0:
+        j = np.arange(1, J + 1, dtype=float)
+        u = np.minimum((1 + m.hindcast_error) ** (j / max(w, 1)), SAFE_WIDEN)
+        with np.errstate(over="ignore", invalid="ignore"):
+            s = m.state_norm[1: J + 1] * u
+        hit = np.nonzero(~np.isfinite(s) | (s > min(m.safe_limit, OVERFLOW)))[0]
+        if hit.size:
+            m.safe_bound = T + int(hit[0]) + 1
     if first is not None:
         burst = not np.isfinite(m.residual[first]) or \
             np.nanmax(m.residual[1: first + 1]) > GROWTH_AT_CROSSING * max(m.residual[0], 1e-300)
@@ -882,6 +897,7 @@ def combine(traj, models, horizon: int, explosion_factor: float = 10.0, settle_t
     limit = pick.safe_limit
     # the measured loops past the trained depth first
     first_unsafe = None
+    crossing_by = None
     for t in range(mu + 1, min(T, H) + 1):
         if not np.isfinite(measured[t]) or measured[t] > limit:
             first_unsafe = t
@@ -890,15 +906,31 @@ def combine(traj, models, horizon: int, explosion_factor: float = 10.0, settle_t
     if first_unsafe is not None:
         burst = traj.total_residual[first_unsafe] > GROWTH_AT_CROSSING * traj.total_residual[mu] if mu >= 1 else True
         verdict = "explosive" if burst or verdict == "explosive" else "marginal"
+        bound = first_unsafe
     else:
         first_unsafe = pick.first_unsafe
+        # the safe-loop count is a bound: the earliest loop at which the deciding model or any other model
+        # that reproduces the past, its prediction widened by its hindcast error, could leave the safe region
+        bound = pick.safe_bound
+        for m in models:
+            if m is not pick and m.used and m.checked and m.name != "measured" and m.safe_bound is not None \
+                    and (bound is None or m.safe_bound < bound):
+                bound, crossing_by = m.safe_bound, m.name
+        if bound is not None and crossing_by is None and bound != first_unsafe:
+            crossing_by = pick.name
     large_txt = None
     if large is not None and large.forbids_stable and verdict == "stable":
         verdict = "marginal"
         large_txt = (f"large-state limit: ρ(Ā) = {_fmt(large.spectral_radius)} > 1 and the core fades at large "
                      f"states, so the loop cannot be stable: the core holds this state, a large enough one "
                      f"grows like ρ(Ā)ᵗ")
-    max_safe = H if first_unsafe is None else min(first_unsafe - 1, H)
+    elif large is not None and large.limit_is_lti and large.spectral_radius < 1 and verdict == "explosive" \
+            and first_unsafe is None:
+        verdict = "marginal"
+        large_txt = (f"large-state limit: ρ(Ā) = {_fmt(large.spectral_radius)} < 1 and the core fades at large "
+                     f"states, so the growth {pick.name} predicts past the horizon cannot go on: it saturates "
+                     f"(bounded, not converging: marginal)")
+    max_safe = H if bound is None else min(bound - 1, H)
 
     # curves in state_norm units, loops 1..H
     J = H - T
@@ -932,6 +964,10 @@ def combine(traj, models, horizon: int, explosion_factor: float = 10.0, settle_t
                    + (f"; leading eigenvalue {_fmt(complex(lead))}" if lead is not None else "") + ")")
     hind = "" if not pick.checked else f"; hindcast error {_fmt(pick.hindcast_error)}"
     evidence = [f"{pick.name}: {pick.detail}; {outcome} [selected: {why}{hind}]"]
+    if crossing_by is not None:
+        evidence.append(f"safe-loop count: safe through {max_safe} loops — {crossing_by}'s prediction (it reproduces "
+                        f"the past), widened by its hindcast error (×(1 + e)^(j/w), at most ×{SAFE_WIDEN:g}), could "
+                        f"leave the safe region at loop {bound}")
     if large_txt:
         evidence.append(large_txt)
     for m in models:

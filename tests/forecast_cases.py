@@ -9,7 +9,7 @@ meanings:
 * explosive — a non-finite state, a state above 10 × ‖h_μ‖ within the horizon reached while the
   residual grows (a burst), or geometric growth after it (‖h_{4H}‖ > 10 × max_{t≤H} ‖h_t‖ with
   ‖h‖ still growing by > 0.1%/loop over the last half);
-* stable — bounded and converging: the residual decays (‖r_{4H}‖ ≤ ½‖r_{2H}‖);
+* stable — bounded and converging: the residual decays (‖r_{4H}‖ ≤ ½‖r_{2H}‖) or is at round-off;
 * marginal — everything else (a cycle, quasi-periodic motion, drift), and a converging loop whose
   large-state limit is Ā with ρ(Ā) > 1 (DESIGN §4: such a loop cannot be stable).
 """
@@ -282,7 +282,7 @@ def run_truth(model, idx, case: Case, loops: int = TRUTH_LOOPS) -> Truth:
     elif norms[loops] > 10 * np.nanmax(norms[: H + 1]) and \
             norms[loops] / norms[loops // 2] > math.exp(1e-3 * loops / 2):
         verdict = "explosive"
-    elif resid[loops] <= 0.5 * resid[loops // 2]:
+    elif resid[loops] <= 0.5 * resid[loops // 2] or resid[loops] <= 1e-9 * norms[loops]:  # decaying, or converged
         verdict = "marginal" if case.large_state_unstable else "stable"
     else:
         verdict = "marginal"
