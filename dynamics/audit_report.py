@@ -195,6 +195,10 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
                                     extra_evidence=extra, sigma_T=sigma_T, jacobian_hindcast=hind, cost=cost)
     from loopdyn.dynamics.phases import token_phases
     phases = None if broken else token_phases(traj.states, forecast.leading_eigenvalues, forecast.eigenvalue_source)
+    losses = None if broken else fc.probe_losses(model, idx, traj, H, cost)
+    if losses is not None:  # loops past the trained depth: does the model overthink on the probe?
+        forecast.overthinking = fc.overthinking(np.arange(1, H + 1), losses, model.mean_loops, forecast, phases)
+        forecast.evidence.append(f"loops past the trained depth (probe loss): {forecast.overthinking.summary()}")
     traj.states = []  # free the tensors; the statistics stay
     return AuditReport(minfo, spec, traj, sweep, lyap, forecast, G, forecast.verdict, probe, cost,
                        time.perf_counter() - start, notes + spec.notes, phases)

@@ -17,12 +17,19 @@ Three models, each a linear propagator of residual vectors:
   (complex pairs), sign-flipping (negative real), and sums of them.
 * LTI — r_{T+j} = Āʲ r_T with the loop's exact Ā (`linear_part()`, per token, full vectors).
   Skipped, and said so, when the model has no LTI part.
-* Jacobian — the linearisation J_T at h_T restricted to a Krylov space built from r_T and from
-  `n_random` random vectors (Arnoldi continued from each, orthogonal to everything before), so a
-  mode r_T does not excite is still found: H = Vᵀ J_T V, r_{T+j} ≈ V Hʲ Vᵀ r_T. When the
-  large-state limit of the loop is Ā (below), the core's part K = H − Vᵀ(I ⊗ Ā)V is scaled by
-  ‖h_T‖/‖ĥ_{T+j−1}‖ along the prediction (a pre-norm sublayer reads its input through a norm,
-  so its Jacobian falls like 1/‖h‖: a growing state leaves the core behind).
+* Jacobian — the linearisation J_T at h_T: r_T propagated in the Krylov space of r_T (Arnoldi,
+  H = Vᵀ J_T V, r_{T+j} ≈ V Hʲ Vᵀ r_T, exact for j below the Krylov dimension), and the Arnoldi run
+  continued from `n_random` random vectors (orthogonal to everything before), so that a mode r_T
+  does not excite is still found: its converged Ritz values (relative residual ≤ 5%, true
+  eigenvalues of J_T; unconverged Ritz values of a non-normal J can lie outside its spectrum and
+  are not used) enter the model's rate. When the large-state limit of the loop is Ā (below), the
+  core's part K = H − Vᵀ(I ⊗ Ā)V is scaled by ‖h_T‖/‖ĥ_{T+j−1}‖ along the prediction (a pre-norm
+  sublayer reads its input through a norm, so its Jacobian falls like 1/‖h‖: a growing state
+  leaves the core behind).
+* measured (fallback) — when no linear model reproduces the past (irregular or strongly nonlinear
+  motion), log-linear fits of the measured norms over the last half of the loops: geometric growth
+  of ‖h‖ is continued, a cleanly shrinking residual is converging, anything else is irregular motion
+  that is not shown to converge (marginal), the state held at ‖h_T‖.
 
 Hindcast (the same for every model). With w = min(3, ⌊(T−1)/2⌋) and t₀ = T − w, each model is
 built from what was known at loop t₀ (DMD fitted on r_a..r_{t₀}; Ā applied to r_{t₀}; the
@@ -39,24 +46,30 @@ then the lowest error. The curve, the rate, the safe-loop count and the verdict 
 one model's; the others are listed as evidence.
 
 Each model's rate is the asymptotic growth of its own operator (nats per loop): log ρ(Ā) for
-LTI; for DMD the largest log|λ| over the modes r_b excites (amplitude ≥ 1e-3 of the largest);
-for the Jacobian model the tail rate of a long propagation (`LONG_RUN` loops) of r_T plus a tiny
-component along each converged Ritz vector with |λ| > 1 (round-off excites every mode).
+LTI (exact); for DMD the largest log|λ| over the modes r_b excites (amplitude ≥ 1e-3 of the
+largest); for the Jacobian model the tail rate of a long propagation (`LONG_RUN` loops) of r_T,
+raised to log|λ| of any converged Ritz value above it (round-off excites every mode). A fitted
+rate is resolved only to its hindcast error: the unit band of a model with hindcast error e over
+w loops is max(UNIT_BAND, e / 4w).
 
 Large-state limit. A loop whose core is sublinear at large states tends to its LTI part there:
 with u = s·h_{T−1}, the core's increment c(u) = F(u) − Āu − B̄e − b is compared at s = 10 and
 1000 (two loop steps), δ(s) = ‖c(s h) − c(h)‖ / ‖(s − 1) h‖. δ(1000) ≤ 0.05 and falling like
 1/s (δ(1000) ≤ 0.1 δ(10)) means the limit is Ā (a pre-norm core: its sublayers see norm(u)).
 Then ρ(Ā) > 1 can never be `stable`: the core may hold the state for a while, but a large
-enough state grows like ρ(Ā)ᵗ. A model whose state is renormalised inside the step
-(`state_norm_kind` "pre" or "post") has no large-state growth, and the probe is skipped.
+enough state grows like ρ(Ā)ᵗ. Conversely, with ρ(Ā) < 1 growth cannot go on forever: a model's
+growth past the horizon (without leaving the safe region within it) saturates, `marginal`. A
+model whose state is renormalised inside the step (`state_norm_kind` "pre" or "post") has no
+large-state growth, and the probe is skipped.
 
 Definitions (documented thresholds):
 
 * safe region: loop t is safe when the state is finite and ‖h_t‖ ≤ explosion_factor · N_ref
   (default 10), N_ref = ‖h_μ‖ the measured state at the trained depth μ = `mean_loops` (the
   deciding model's prediction when μ > T), in `state_norm` units (mean over tokens of
-  ‖h_t‖₂); `max_safe_loops` is the largest t ≤ H such that loops 1..t are all safe;
+  ‖h_t‖₂); `max_safe_loops` is the largest t ≤ H such that loops 1..t are all safe — a bound: by
+  the deciding model and by every other model that reproduces the past, each prediction widened
+  by its hindcast error, ×(1 + e)^{j/w} at loop T + j (at most ×`SAFE_WIDEN` = 2);
 * unit band: a rate with |rate| ≤ `UNIT_BAND` (2e-3 nats/loop, |λ| within 0.2% of 1) is a mode on
   the unit circle;
 * a model's verdict: `explosive` if its state leaves the safe region within the horizon while its
@@ -91,7 +104,7 @@ LONG_RUN = 2000  # loops the reduced models are run for their asymptotic rate
 SEVERITY = {"stable": 0, "marginal": 1, "explosive": 2}
 MODEL_ORDER = {"LTI": 0, "Jacobian": 1, "trajectory": 2}  # preference on exact ties
 BAND_PER_ERROR = 4.0  # a fitted rate's unit band is hindcast error / (4 w)
-SAFE_WIDEN = 4.0  # the largest factor a prediction is widened by for max_safe_loops
+SAFE_WIDEN = 2.0  # the largest factor a prediction is widened by for max_safe_loops (the 2× accuracy target)
 TREND_R2 = 0.9  # the measured-norm fallback calls a residual trend geometric above this goodness of fit
 
 
@@ -164,6 +177,7 @@ class Forecast:
     eigenvalue_source: str = ""  # which model the leading eigenvalues come from
     large_state: LargeState | None = None
     trained_depth: int = 0
+    overthinking: object = None  # `Overthinking` of the probe loss past the trained depth, when computed
 
     @property
     def loops(self) -> list[int]:
@@ -1072,3 +1086,108 @@ def forecast_from(model, traj, spec, horizon: int, *, krylov: KrylovResult | Non
         models.append(jacobian_model(sub, sub0, data, J, HL, HL0, sigma_T, large.spectral_radius))
     return combine(traj, models, H, explosion_factor, settle_tol, extra_evidence, mean_loops=model.mean_loops,
                    large=large)
+
+
+# ---- loops past the trained depth: does the model overthink? ----------------------------------------
+
+OVERTHINK_TOL = 5e-3  # relative rise of the loss past the trained depth that counts as overthinking
+
+
+@dataclass
+class Overthinking:
+    """Loss against loop count past the trained depth μ: does more looping hurt, and what is best?
+
+    overthinks: the loss rises past μ — max_{T>μ} L(T) > (1 + tol)·min_{μ≤T'≤T} L(T') (a rise after
+    the best loop count at or past μ); best_loops: argmin_T L(T) (the smallest T within tol of the
+    minimum); reason: the dynamical reason from the forecast and the phases, when there is one."""
+
+    loops: np.ndarray
+    loss: np.ndarray
+    mean_loops: int
+    overthinks: bool
+    best_loops: int
+    best_loss: float
+    rise: float  # largest relative rise past μ (0 when the loss never rises)
+    reason: str = ""
+    tol: float = OVERTHINK_TOL
+
+    def summary(self) -> str:
+        mu = self.mean_loops
+        i_mu = int(np.nonzero(self.loops == mu)[0][0]) if mu in self.loops else None
+        at_mu = f"L({mu}) = {self.loss[i_mu]:.4g}, " if i_mu is not None else ""
+        head = (f"overthinks: the loss rises {100 * self.rise:.2g}% past the trained depth μ = {mu}"
+                if self.overthinks else f"does not overthink: the loss does not rise past the trained depth μ = {mu} "
+                                        f"(by more than {100 * self.tol:.2g}%)")
+        return (f"{head}; {at_mu}best test-time loop count T = {self.best_loops} (L = {self.best_loss:.4g})"
+                + (f"; {self.reason}" if self.reason else ""))
+
+
+def overthinking(loops, loss, mean_loops: int, forecast: Forecast | None = None, phases=None,
+                 tol: float = OVERTHINK_TOL) -> Overthinking:
+    """Analyse a loss-versus-loops curve (see `Overthinking`); forecast/phases give the reason."""
+    loops, loss = np.asarray(loops, int), np.asarray(loss, float)
+    fin = np.where(np.isfinite(loss), loss, np.inf)
+    best = float(fin.min()) if fin.size else math.nan
+    ok = np.nonzero(fin <= best * (1 + tol) if best > 0 else fin <= best + tol)[0]
+    best_T = int(loops[ok[0]]) if ok.size else int(loops[0])
+    rise = 0.0
+    running = math.inf
+    for T_, L in zip(loops, fin):
+        if T_ < mean_loops:
+            continue
+        running = min(running, L)
+        if running > 0 and math.isfinite(running):
+            rise = max(rise, (L - running) / running if math.isfinite(L) else math.inf)
+    over = rise > tol
+    reason = _overthinking_reason(over, mean_loops, forecast, phases) if forecast is not None else ""
+    return Overthinking(loops, loss, int(mean_loops), bool(over), best_T, best, float(rise), reason, tol)
+
+
+def _overthinking_reason(over: bool, mu: int, f: Forecast, phases) -> str:
+    moving = None
+    if phases is not None and len(phases.labels):
+        counts = phases.counts()
+        top, n = next(iter(counts.items()))
+        if top != "fixed point" and n >= 0.5 * len(phases.labels):
+            moving = f"{n} of {len(phases.labels)} tokens are {top if top != 'divergent' else 'diverging'}"
+    if f.verdict == "explosive":
+        where = f"the state leaves the safe region after loop {f.max_safe_loops}" if f.max_safe_loops < f.horizon \
+            else "the state grows geometrically"
+        return f"dynamical reason: {where} (explosive, decided by {f.decided_by})"
+    grow = f.state_norm[-1] / f.state_norm[min(mu, len(f.state_norm)) - 1] if len(f.state_norm) else math.nan
+    if f.verdict == "marginal":
+        why = moving or f"the state does not settle (marginal; ‖h_{f.horizon}‖/‖h_{mu}‖ = {_fmt(grow)})"
+        return f"dynamical reason: {why}"
+    if over:
+        return (f"dynamical reason: none in the state — it converges (stable, settles by loop {f.settle_loops}; "
+                f"‖h_{f.horizon}‖/‖h_{mu}‖ = {_fmt(grow)}): the readout was trained on the state at depth {mu}, "
+                f"not on the fixed point it moves on to")
+    return f"the state converges (stable, settles by loop {f.settle_loops}): more loops change little"
+
+
+def probe_losses(model, idx: torch.Tensor, traj, max_loops: int, cost: Cost | None = None) -> np.ndarray | None:
+    """Next-token loss of the probe itself (targets idx[:, 1:]) after T = 1..max_loops loops, from the
+    measured states and the loop continued from h_T; None when decode does not give vocabulary logits."""
+    import torch.nn.functional as F
+
+    T = traj.n_loops
+    if not traj.states or idx.shape[1] < 2:
+        return None
+    targets = idx[:, 1:]
+    out = np.full(max_loops, math.nan)
+    with analysis(model):
+        h = traj.states[-1]
+        for t in range(1, max_loops + 1):
+            if t > T:
+                h = model.step(h, traj.ctx)
+                if cost is not None:
+                    cost.steps += 1
+            state = traj.states[t] if t <= T else h
+            if not bool(torch.isfinite(state).all()):
+                out[t - 1:] = math.inf
+                break
+            logits = model.decode(state, traj.ctx)
+            if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[-1] <= int(idx.max()):
+                return None
+            out[t - 1] = float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten()))
+    return out
