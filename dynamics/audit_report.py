@@ -332,8 +332,8 @@ def format_report(r: AuditReport) -> str:
     pred = ", ".join(f"‖h_{t}‖ {_fmt(f.state_norm[t - 1])}" for t in dict.fromkeys(idx))
     rate = "n/a" if not np.isfinite(f.growth_rate) and not f.growth_rate > 0 else f"{_fmt(f.growth_rate)}/loop"
     lines.append(f"forecast to {f.horizon} loops (measured {f.measured_loops}): growth rate {rate}; {pred}")
-    lines.append(f"  safe through {f.max_safe_loops} loops (safe: finite and ‖h‖ ≤ {f.explosion_factor:g}× the "
-                 f"natural scale = {_fmt(f.safe_limit)})")
+    lines.append(f"  safe through {f.max_safe_loops} loops (safe: finite and ‖h‖ ≤ {f.explosion_factor:g}·‖h_"
+                 f"{f.trained_depth}‖, the state at the trained depth, = {_fmt(f.safe_limit)})")
     if r.phases is not None:
         lines.extend(r.phases.to_text())
     lines.append(f"VERDICT: {r.verdict.upper()} — decided by {f.decided_by}")

@@ -853,7 +853,7 @@ def _select(models: list[ForecastModel]) -> tuple[ForecastModel, str]:
 
 
 def nonfinite_forecast(traj, horizon: int, explosion_factor: float = 10.0, nonfinite_weights=None,
-                       extra_evidence=None, models=()) -> Forecast:
+                       extra_evidence=None, models=(), mean_loops: int = 0) -> Forecast:
     """The verdict for non-finite weights or states: explosive, no forecast needed."""
     T, H = traj.n_loops, int(horizon)
     bad_t = traj.nonfinite_at
@@ -870,7 +870,8 @@ def nonfinite_forecast(traj, horizon: int, explosion_factor: float = 10.0, nonfi
         why.append(f"non-finite: the state holds NaN/Inf at loop {bad_t}"
                    + (" (the loop overflows at the first step)" if bad_t <= 1 else ""))
     return Forecast("explosive", math.nan, max(first - 1, 0), H, T, norms, rel, math.nan,
-                    why + list(extra_evidence or []), "non-finite", UNIT_BAND, explosion_factor, list(models))
+                    why + list(extra_evidence or []), "non-finite", UNIT_BAND, explosion_factor, list(models),
+                    trained_depth=int(mean_loops or T))
 
 
 def combine(traj, models, horizon: int, explosion_factor: float = 10.0, settle_tol: float = 1e-2,
@@ -881,7 +882,7 @@ def combine(traj, models, horizon: int, explosion_factor: float = 10.0, settle_t
     T, H = traj.n_loops, int(horizon)
     if nonfinite_weights or traj.nonfinite_at is not None:
         return nonfinite_forecast(traj, H, explosion_factor, nonfinite_weights, extra_evidence,
-                                  [m for m in models if m is not None])
+                                  [m for m in models if m is not None], mean_loops or T)
     models = [m for m in models if m is not None]
     mu = int(mean_loops) if mean_loops else T
     extra = list(extra_evidence or [])
@@ -1020,7 +1021,7 @@ def forecast(model, idx: torch.Tensor, max_loops: int, measured_loops: int | Non
     bad = nonfinite_parameters(model) if hasattr(model, "named_parameters") else []
     traj = measure_trajectory(model, idx, T, cost=cost)
     if bad or traj.nonfinite_at is not None:
-        return nonfinite_forecast(traj, H, explosion_factor, bad)
+        return nonfinite_forecast(traj, H, explosion_factor, bad, mean_loops=model.mean_loops)
     extra = []
     if lyapunov_k > 0:
         acc = LyapunovAccumulator(traj.states[0].shape, lyapunov_k)
@@ -1052,7 +1053,7 @@ def forecast_from(model, traj, spec, horizon: int, *, krylov: KrylovResult | Non
     T, H = traj.n_loops, int(horizon)
     states = traj.states
     if traj.nonfinite_at is not None:
-        return nonfinite_forecast(traj, H, explosion_factor, None, extra_evidence)
+        return nonfinite_forecast(traj, H, explosion_factor, None, extra_evidence, mean_loops=model.mean_loops)
     cost = cost if cost is not None else Cost()
     data = _Data(T, [_rows(s) for s in states], float(torch.finfo(states[T].dtype).eps))
     J = max(H - T, 1)
