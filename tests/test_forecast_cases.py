@@ -96,3 +96,25 @@ def test_random_starts_find_a_mode_r_T_misses():
     assert f.verdict == "explosive" and f.decided_by == "Jacobian"
     assert all(m.name != "LTI" for m in f.models)
     assert any("no LTI part" in e for e in f.evidence)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from tests.forecast_cases import affine_loop, fill, with_spectrum  # noqa: E402
+
+
+@settings(max_examples=15)
+@given(rho=st.floats(0.3, 1.3), theta=st.floats(0.0, math.pi), seed=st.integers(0, 1000))
+def test_lti_verdict_follows_the_spectral_radius(rho, theta, seed):
+    """An affine loop h ← Āh + e with a leading mode ρe^{iθ} (closed-form truth): ρ < 0.99 is stable,
+    ρ > 1.01 explosive; the forecast norm at 8T matches the loop's own within 2× when not explosive."""
+    if abs(rho - 1) < 0.01:
+        return
+    lead = complex(rho * math.cos(theta), rho * math.sin(theta)) if 0.05 < theta < math.pi - 0.05 else \
+        (rho if theta <= 0.05 else -rho)
+    model = affine_loop(with_spectrum(fill([lead], rest=min(0.3, 0.9 * rho)), np.random.default_rng(seed)))
+    f = forecast(model, idx_of(CASES["lti_rho_0.97"]), H, T)
+    assert f.verdict == ("stable" if rho < 1 else "explosive")
+    if rho < 1:
+        truth = run_truth(model, idx_of(CASES["lti_rho_0.97"]), CASES["lti_rho_0.97"], loops=H)
+        assert 0.5 <= f.state_norm[H - 1] / truth.norms[H] <= 2
