@@ -1048,8 +1048,10 @@ def forecast_from(model, traj, spec, horizon: int, *, krylov: KrylovResult | Non
                   cost: Cost | None = None) -> Forecast:
     """The forecast from a measured trajectory (with its states). `spec` (an InjectionSpectrum, or
     None) only saves recomputing Ā's eigenvalues; `krylov` (the audit's Arnoldi run at h_T from r_T)
-    saves those products. Costs two linearisations (at h_T and h_{T−w}), about
-    2·(krylov_dim + n_random·random_steps) Jacobian products and two loop steps."""
+    saves those products; `jacobian_hindcast` (the audit's one-step J_{T−1} r_{T−1} error) is accepted
+    for the call signature but not used: every model is hindcast here the same way. Costs two
+    linearisations (at h_T and h_{T−w}), about 2·(krylov_dim + n_random·random_steps) Jacobian
+    products and two loop steps."""
     T, H = traj.n_loops, int(horizon)
     states = traj.states
     if traj.nonfinite_at is not None:
