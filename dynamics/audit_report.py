@@ -201,7 +201,7 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
         forecast.evidence.append(f"loops past the trained depth (probe loss): {forecast.overthinking.summary()}")
     traj.states = []  # free the tensors; the statistics stay
     return AuditReport(minfo, spec, traj, sweep, lyap, forecast, G, forecast.verdict, probe, cost,
-                       time.perf_counter() - start, notes + spec.notes, phases)
+                       time.perf_counter() - start, notes + spec.notes, phases=phases)
 
 
 def _sweep(model, traj: Trajectory, lyapunov_k: int, gkl_steps: int, arnoldi_steps: int, krylov_dim: int,
