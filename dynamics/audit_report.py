@@ -99,6 +99,7 @@ class AuditReport:
     skipped: list = field(default_factory=list)  # "part: why" for each analysis the model's members did not allow
     normalised: object = None  # NormalisedLoop, for a loop that renormalises its state (state_norm_kind ≠ "none")
     exit_gate: object = None  # ExitGateAudit, for a model with an exit gate
+    phases: object = None  # loopdyn.dynamics.phases.Phases (None: not computed)
 
     def to_json(self) -> dict:
         gain = gain_graph_json(self.gain) if self.gain is not None else {"nodes": [], "edges": [], "cycle_gain": None}
@@ -107,7 +108,8 @@ class AuditReport:
                 "lyapunov": self.lyapunov.to_json(), "forecast": self.forecast.to_json(),
                 "gain_graph": gain, "verdict": self.verdict, "skipped": list(self.skipped),
                 "normalised": None if self.normalised is None else self.normalised.to_json(),
-                "exit_gate": None if self.exit_gate is None else self.exit_gate.to_json()}
+                "exit_gate": None if self.exit_gate is None else self.exit_gate.to_json(),
+                "phases": self.phases.to_json() if self.phases is not None else None}
 
     def to_text(self) -> str:
         return format_report(self)
@@ -207,6 +209,12 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
         forecast = fc.forecast_from(model, traj, spec, H, krylov=krylov, krylov_dim=krylov_dim,
                                     explosion_factor=explosion_factor, settle_tol=settle_tol,
                                     extra_evidence=extra, sigma_T=sigma_T, jacobian_hindcast=hind, cost=cost)
+    from loopdyn.dynamics.phases import token_phases
+    phases = None if broken else token_phases(traj.states, forecast.leading_eigenvalues, forecast.eigenvalue_source)
+    losses = None if broken else fc.probe_losses(model, idx, traj, H, cost)
+    if losses is not None:  # loops past the trained depth: does the model overthink on the probe?
+        forecast.overthinking = fc.overthinking(np.arange(1, H + 1), losses, model.mean_loops, forecast, phases)
+        forecast.evidence.append(f"loops past the trained depth (probe loss): {forecast.overthinking.summary()}")
     norm_result = gate_result = None
     verdict = forecast.verdict
     if protocol.state_norm_kind(model) != "none":
@@ -229,7 +237,7 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
         skipped.append("Jacobian, Lyapunov exponents and gain graph: non-finite weights or states")
     return AuditReport(minfo, spec, traj, sweep, lyap, forecast, G, verdict, probe, cost,
                        time.perf_counter() - start, notes + [n for n in spec.notes if not spec.absent], skipped,
-                       norm_result, gate_result)
+                       norm_result, gate_result, phases)
 
 
 def _sweep(model, traj: Trajectory, lyapunov_k: int, gkl_steps: int, arnoldi_steps: int, krylov_dim: int,
@@ -384,8 +392,10 @@ def _trajectory_lines(r: AuditReport) -> list[str]:
     pred = ", ".join(f"‖h_{t}‖ {_fmt(f.state_norm[t - 1])}" for t in dict.fromkeys(idx))
     rate = "n/a" if not np.isfinite(f.growth_rate) and not f.growth_rate > 0 else f"{_fmt(f.growth_rate)}/loop"
     lines.append(f"forecast to {f.horizon} loops (measured {f.measured_loops}): growth rate {rate}; {pred}")
-    lines.append(f"  safe through {f.max_safe_loops} loops (safe: finite and ‖h‖ ≤ {f.explosion_factor:g}× the "
-                 f"natural scale = {_fmt(f.safe_limit)})")
+    lines.append(f"  safe through {f.max_safe_loops} loops (safe: finite and ‖h‖ ≤ {f.explosion_factor:g}·‖h_"
+                 f"{f.trained_depth}‖, the state at the trained depth, = {_fmt(f.safe_limit)})")
+    if r.phases is not None:
+        lines.extend(r.phases.to_text())
     lines.append(f"VERDICT: {r.verdict.upper()} — decided by {f.decided_by}")
     lines.append(f"  {f.evidence[0]}" if f.evidence else "")
     for e in f.evidence[1:]:

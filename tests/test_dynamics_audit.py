@@ -47,7 +47,7 @@ def test_json_has_exactly_the_design_fields():
     report = audit(make(), IDX, loops=4, horizon=12)
     js = json_safe(report.to_json())
     # DESIGN §7 plus `skipped` (what the model's protocol members did not allow; empty here)
-    assert set(js) == set(SECTIONS) | {"verdict", "skipped", "normalised", "exit_gate"} and js["skipped"] == []
+    assert set(js) == set(SECTIONS) | {"verdict", "skipped", "normalised", "exit_gate", "phases"} and js["skipped"] == []
     assert js["normalised"] is None and js["exit_gate"] is None  # a pre-norm loop without an exit gate
     for name, keys in SECTIONS.items():
         assert set(js[name]) == keys, name
@@ -61,7 +61,8 @@ def test_json_has_exactly_the_design_fields():
     assert js["lyapunov"]["loops"] == 4 and len(js["lyapunov"]["exponents"]) == 4
     edges = js["gain_graph"]["edges"]
     assert all(len(e) == 3 and e[0] in js["gain_graph"]["nodes"] for e in edges)
-    assert report.jacobian.matvecs > 0 and report.cost.linearisations == 5
+    # T + 1 in the sweep, + 2 in the forecast (random starts at h_T, the Jacobian model's hindcast at h_(T−w))
+    assert report.jacobian.matvecs > 0 and report.cost.linearisations == 7
 
 
 def dense_jacobian(model, ctx, h):

@@ -393,20 +393,23 @@ def test_cli_audits_a_user_factory(tmp_path, capsys):
 
 
 def test_one_audit_is_one_pass_through_the_loop():
-    """encode once, T plain steps, one linearisation per measured state h_0..h_T; nothing else
-    runs the whole step (the gain graph linearises single sublayers, counted separately)."""
+    """encode once, one unroll, one linearisation per measured state h_0..h_T; nothing else runs
+    the whole step (the gain graph linearises single sublayers, counted separately)."""
     native = small_loop_model("linear", perturb=0.2)
     calls = {"encode": 0, "step": 0}
     model = LoopAdapter(encode=lambda idx: (calls.__setitem__("encode", calls["encode"] + 1), native.encode(idx))[1],
                         step=lambda h, ctx: (calls.__setitem__("step", calls["step"] + 1), native.step(h, ctx))[1],
                         decode=native.decode, mean_loops=4, linear_part=native.linear_part,
                         sublayers=native.sublayers, init_state=native.init_state, module=native)
-    T = 4
-    rep = dynamics.audit(model, IDX, loops=T, horizon=16)
+    T, H = 4, 16
+    rep = dynamics.audit(model, IDX, loops=T, horizon=H)
     assert calls["encode"] == 1
-    assert rep.cost.steps == T and rep.cost.linearisations == T + 1
-    # every call of step is one of those: T plain steps + one recorded forward per linearisation
-    assert calls["step"] == T + (T + 1)
+    # the loop runs once: h_1..h_T measured, then continued from h_T to the horizon for the probe's
+    # loss past the trained depth; plus the forecast's two large-state probes (the step at 10× and
+    # 1000× the state); each measured state h_0..h_T is linearised exactly once (+ the 2 probes)
+    assert rep.cost.steps == H + 2 and rep.cost.linearisations == (T + 1) + 2
+    # every call of step is one of those: the plain steps + one recorded forward per linearisation
+    assert calls["step"] == rep.cost.steps + rep.cost.linearisations
 
 
 def test_random_init_state_never_consumes_the_training_rng():

@@ -14,6 +14,11 @@ The CSV (written atomically) has the header `loops,mean_recurrence,params,tokens
 law does). `loopdyn fit CSV --law testtime` reads the file as is.
 A non-finite loss (a loop count where the model blows up) is written as `nan`/`inf` and named
 in a warning: `loopdyn fit` refuses such rows, so lower `--max-loops` to fit.
+
+Loops past the trained depth. The sweep also says whether the model *overthinks* — the loss rises
+past the trained depth μ (by more than 0.5%, `loopdyn.dynamics.explosion.overthinking`) — and
+the best test-time loop count, with the dynamical reason from a forecast of the loop on the first
+validation sequence to N loops and its per-token phases (`--no-dynamics` skips that forecast).
 """
 from __future__ import annotations
 
@@ -49,6 +54,7 @@ class LoopSweep:
     params: int  # unrolled parameters N(μ_rec)
     tokens: float | None  # training tokens D, if known
     eval_tokens: int  # validation tokens per loss value
+    overthinking: object = None  # loopdyn.dynamics.explosion.Overthinking
 
     def to_csv(self) -> str:
         buf = io.StringIO()
@@ -111,9 +117,10 @@ def sweep_losses(model: LoopedLM, batches: Sequence[tuple[torch.Tensor, torch.Te
 
 def sweep_loops(model: LoopedLM, data, max_loops: int | None = None, *, n_batches: int = 16,
                 batch_size: int = 16, seq_len: int = 64, tokens: float | None = None,
-                progress: bool = False) -> LoopSweep:
+                progress: bool = False, dynamics: bool = True) -> LoopSweep:
     """Sweep T = 1..max_loops (default 3·μ_rec) on `n_batches` fixed validation batches of
-    `data` (a loopdyn.data.TextData) and return a LoopSweep."""
+    `data` (a loopdyn.data.TextData) and return a LoopSweep; its `overthinking` says whether the loss
+    rises past μ_rec and the best loop count (with the dynamical reason when dynamics=True)."""
     cfg = model.config
     if not cfg.looped:
         raise InputError(f"model '{cfg.name}' is fixed-depth (injection='none'): it has no loop to sweep")
@@ -137,9 +144,31 @@ def sweep_loops(model: LoopedLM, data, max_loops: int | None = None, *, n_batche
     finally:
         if bar is not None:
             bar.close()
-    return LoopSweep(loops=np.arange(1, max_loops + 1), loss=loss, mean_recurrence=cfg.mean_loops,
-                     params=unrolled_params(cfg, cfg.mean_loops), tokens=tokens,
-                     eval_tokens=n_batches * batch_size * seq_len)
+    sweep = LoopSweep(loops=np.arange(1, max_loops + 1), loss=loss, mean_recurrence=cfg.mean_loops,
+                      params=unrolled_params(cfg, cfg.mean_loops), tokens=tokens,
+                      eval_tokens=n_batches * batch_size * seq_len)
+    sweep.overthinking = loop_overthinking(model, sweep, batches[0][0][:1] if dynamics else None)
+    return sweep
+
+
+def loop_overthinking(model, sweep: LoopSweep, probe: torch.Tensor | None):
+    """Overthinking of the swept loss; with a probe (1, S), the forecast of the loop to the sweep's
+    largest loop count and the probe's phases give the dynamical reason."""
+    from loopdyn.dynamics.explosion import forecast, overthinking
+    from loopdyn.dynamics.phases import token_phases
+    from loopdyn.dynamics.trajectory import measure_trajectory
+
+    f = ph = None
+    mu, N = sweep.mean_recurrence, int(sweep.loops[-1])
+    if probe is not None and N > mu:
+        was_training = model.training
+        model.eval()
+        try:
+            f = forecast(model, probe, N, mu, lyapunov_k=0)
+            ph = token_phases(measure_trajectory(model, probe, mu).states, f.leading_eigenvalues, f.eigenvalue_source)
+        finally:
+            model.train(was_training)
+    return overthinking(sweep.loops, sweep.loss, mu, f, ph)
 
 
 def _check_positive(name: str, v) -> None:
@@ -184,6 +213,8 @@ def register(subparsers) -> None:
                         "loopdyn train in the checkpoint, else empty)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-dynamics", action="store_true",
+                   help="skip the forecast of the loop that gives the dynamical reason for overthinking")
     p.set_defaults(func=run)
 
 
@@ -222,12 +253,14 @@ def run(args: argparse.Namespace) -> int:
     data = load_text(args.data)
     sweep = sweep_loops(model, data, args.max_loops, n_batches=args.batches,
                         batch_size=args.batch_size, seq_len=args.seq_len, tokens=args.tokens,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, dynamics=not args.no_dynamics)
     print(f"model: {args.checkpoint} ({cfg.injection} injection, mu_rec = {cfg.mean_loops}, "
           f"{sweep.params:,} unrolled parameters at mu_rec)")
     print(f"data: {data.source}, {sweep.eval_tokens:,} validation tokens "
           f"({args.batches} x {args.batch_size} x {args.seq_len}) per loop count")
     print(sweep.table())
+    if sweep.overthinking is not None:
+        print(f"loops past the trained depth: {sweep.overthinking.summary()}")
     bad = [int(T) for T, v in zip(sweep.loops, sweep.loss) if not math.isfinite(v)]
     if bad:
         print(f"loopdyn sweep-loops: warning: the loss is not finite at T = {_spans(bad)}; "
