@@ -22,9 +22,9 @@ Optional members; an analysis that needs a missing one says what it skipped and 
   x = x + fn(x) (a pre-norm block's branch), "map" sets x = fn(x) (anything else, e.g. a
   sandwich block with its output norm, or a state renormalisation). Used by the gain graph.
 * `state_norm_kind`: "none" | "pre" | "post": is the state renormalised inside the step
-  ("post": h_{t+1} = Norm(·), e.g. Ouro's final norm in the loop; "pre": the step normalises
-  its input before using it, e.g. Huginn's adapter sees norm(h)). Then ‖h_t‖ cannot explode
-  and the audit looks through the norm.
+  ("post": h_{t+1} = Norm(·), e.g. Ouro's final norm in the loop, Huginn's last sandwich norm,
+  loopdyn's autonomous loop; "pre": the step normalises its input before anything else uses
+  it). Then ‖h_t‖ cannot explode and the audit looks through the norm.
 * `pre_norm_state(h, ctx)` → the state before the step's final renormalisation (for "post").
 * `exit_gate(h, ctx)` → per-token exit probabilities (B, S) in [0, 1] at state h (Ouro).
 * `readout_part()` → the Operator C that reads the state out to the decoder (gain graph).

@@ -7,7 +7,6 @@ import pytest
 
 from loopdyn import dynamics
 from loopdyn.cli import main
-from loopdyn.models import load
 from tests.huginn_reference import make_huginn_checkpoint
 from tests.ouro_reference import make_ouro_checkpoint
 
@@ -63,3 +62,18 @@ def test_normalised_verdict_follows_what_the_norm_hides(rotate, verdict):
     js = rep.to_json()["normalised"]
     assert np.allclose(js["absorbed_gain"][1:], 3.0, rtol=1e-4)
     assert rep.normalised.verdict == rep.verdict == verdict
+
+
+@pytest.mark.parametrize("make, fmt", [(make_huginn_checkpoint, "huginn"), (make_ouro_checkpoint, "ouro")])
+def test_sweep_loops_on_imported_checkpoints(tmp_path, capsys, make, fmt):
+    ckpt = make(tmp_path / fmt, seed=2, vocab_size=256)
+    csv = tmp_path / "sweep.csv"
+    code = main(["sweep-loops", str(ckpt), "--max-loops", "5", "--batches", "2", "--batch-size", "2",
+                 "--seq-len", "8", "--csv", str(csv), "--no-progress", "--no-dynamics"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    rows = csv.read_text().splitlines()
+    assert rows[0] == "loops,mean_recurrence,params,tokens,loss" and len(rows) == 6
+    # the loss at T loops is the model's own forward at T loops on the same batches
+    assert all(np.isfinite(float(r.split(",")[-1])) for r in rows[1:])
+    assert "unrolled parameters unknown" in out

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from loopdyn.dynamics.flops import unrolled_params
-from loopdyn.models import LoopedLM, load
+from loopdyn.models import LoopConfig, LoopedLM, load, protocol
 from loopdyn.models.errors import InputError
 from loopdyn.models.fileio import atomic_write_text
 
@@ -51,7 +51,7 @@ class LoopSweep:
     loops: np.ndarray  # 1..N
     loss: np.ndarray
     mean_recurrence: int  # trained μ_rec
-    params: int  # unrolled parameters N(μ_rec)
+    params: int | None  # unrolled parameters N(μ_rec); None when the model is not a loopdyn config
     tokens: float | None  # training tokens D, if known
     eval_tokens: int  # validation tokens per loss value
     overthinking: object = None  # loopdyn.dynamics.explosion.Overthinking
@@ -60,8 +60,9 @@ class LoopSweep:
         buf = io.StringIO()
         buf.write(",".join(CSV_HEADER) + "\n")
         tokens = "" if self.tokens is None else f"{self.tokens:.17g}"
+        params = "" if self.params is None else str(self.params)
         for T, loss in zip(self.loops, self.loss):
-            buf.write(f"{int(T)},{self.mean_recurrence},{self.params},{tokens},{float(loss):.9g}\n")
+            buf.write(f"{int(T)},{self.mean_recurrence},{params},{tokens},{float(loss):.9g}\n")
         return buf.getvalue()
 
     def table(self) -> str:
@@ -77,6 +78,13 @@ class LoopSweep:
         return "\n".join(lines)
 
 
+def _require_loop(model) -> None:
+    try:
+        protocol.require_looped(model)
+    except protocol.ProtocolError as err:
+        raise InputError(str(err)) from None
+
+
 @torch.no_grad()
 def sweep_losses(model: LoopedLM, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
                  max_loops: int, on_step: Callable[[], None] | None = None) -> np.ndarray:
@@ -86,9 +94,7 @@ def sweep_losses(model: LoopedLM, batches: Sequence[tuple[torch.Tensor, torch.Te
     loss_T = cross_entropy(decode(h), y). Runs in eval mode (restored afterwards); returns
     an array of shape (max_loops,) (float64).
     """
-    if not model.config.looped:
-        raise InputError(f"model '{model.config.name}' is fixed-depth (injection='none'): "
-                         f"it has no loop to sweep")
+    _require_loop(model)
     if isinstance(max_loops, bool) or not isinstance(max_loops, int) or max_loops < 1:
         raise InputError(f"max_loops must be a positive integer, got {max_loops!r}")
     if not batches:
@@ -121,22 +127,23 @@ def sweep_loops(model: LoopedLM, data, max_loops: int | None = None, *, n_batche
     """Sweep T = 1..max_loops (default 3·μ_rec) on `n_batches` fixed validation batches of
     `data` (a loopdyn.data.TextData) and return a LoopSweep; its `overthinking` says whether the loss
     rises past μ_rec and the best loop count (with the dynamical reason when dynamics=True)."""
-    cfg = model.config
-    if not cfg.looped:
-        raise InputError(f"model '{cfg.name}' is fixed-depth (injection='none'): it has no loop to sweep")
+    _require_loop(model)
+    mu = model.mean_loops
+    _, max_len = protocol.token_limits(model)
     if max_loops is None:
-        max_loops = 3 * cfg.mean_loops
+        max_loops = 3 * mu
     _check_positive("max-loops", max_loops)
     if max_loops > MAX_LOOPS:
         raise InputError(f"--max-loops {max_loops} is too large (at most {MAX_LOOPS})")
     for name, v in (("batches", n_batches), ("batch-size", batch_size), ("seq-len", seq_len)):
         _check_positive(name, v)
-    if seq_len > cfg.block_size:
-        raise InputError(f"--seq-len {seq_len} is longer than the model supports (block_size {cfg.block_size})")
+    if max_len is not None and seq_len > max_len:
+        raise InputError(f"--seq-len {seq_len} is longer than the model supports ({max_len} tokens)")
     if tokens is not None and not (math.isfinite(tokens) and tokens > 0):
         raise InputError(f"--tokens must be a positive number, got {tokens:g}")
-    if tokens is None:
-        tokens = cfg.extra.get("train_tokens")  # recorded by loopdyn's trainer
+    config = getattr(model, "config", None)
+    if tokens is None and isinstance(config, LoopConfig):
+        tokens = config.extra.get("train_tokens")  # recorded by loopdyn's trainer
     batches = data.val_batches(n_batches, batch_size, seq_len)
     bar = _progress_bar(n_batches * max_loops) if progress else None
     try:
@@ -144,8 +151,8 @@ def sweep_loops(model: LoopedLM, data, max_loops: int | None = None, *, n_batche
     finally:
         if bar is not None:
             bar.close()
-    sweep = LoopSweep(loops=np.arange(1, max_loops + 1), loss=loss, mean_recurrence=cfg.mean_loops,
-                      params=unrolled_params(cfg, cfg.mean_loops), tokens=tokens,
+    params = unrolled_params(config, mu) if isinstance(config, LoopConfig) else None
+    sweep = LoopSweep(loops=np.arange(1, max_loops + 1), loss=loss, mean_recurrence=mu, params=params, tokens=tokens,
                       eval_tokens=n_batches * batch_size * seq_len)
     sweep.overthinking = loop_overthinking(model, sweep, batches[0][0][:1] if dynamics else None)
     return sweep
@@ -236,15 +243,16 @@ def run(args: argparse.Namespace) -> int:
     if not out.parent.is_dir():
         raise InputError(f"--csv {out}: the folder {out.parent} does not exist")
     model = load(args.checkpoint, device=args.device)
-    cfg = model.config
-    if not cfg.looped:
-        raise InputError(f"{args.checkpoint}: model '{cfg.name}' is fixed-depth (injection='none'): "
-                         f"it has no loop to sweep")
-    if args.seq_len > cfg.block_size:
+    try:
+        _require_loop(model)
+    except InputError as err:
+        raise InputError(f"{args.checkpoint}: {err}") from None
+    vocab, max_len = protocol.token_limits(model)
+    if max_len is not None and args.seq_len > max_len:
         raise InputError(f"--seq-len {args.seq_len} is longer than {args.checkpoint} supports "
-                         f"(block_size {cfg.block_size})")
-    if cfg.vocab_size < 256:
-        raise InputError(f"{args.checkpoint}: the model's vocabulary ({cfg.vocab_size}) is smaller "
+                         f"({max_len} tokens)")
+    if vocab is not None and vocab < 256:
+        raise InputError(f"{args.checkpoint}: the model's vocabulary ({vocab}) is smaller "
                          f"than the 256 byte values of the data")
     nonfinite = getattr(getattr(model, "checkpoint_info", None), "nonfinite", [])
     if nonfinite:
@@ -254,8 +262,8 @@ def run(args: argparse.Namespace) -> int:
     sweep = sweep_loops(model, data, args.max_loops, n_batches=args.batches,
                         batch_size=args.batch_size, seq_len=args.seq_len, tokens=args.tokens,
                         progress=not args.no_progress, dynamics=not args.no_dynamics)
-    print(f"model: {args.checkpoint} ({cfg.injection} injection, mu_rec = {cfg.mean_loops}, "
-          f"{sweep.params:,} unrolled parameters at mu_rec)")
+    size = "unrolled parameters unknown" if sweep.params is None else f"{sweep.params:,} unrolled parameters at mu_rec"
+    print(f"model: {args.checkpoint} ({protocol.injection_name(model)} injection, mu_rec = {model.mean_loops}, {size})")
     print(f"data: {data.source}, {sweep.eval_tokens:,} validation tokens "
           f"({args.batches} x {args.batch_size} x {args.seq_len}) per loop count")
     print(sweep.table())
