@@ -201,6 +201,7 @@ def reference_line(ax, value: float, label: str, orientation: str = "h", style: 
         text = ax.text(value, where, " " + label, transform=ax.get_xaxis_transform(), ha="left",
                        va="top", rotation=90, fontsize=6.5, color=color, zorder=5, clip_on=False)
     text.set_gid("reference-label")
+    text.set_in_layout(False)  # a label on a line never resizes the axes
     line.set_gid("reference-line")
     return line, text
 
