@@ -24,7 +24,8 @@ Outcome of a run (`classify`), by these stated criteria (tested on synthetic cur
   mean of the last quarter of the steps is below the mean of the quarter before by more than
   STEEP_T standard errors and by at least STEEP_DROP nats) or resting on the unigram plateau
   (within DIVERGE_MARGIN of the baseline) that byte-level models sit on before they learn
-  context. A longer run decides it.
+  context; or the run has fewer than MIN_TREND_STEPS steps, too few to show a trend. A
+  longer run decides it.
 - converged: otherwise. A state that grows between 1.5× and EXPLOSION_RATIO over that range
   is noted as "state grows with loops" (marginal).
 """
@@ -54,6 +55,7 @@ EXPLOSION_RATIO = 10.0  # ‖h_{4μ}‖ / ‖h_μ‖ above this is a residual ex
 MARGINAL_RATIO = 1.5
 STEEP_T = 2.0  # the last quarter's mean loss must be this many standard errors below the previous quarter's
 STEEP_DROP = 0.02  # nats, and at least this much lower
+MIN_TREND_STEPS = 8  # fewer steps cannot show a trend: such a run is inconclusive unless it diverged
 OUTCOMES = ("converged", "inconclusive", "residual explosion", "diverged")
 RECORD = "record.json"
 
@@ -142,7 +144,7 @@ def still_falling(losses: list[float]) -> tuple[bool, float, float]:
     Welch t statistic; falling when t ≥ STEEP_T and drop ≥ STEEP_DROP. Needs 8 steps."""
     x = np.asarray(losses, dtype=float)
     q = len(x) // 4
-    if q < 2 or not np.isfinite(x).all():
+    if len(x) < MIN_TREND_STEPS or q < 2 or not np.isfinite(x).all():
         return False, float("nan"), float("nan")
     a, b = x[-2 * q:-q], x[-q:]
     drop = float(a.mean() - b.mean())
@@ -174,7 +176,10 @@ def classify(losses: list[float], final_val: float | None, unigram: float,
     if not learned:
         shown = "n/a" if final_val is None else f"{final_val:.3f}"
         falling, drop, t = still_falling(losses)
-        if falling:
+        if len(x) < MIN_TREND_STEPS:
+            pending = (f"too short to judge: {len(x)} step(s) are too few to tell a trend (validation loss {shown}, "
+                       f"unigram baseline {unigram:.3f}); nothing diverged")
+        elif falling:
             pending = (f"too short to judge: validation loss {shown} is not yet below the unigram baseline "
                        f"{unigram:.3f}, and the training loss is still falling steeply (by {drop:.3f} nats "
                        f"between the last two quarters of the run, t = {t:.1f})")

@@ -21,8 +21,8 @@ import numpy as np
 
 from loopdyn.models.fileio import atomic_write_json, atomic_write_text, json_safe
 from loopdyn import style
-from loopdyn.compare import (DIVERGE_MARGIN, EXPLOSION_LOOPS, EXPLOSION_RATIO, INJECTIONS, STEEP_DROP, STEEP_T,
-                             CompareResult, RunRecord, smoothed)
+from loopdyn.compare import (DIVERGE_MARGIN, EXPLOSION_LOOPS, EXPLOSION_RATIO, INJECTIONS, MIN_TREND_STEPS,
+                             STEEP_DROP, STEEP_T, CompareResult, RunRecord, smoothed)
 
 COLORS, LABELS = style.COLORS, style.LABELS
 OUTCOME_MARK = {"converged": "✓ converged", "inconclusive": "… inconclusive", "diverged": "✗ diverged",
@@ -151,7 +151,7 @@ CRITERIA = {
     "inconclusive": f"too short to judge: not diverged, no explosion, the final validation loss not yet below the "
                     f"unigram baseline, and the training loss still falling steeply (last quarter of the steps "
                     f"≥ {STEEP_DROP} nats and {STEEP_T:g} standard errors below the quarter before) or resting on "
-                    f"the unigram plateau (within {DIVERGE_MARGIN} nats)",
+                    f"the unigram plateau (within {DIVERGE_MARGIN} nats), or fewer than {MIN_TREND_STEPS} steps",
     "converged": "otherwise",
 }
 

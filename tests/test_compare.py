@@ -88,6 +88,9 @@ def test_still_falling_is_a_significance_test_not_noise():
     slope = list(3.0 - 0.004 * np.arange(200) + rng.normal(0, 0.1, 200))  # 0.2 nats between the last quarters
     assert still_falling(slope)[0]
     assert not still_falling([3.0, 2.9, 2.8])[0]  # too few steps to say
+    # ... and a run that short is inconclusive, not diverged, whatever its loss (unless non-finite)
+    assert classify([5.5, 5.4, 5.2], 5.3, UNIGRAM, norms(1.0), MU)[0] == "inconclusive"
+    assert classify([5.5, 5.4, float("inf")], 5.3, UNIGRAM, norms(1.0), MU)[0] == "diverged"
 
 
 def test_inconclusive_does_not_hide_an_explosion_or_a_divergence():
