@@ -82,7 +82,9 @@ def plot_monitor(monitor, title: str | None = None):
     for ax, (name, present, ref) in zip(axes, panels):
         values = []
         for i, (sig, label, ls, (steps, v)) in enumerate(present):
-            ax.plot(steps, style.finite(v), ls=ls, color=style.SEQUENCE[i], lw=0.9, label=label)
+            sparse = len(steps) <= 20  # e.g. the Jacobian every 100 steps: show each value
+            ax.plot(steps, style.finite(v), ls=ls, color=style.SEQUENCE[i], lw=0.9, label=label,
+                    marker="o" if sparse else None, ms=3)
             values += [x for x in v if math.isfinite(x)]
             by_signal[sig] = (ax, steps, v)
         style.auto_scale(ax, values)
