@@ -57,10 +57,12 @@ def plot_eigenvalues(report):
     ax.set_ylabel("Im λ")
     ax.set_title(f"Ā: ρ = {s.spectral_radius:.3g}, ‖Ā‖₂ = {s.spectral_norm:.3g}")
     style.place_legend(ax)
-    inside = "inside" if s.spectral_radius < 1 else "outside"
+    mod = np.abs(ev) if ev.size else np.array([])
+    n_out, n_on = int(np.sum(mod > 1 + 1e-9)), int(np.sum(np.abs(mod - 1) <= 1e-9))
+    where = (f"{n_out} of {ev.size} outside the unit circle" + (f", {n_on} on it" if n_on else "")
+             if n_out or n_on else f"all {ev.size} inside the unit circle")
     caption = (f"Eigenvalues of the injection's state operator Ā of the {_name(report)} in the complex plane, "
-               f"with the unit circle (dotted): {', '.join(parts)}. ρ(Ā) = {s.spectral_radius:.3g} "
-               f"({'all eigenvalues ' + inside + ' the unit circle' if s.spectral_radius != 1 else 'on the unit circle'}); "
+               f"with the unit circle (dotted): {', '.join(parts)}. ρ(Ā) = {s.spectral_radius:.3g} ({where}); "
                f"‖Ā‖₂ = {s.spectral_norm:.3g}.")
     return fig, caption
 

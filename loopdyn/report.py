@@ -371,7 +371,7 @@ def plot_val_vs_loops(result: CompareResult):
             ax.set_xscale("log", base=2)
             ax.xaxis.set_major_locator(FixedLocator(loops))
             ax.xaxis.set_minor_locator(NullLocator())
-            ax.xaxis.set_major_formatter(style_plain_int())
+            ax.xaxis.set_major_formatter(style.integer_formatter())
             ax.set_xlim(min(loops) / 1.3, max(loops) * 1.3)
         for mu in mus:
             style.reference_line(ax, mu, f"trained depth μ_rec = {mu}", orientation="v", where=0.98)
@@ -386,12 +386,6 @@ def plot_val_vs_loops(result: CompareResult):
                + ("; dotted horizontal: the unigram baseline" if baseline_drawn else "")
                + "; the y axis is cut 0.5 nats above the unigram baseline" + _seeds_note(result) + ".")
     return fig, caption
-
-
-def style_plain_int():
-    from matplotlib.ticker import FuncFormatter
-
-    return FuncFormatter(lambda x, _pos=None: f"{int(round(x))}")
 
 
 PLOTS = {"loss_curves": plot_loss_curves, "spectral_radius": plot_spectral_radius,

@@ -152,6 +152,13 @@ def integer_axis(ax, which: str = "x") -> None:
     axis.set_major_locator(MaxNLocator(integer=True, nbins="auto", min_n_ticks=3))
 
 
+def integer_formatter():
+    """Tick labels as plain integers (for loop counts on a log₂ axis: 1, 2, 4, 8, 16)."""
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda x, _pos=None: f"{int(round(x))}")
+
+
 def _plain(x, _pos=None) -> str:
     if x == 0 or not math.isfinite(x):
         return "0"

@@ -148,6 +148,10 @@ def test_audit_figures_content(audits, which):
         fig.canvas.draw()
         sizes = [t.get_fontsize() for t in fig.findobj(matplotlib.text.Text) if t.get_text() and t.get_visible()]
         assert min(sizes) >= 6.5, name
+    fig, cap = PLOTS["eigenvalues"](report)
+    ev = np.abs(np.asarray(report.injection.eigenvalues))
+    assert (f"{int((ev > 1).sum())} of {ev.size} outside the unit circle" if (ev > 1).any()
+            else f"all {ev.size} inside the unit circle") in cap
     # integer loop and index axes
     fig, _ = PLOTS["trajectory"](report)
     assert integer_ticks(fig.axes[-1])
