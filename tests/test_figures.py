@@ -423,6 +423,10 @@ def test_train_probes_plots_end_to_end(tmp_path, capsys):
                  "--set", "d_model=32", "--set", "n_heads=2", "--set", "d_mlp=64"]) == 0
     assert (out / "monitor.svg").read_text().startswith("<?xml")
     assert "monitor.svg: Signals recorded by the stability monitor" in capsys.readouterr().out
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["train", "--steps", "1", "--plots", str(afile), "--no-progress"]) == 1  # before any training
+    assert "exists and is not a folder" in capsys.readouterr().err and afile.read_text() == "x"
 
 
 # ---- the style module itself ---------------------------------------------------------------------

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
 
 from loopdyn.models import LoopedLM
+from loopdyn.models.errors import InputError
 from loopdyn.commands.common import add_model_options, add_train_options, config_from_args
 from loopdyn.data import load_text
 from loopdyn.train import Distributed, TrainConfig, train
@@ -69,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     cfg = train_config_from_args(args, log_path=args.log, save_dir=args.save)
     cfg.validate()
+    if args.plots and os.path.exists(args.plots) and not os.path.isdir(args.plots):
+        raise InputError(f"--plots {args.plots}: exists and is not a folder")  # fail before training, not after
     data = load_text(args.data)
     torch.manual_seed(args.seed)
     model = LoopedLM(config)
