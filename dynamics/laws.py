@@ -96,6 +96,10 @@ class _Form:
     positive: frozenset[str] = frozenset()
     # input columns that enter through a power or log and so need two distinct values
     varying: tuple[str, ...] = ()
+    # the additive terms beside the constant, for the identifiability check: θ, cols →
+    # {term formula: its value on each row}; None for forms with no constant (pure power, routed)
+    terms: Callable[[np.ndarray, Mapping[str, np.ndarray]], dict[str, np.ndarray]] | None = None
+    constant: str | None = None  # the constant a negligible term trades off against
 
 
 def _log_to_params(names: Sequence[str], logged: Sequence[str]):
@@ -187,8 +191,14 @@ def _make_testtime(kind: str) -> _Form:
             b.insert(0, (math.log(float(loss.min())) - 25.0, hi))
         return b
 
+    def terms(theta, cols):
+        Z, z = np.exp(theta[-2:])
+        shape = formulas[kind].split(" + ")[-1]
+        return {shape: Z * _tt_term(kind, cols["loops"], z)[0]}
+
     return _Form(kind, "testtime", names, ("loops",), formulas[kind], log_predict, init,
-                 bounds, to_params, from_params, frozenset(names), ("loops",))
+                 bounds, to_params, from_params, frozenset(names), ("loops",),
+                 terms if has_inf else None, "L_inf" if has_inf else None)
 
 
 # -- parcae / unified ---------------------------------------------------------------------
@@ -229,9 +239,15 @@ def _make_parcae() -> _Form:
         return [(math.log(float(loss.min())) - 25.0, top), (-60.0, 150.0), (0.0, 4.0),
                 (-60.0, 150.0), (0.0, 4.0)]
 
+    def terms(theta, cols):
+        _, lnA, a, lnB, b = theta
+        return {"A*N^(-a)": np.exp(lnA - a * cols["_lnparams"]),
+                "B*D^(-b)": np.exp(lnB - b * cols["_lntokens"])}
+
     return _Form("parcae", "parcae", names, ("params", "tokens"),
                  "L(N, D) = E + A*N^(-a) + B*D^(-b)", log_predict, init, bounds,
-                 to_params, from_params, frozenset(("E", "A", "B")), ("params", "tokens"))
+                 to_params, from_params, frozenset(("E", "A", "B")), ("params", "tokens"),
+                 terms, "E")
 
 
 def _make_unified() -> _Form:
@@ -270,10 +286,17 @@ def _make_unified() -> _Form:
         return [(math.log(float(loss.min())) - 25.0, top), (-60.0, 150.0), (0.0, 4.0),
                 (-60.0, 150.0), (0.0, 4.0), (-40.0, 150.0), (math.log(1e-4), math.log(500.0))]
 
+    def terms(theta, cols):
+        _, lnX, x, lnY, y, lnZ, lnz = theta
+        s = cols["loops"] / cols["mean_recurrence"]
+        return {"X*N^(-x)": np.exp(lnX - x * cols["_lnparams"]),
+                "Y*D^(-y)": np.exp(lnY - y * cols["_lntokens"]),
+                "Z*exp(-z*T/mu_rec)": np.exp(lnZ - math.exp(lnz) * s)}
+
     return _Form("unified", "unified", names, ("loops", "mean_recurrence", "params", "tokens"),
                  "L(T | mu_rec, D) = E + X*N^(-x) + Y*D^(-y) + Z*exp(-z*T/mu_rec)",
                  log_predict, init, bounds, to_params, from_params,
-                 frozenset(logged), ("loops", "params", "tokens"))
+                 frozenset(logged), ("loops", "params", "tokens"), terms, "E")
 
 
 # -- routed (Clark et al. 2022) ------------------------------------------------------------
@@ -698,6 +721,7 @@ def fit_law(
 
     reasons = _reliability(form, theta, params, ci, bounds, converged, best, n, p,
                            bootstrap, samples)
+    reasons += _unidentified_terms(form, theta, sub, in_err)
     return LawFit(
         law=form.law, form=form.name, formula=form.formula, params=params, ci=ci,
         in_sample_error=in_err, held_out_error=out_err, n_points=n, n_held_out=int(held.sum()),
@@ -736,6 +760,41 @@ def _reliability(form, theta, params, ci, bounds, converged, best, n, p, bootstr
         elif hi - lo > HUGE_CI_WIDTH * max(abs(params[name]), 0.01):
             reasons.append(f"{name} is poorly identified (interval [{lo:.3g}, {hi:.3g}])")
     return reasons
+
+
+#: A term whose variation over the fitted rows stays below this fraction of the mean loss
+#: (or below twice the fit's mean relative residual, the noise level) cannot be told apart
+#: from a constant.
+NEGLIGIBLE_TERM = 1e-4
+
+
+def _unidentified_terms(form, theta, cols, in_sample_error) -> list[str]:
+    """Terms the data cannot identify. Each additive term must rise above its own minimum by
+    more than the noise at two or more distinct inputs:
+
+    - at none, it is a constant that trades off against ``form.constant`` (e.g. A·N^(−a) with
+      a → 0 on data with no N dependence: A and a are meaningless, and E is determined only
+      up to the value of that term);
+    - at one, it is bent to fit that single row (e.g. Z·e^(−zT) with z ≈ 18 absorbing the
+      noise of the T = 1 point), and its coefficients are again arbitrary.
+
+    The noise level is max(NEGLIGIBLE_TERM, 2 · in-sample mean relative error) × mean loss."""
+    if form.terms is None:
+        return []
+    mean_loss = float(np.mean(cols["loss"]))
+    floor = max(NEGLIGIBLE_TERM, 2.0 * (in_sample_error or 0.0))
+    out = []
+    for label, values in form.terms(theta, cols).items():
+        rise = (values - values.min()) / mean_loss
+        support = np.unique(values[rise > floor]).size
+        if support == 0:
+            out.append(f"the term {label} changes by only {100 * float(rise.max()):.2g}% of the loss over "
+                       f"the data (noise level {100 * floor:.2g}%): it acts as a constant that trades off "
+                       f"against {form.constant}, so its coefficients are not identified")
+        elif support == 1:
+            out.append(f"the term {label} rises above the noise level ({100 * floor:.2g}% of the loss) at a "
+                       f"single input: it fits one row, so its coefficients are not identified")
+    return out
 
 
 # -- convenience wrappers -------------------------------------------------------------------

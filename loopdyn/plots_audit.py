@@ -1,141 +1,206 @@
-"""Figures for `loopdyn audit --plots DIR` (PNG, written atomically one by one).
+"""Figures for `loopdyn audit --plots DIR [--format png|pdf|svg]`, in loopdyn's one style.
 
-* eigenvalues.png — eigenvalues of Ā against the unit circle (and ρ(J_T), the Jacobian's
-  Ritz estimate at the last measured loop, as a dashed circle);
-* trajectory.png — ‖h_t‖ and the relative residual against loops, measured (solid) and
-  forecast (dashed), with the safe limit;
-* jacobian.png — ‖J_t‖₂ and ρ(J_t) per measured loop, against ‖Ā‖₂ and ρ(Ā);
-* lyapunov.png — the finite-time Lyapunov exponents.
-matplotlib is imported here only, and drawn with the Agg canvas (no pyplot, no global state).
+* eigenvalues — eigenvalues of Ā against the unit circle (and ρ(J_T), the Jacobian's Ritz
+  estimate at the last measured loop, as a dashed circle);
+* trajectory — ‖h_t‖ and the relative residual against loops, measured (solid, markers) and
+  forecast (dashed), with the trained depth μ_rec, the safe limit and the last safe loop;
+* jacobian — ‖J_t‖₂ and ρ(J_t) per measured loop, against ‖Ā‖₂, ρ(Ā) and 1;
+* lyapunov — the finite-time Lyapunov exponents against zero.
+
+Each `plot_*` returns (figure, caption); the caption says what was drawn and measured. It is
+stored in the file's own metadata (PNG Description, PDF Subject, SVG dc:description) and
+returned to the caller, which prints it. matplotlib is imported only through loopdyn.style.
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 
-from loopdyn.models.fileio import atomic_write_bytes
+from loopdyn import style
 
 
-def _figure(size=(6.0, 4.2)):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=size, dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
+def _name(report) -> str:
+    return f"{report.model.injection}-injection model"
 
 
-def _save(fig, path: Path) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return atomic_write_bytes(path, buf.getvalue())
-
-
-def _finite(x):
-    x = np.asarray(x, dtype=float)
-    return np.where(np.isfinite(x), x, np.nan)
-
-
+@style.styled
 def plot_eigenvalues(report):
     s = report.injection
-    fig = _figure((5.2, 5.0))
-    ax = fig.add_subplot()
+    fig, ax = style.figure(style.SINGLE, 3.3)
     th = np.linspace(0, 2 * np.pi, 400)
-    ax.plot(np.cos(th), np.sin(th), color="0.4", lw=1, label="unit circle")
+    ax.plot(np.cos(th), np.sin(th), color=style.REFERENCE, lw=0.8, ls=":", gid="reference-line",
+            label="_nolegend_")
+    ax.text(0.93 * np.cos(np.pi / 4), 0.93 * np.sin(np.pi / 4), "|λ| = 1", color=style.REFERENCE, fontsize=6.5,
+            ha="right", va="top", gid="reference-label")
+    colour = style.COLORS.get(report.model.injection, style.SEQUENCE[0])
     ev = np.asarray(s.eigenvalues)
+    parts = [f"{ev.size} eigenvalues of Ā ({s.kind})"]
     if ev.size:
-        ax.plot(ev.real, ev.imag, "o", ms=4, mfc="none", mec="C0", label=f"eigenvalues of Ā ({s.kind})")
+        ax.plot(ev.real, ev.imag, "o", ms=3.5, mfc="none", mec=colour, mew=0.8, label="eigenvalues of Ā")
     j = report.jacobian
+    r = None
     if len(j.spectral_radius) and np.isfinite(j.spectral_radius[-1]):
         r = float(j.spectral_radius[-1])
-        ax.plot(r * np.cos(th), r * np.sin(th), "--", color="C3", lw=1, label=f"ρ(J) ≈ {r:.3g} at loop {j.loops[-1]}")
-    lim = max(1.1, float(np.nanmax(np.abs(ev))) * 1.1 if ev.size and np.isfinite(np.abs(ev)).any() else 1.1)
+        ax.plot(r * np.cos(th), r * np.sin(th), "--", color=style.OKABE_ITO["black"], lw=0.9,
+                label=f"|λ| = ρ(J) at loop {j.loops[-1]}")
+        parts.append(f"a dashed circle at ρ(J) ≈ {r:.3g}, the Ritz estimate of the loop Jacobian's spectral "
+                     f"radius at loop {j.loops[-1]}")
+    finite_abs = np.abs(ev)[np.isfinite(np.abs(ev))] if ev.size else np.array([])
+    lim = max(1.15, (finite_abs.max() if finite_abs.size else 0) * 1.1, (r or 0) * 1.1)
     ax.set_xlim(-lim, lim)
     ax.set_ylim(-lim, lim)
     ax.set_aspect("equal")
-    ax.axhline(0, color="0.85", lw=0.8)
-    ax.axvline(0, color="0.85", lw=0.8)
-    ax.set_xlabel("Re")
-    ax.set_ylabel("Im")
-    ax.set_title(f"Ā: ρ = {s.spectral_radius:.3g}, ‖Ā‖₂ = {s.spectral_norm:.3g}", fontsize=10)
-    ax.legend(fontsize=7, loc="upper right")
-    return fig
+    ax.axhline(0, color="0.85", lw=0.5, zorder=0, gid="reference-line")
+    ax.axvline(0, color="0.85", lw=0.5, zorder=0, gid="reference-line")
+    ax.set_xlabel("Re λ")
+    ax.set_ylabel("Im λ")
+    ax.set_title(f"Ā: ρ = {s.spectral_radius:.3g}, ‖Ā‖₂ = {s.spectral_norm:.3g}")
+    style.place_legend(ax)
+    mod = np.abs(ev) if ev.size else np.array([])
+    n_out, n_on = int(np.sum(mod > 1 + 1e-9)), int(np.sum(np.abs(mod - 1) <= 1e-9))
+    where = (f"{n_out} of {ev.size} outside the unit circle" + (f", {n_on} on it" if n_on else "")
+             if n_out or n_on else f"all {ev.size} inside the unit circle")
+    caption = (f"Eigenvalues of the injection's state operator Ā of the {_name(report)} in the complex plane, "
+               f"with the unit circle (dotted): {', '.join(parts)}. ρ(Ā) = {s.spectral_radius:.3g} ({where}); "
+               f"‖Ā‖₂ = {s.spectral_norm:.3g}.")
+    return fig, caption
 
 
+@style.styled
 def plot_trajectory(report):
     f = report.forecast
-    fig = _figure((6.4, 6.0))
-    ax1, ax2 = fig.subplots(2, 1, sharex=True)
+    fig, (ax1, ax2) = style.figure(style.SINGLE, 4.4, nrows=2, sharex=True)
     T = f.measured_loops
     loops = np.arange(1, f.horizon + 1)
-    ax1.plot(loops[:T], _finite(f.state_norm[:T]), "o-", color="C0", ms=3, label="measured ‖h_t‖")
-    if f.horizon > T:
-        ax1.plot(loops[T - 1:], _finite(f.state_norm[T - 1:]), "--", color="C0", label="forecast")
-    if np.isfinite(f.safe_limit):
-        ax1.axhline(f.safe_limit, color="C3", lw=1, ls=":", label=f"safe limit ({f.explosion_factor:g}× natural scale)")
-    if f.max_safe_loops < f.horizon:
-        ax1.axvline(f.max_safe_loops + 0.5, color="C3", lw=1, alpha=0.5)
-    ax1.set_yscale("log")
+    sn, rr = style.finite(f.state_norm), style.finite(f.rel_residual)
+    colour = style.COLORS.get(report.model.injection, style.SEQUENCE[0])
+    ax1.plot(loops[:T], sn[:T], "o-", color=colour, ms=3, label="measured")
+    forecast = f.horizon > T
+    if forecast:
+        ax1.plot(loops[T - 1:], sn[T - 1:], "--", color=colour, label="forecast")
+    shown = list(sn[np.isfinite(sn)])
+    safe = np.isfinite(f.safe_limit)
+    if safe:
+        shown.append(f.safe_limit)
+    if style.auto_scale(ax1, shown) == "linear":
+        ax1.set_ylim(bottom=0)
+    if safe:
+        style.reference_line(ax1, f.safe_limit, f"safe limit ({f.explosion_factor:g}× natural scale)",
+                             style="-.", where=0.02)
+    mu = getattr(report.model, "mean_loops", None)
+    for ax in (ax1, ax2):
+        if mu and 1 <= mu <= f.horizon:
+            style.reference_line(ax, mu, f"trained depth μ_rec = {mu}", orientation="v", style=":",
+                                 where=0.98)
+        if f.max_safe_loops < f.horizon:
+            style.reference_line(ax, f.max_safe_loops + 0.5, f"safe through t = {f.max_safe_loops}",
+                                 orientation="v", style="-", color=style.OKABE_ITO["vermillion"], where=0.55)
+        ax.set_xlim(0.5, f.horizon + 0.5)
     ax1.set_ylabel("mean token ‖h_t‖₂")
-    ax1.set_title(f"verdict: {report.verdict} (decided by {f.decided_by}); safe through {f.max_safe_loops} loops",
-                  fontsize=10)
-    ax1.legend(fontsize=7)
-    ax2.plot(loops[:T], _finite(f.rel_residual[:T]), "o-", color="C1", ms=3, label="measured")
-    if f.horizon > T:
-        ax2.plot(loops[T - 1:], _finite(f.rel_residual[T - 1:]), "--", color="C1", label="forecast")
-    ax2.set_yscale("log")
+    ax1.set_title(f"verdict: {report.verdict} (decided by {f.decided_by})")
+    ax2.plot(loops[:T], rr[:T], "o-", color=colour, ms=3, label="measured")
+    if forecast:
+        ax2.plot(loops[T - 1:], rr[T - 1:], "--", color=colour, label="forecast")
+    style.auto_scale(ax2, rr[np.isfinite(rr)], log_range=1e3)
     ax2.set_xlabel("loop t")
     ax2.set_ylabel("‖h_t − h_(t−1)‖ / ‖h_t‖")
-    ax2.legend(fontsize=7)
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-    return fig
+    style.integer_axis(ax2, "x")
+    style.place_legend(ax1)
+    growth = f"growth rate {f.growth_rate:.3g}/loop" if np.isfinite(getattr(f, "growth_rate", np.nan)) else ""
+    caption = (f"Mean token state norm ‖h_t‖₂ (top) and relative residual ‖h_t − h_(t−1)‖/‖h_t‖ (bottom) of the "
+               f"{_name(report)} against the loop t: measured for t = 1..{T} (markers)"
+               + (f", forecast to t = {f.horizon} (dashed)" if forecast else "")
+               + (f"; the dotted vertical line is the trained depth μ_rec = {mu}" if mu and mu <= f.horizon else "")
+               + (f"; dash-dotted: the safe limit {f.safe_limit:.3g} ({f.explosion_factor:g}× the natural scale)"
+                  if safe else "")
+               + (f"; the state leaves the safe region after loop {f.max_safe_loops} (solid vertical line)"
+                  if f.max_safe_loops < f.horizon else f"; safe through all {f.horizon} loops")
+               + (f"; {growth}" if growth else "") + f". Verdict {report.verdict}, decided by {f.decided_by}.")
+    return fig, caption
 
 
+@style.styled
 def plot_jacobian(report):
     j = report.jacobian
-    fig = _figure()
-    ax = fig.add_subplot()
-    ax.plot(j.loops, _finite(j.spectral_norm), "o-", label="‖J_t‖₂ (lower bound)")
-    ax.plot(j.loops, _finite(j.spectral_radius), "s-", label="ρ(J_t) (Ritz estimate)")
+    fig, ax = style.figure(style.SINGLE, 2.6)
+    c_norm, c_rad = style.OKABE_ITO["blue"], style.OKABE_ITO["vermillion"]
+    sn, sr = style.finite(j.spectral_norm), style.finite(j.spectral_radius)
+    ax.plot(j.loops, sn, "o-", color=c_norm, label="‖J_t‖₂ (lower bound)")
+    ax.plot(j.loops, sr, "s-", color=c_rad, label="ρ(J_t) (Ritz estimate)")
+    shown = [*sn[np.isfinite(sn)], *sr[np.isfinite(sr)], 1.0]
+    drawn = []
     if np.isfinite(j.lti_spectral_norm):
-        ax.axhline(j.lti_spectral_norm, color="C0", ls=":", lw=1, label="‖Ā‖₂ (LTI part)")
+        ax.axhline(j.lti_spectral_norm, color=c_norm, ls=":", lw=0.9, label="‖Ā‖₂ (LTI part)")
+        shown.append(j.lti_spectral_norm)
+        drawn.append(f"‖Ā‖₂ = {j.lti_spectral_norm:.3g} (dotted)")
     if np.isfinite(j.lti_spectral_radius):
-        ax.axhline(j.lti_spectral_radius, color="C1", ls=":", lw=1, label="ρ(Ā)")
-    ax.axhline(1.0, color="0.5", lw=0.8)
+        ax.axhline(j.lti_spectral_radius, color=c_rad, ls=":", lw=0.9, label="ρ(Ā) (LTI part)")
+        shown.append(j.lti_spectral_radius)
+        drawn.append(f"ρ(Ā) = {j.lti_spectral_radius:.3g} (dotted)")
+    if style.auto_scale(ax, shown) == "linear":
+        ax.set_ylim(bottom=0, top=max(shown) * 1.25)
+    style.reference_line(ax, 1.0, "ρ = 1", style="--", where=0.02)
     ax.set_xlabel("loop t (Jacobian at the measured state h_t)")
     ax.set_ylabel("amplification per loop")
-    ax.set_title("loop Jacobian along the trajectory", fontsize=10)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    return fig
+    style.integer_axis(ax, "x")
+    if len(j.loops):
+        ax.set_xlim(min(j.loops) - 0.5, max(j.loops) + 0.5)
+    style.place_legend(ax)
+    last = (f"; at loop {j.loops[-1]} ‖J‖₂ ≥ {sn[-1]:.3g}, ρ(J) ≈ {sr[-1]:.3g}" if len(j.loops) else "")
+    caption = (f"Top singular value (a Lanczos lower bound, circles) and spectral radius (Arnoldi Ritz estimate, "
+               f"squares) of the loop Jacobian J_t = ∂h_(t+1)/∂h_t along the measured trajectory of the "
+               f"{_name(report)} (matrix-free, {j.matvecs} products with J or Jᵀ)"
+               + (", against " + " and ".join(drawn) if drawn else "") + "; dashed: ρ = 1" + last + ".")
+    return fig, caption
 
 
+@style.styled
 def plot_lyapunov(report):
     ly = report.lyapunov
-    fig = _figure((5.6, 3.8))
-    ax = fig.add_subplot()
-    ex = _finite(ly.exponents)
-    ax.bar(np.arange(1, len(ex) + 1), np.nan_to_num(ex), color=["C3" if x > 0 else "C0" for x in np.nan_to_num(ex)])
-    ax.axhline(0, color="0.4", lw=0.8)
-    ax.set_xlabel("exponent i")
+    fig, ax = style.figure(style.SINGLE, 2.4)
+    ex = style.finite(ly.exponents)
+    idx = np.arange(1, len(ex) + 1)
+    ok = np.isfinite(ex)
+    pos, neg = ok & (ex > 0), ok & (ex <= 0)
+    ax.vlines(idx[ok], 0, ex[ok], color="0.6", lw=0.8, label="_nolegend_")
+    if pos.any():
+        ax.plot(idx[pos], ex[pos], "o", color=style.OKABE_ITO["vermillion"], label="λ_i > 0 (perturbations grow)")
+    if neg.any():
+        ax.plot(idx[neg], ex[neg], "o", color=style.OKABE_ITO["blue"], label="λ_i ≤ 0 (perturbations decay)")
+    style.reference_line(ax, 0.0, "0", style="-", where=0.995, lw=0.7)
+    ax.set_xlabel("exponent index i")
     ax.set_ylabel("λ_i (nats per loop)")
-    ax.set_title(f"finite-time Lyapunov exponents over {ly.loops} loops", fontsize=10)
-    ax.grid(alpha=0.3, axis="y")
-    return fig
+    style.integer_axis(ax, "x")
+    ax.set_xlim(0.5, max(len(ex), 1) + 0.5)
+    if ok.any():
+        lo, hi = min(0.0, ex[ok].min()), max(0.0, ex[ok].max())
+        pad = 0.15 * max(hi - lo, 1e-3)
+        ax.set_ylim(lo - pad, hi + pad * 2.5)
+    style.place_legend(ax)
+    values = ", ".join(f"{x:.3g}" for x in ex[ok])
+    caption = (f"The {len(ex)} leading finite-time Lyapunov exponents λ_i of the {_name(report)}'s loop over "
+               f"{ly.loops} loops (QR re-orthonormalisation of tangent vectors propagated with the loop Jacobian), "
+               f"in nats per loop, against zero: {values or 'none finite'}; "
+               f"{int(pos.sum())} positive.")
+    return fig, caption
 
 
-PLOTS = {"eigenvalues.png": plot_eigenvalues, "trajectory.png": plot_trajectory,
-         "jacobian.png": plot_jacobian, "lyapunov.png": plot_lyapunov}
+PLOTS = {"eigenvalues": plot_eigenvalues, "trajectory": plot_trajectory,
+         "jacobian": plot_jacobian, "lyapunov": plot_lyapunov}
 
 
-def write_audit_plots(report, directory) -> list[Path]:
-    """Draw every figure into `directory` (created if needed); each file is written atomically."""
+def write_audit_plots(report, directory, fmt: str = "png") -> list[tuple[Path, str]]:
+    """Draw every figure into `directory` (created if needed) as NAME.{fmt}, each written
+    atomically with its caption in the file's metadata. Returns [(path, caption), ...]."""
+    fmt = style.check_format(fmt)
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         from loopdyn.models.errors import InputError
 
         raise InputError(f"--plots {directory}: exists and is not a folder")
-    return [_save(draw(report), directory / name) for name, draw in PLOTS.items()]
+    paths = []
+    for name, draw in PLOTS.items():
+        fig, caption = draw(report)
+        paths.append((style.save(fig, directory / f"{name}.{fmt}", fmt, caption=caption), caption))
+    return paths

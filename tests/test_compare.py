@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from loopdyn.cli import main
-from loopdyn.compare import (DIVERGE_MARGIN, EXPLOSION_RATIO, RECORD, CompareResult, RunRecord, RunSpec,
-                             classify, grid, injection_norms, smoothed, state_norms)
+from loopdyn.compare import (DIVERGE_MARGIN, EXPLOSION_RATIO, RECORD, STEEP_DROP, STEEP_T, CompareResult, RunRecord,
+                             RunSpec, classify, grid, injection_norms, smoothed, state_norms, still_falling)
 from loopdyn.models import LoopConfig, LoopedLM
 
 UNIGRAM = 3.26
@@ -46,9 +46,60 @@ def test_a_loss_that_rises_above_its_best_by_the_margin_diverged():
     assert classify(bumpy, 2.1, UNIGRAM, norms(1.0), MU)[0] == "converged"
 
 
-def test_a_run_that_never_beats_the_unigram_baseline_diverged():
-    assert classify(decaying(end=3.3), 3.3, UNIGRAM, norms(1.0), MU)[0] == "diverged"
-    assert classify(decaying(), None, UNIGRAM, norms(1.0), MU)[0] == "diverged"
+def test_a_run_stalled_far_above_the_unigram_baseline_diverged():
+    """It did not even learn byte frequencies and is not falling: stalled > margin above the baseline."""
+    stuck = decaying(end=UNIGRAM + DIVERGE_MARGIN + 0.4)
+    outcome, reason, _ = classify(stuck, UNIGRAM + 0.9, UNIGRAM, norms(1.0), MU)
+    assert outcome == "diverged" and "stalled" in reason
+    assert classify(stuck, None, UNIGRAM, norms(1.0), MU)[0] == "diverged"
+    assert classify(decaying(), float("nan"), UNIGRAM, norms(1.0), MU)[0] == "diverged"
+
+
+def noisy_curve(values, sd=0.08, seed=0):
+    return list(np.asarray(values) + np.random.default_rng(seed).normal(0, sd, len(values)))
+
+
+def test_a_short_run_still_falling_steeply_above_the_baseline_is_inconclusive_not_diverged():
+    # 40 steps of a Parcae-like curve: ln 256 → still 0.6 nats above the baseline and falling, noisy
+    short = noisy_curve(UNIGRAM - 1.2 + (5.55 - UNIGRAM + 1.2) * np.exp(-np.arange(40) / 25))
+    falling, drop, t = still_falling(short)
+    assert falling and drop > STEEP_DROP and t >= STEEP_T
+    outcome, reason, _ = classify(short, UNIGRAM + 0.4, UNIGRAM, norms(1.0), MU)
+    assert outcome == "inconclusive" and "still falling" in reason
+    # the same curve trained to the end converges: the label was about length, not stability
+    full = noisy_curve(UNIGRAM - 1.2 + (5.55 - UNIGRAM + 1.2) * np.exp(-np.arange(300) / 25))
+    assert classify(full, UNIGRAM - 1.1, UNIGRAM, norms(1.0), MU)[0] == "converged"
+
+
+def test_a_run_resting_on_the_unigram_plateau_is_inconclusive():
+    # dropped from ln 256 to the byte-frequency plateau and sits there, noisy, not rising (demo --steps 80)
+    plateau = noisy_curve(np.r_[np.linspace(5.5, 3.4, 15), np.full(65, UNIGRAM + 0.05)], seed=1)
+    assert not still_falling(plateau)[0]
+    outcome, reason, _ = classify(plateau, UNIGRAM + 0.03, UNIGRAM, norms(1.0), MU)
+    assert outcome == "inconclusive" and "plateau" in reason
+    # a flat curve that is not falling and sits far above the plateau is not inconclusive
+    assert classify(list(np.full(80, 5.5)), 5.5, UNIGRAM, norms(1.0), MU)[0] == "diverged"
+
+
+def test_still_falling_is_a_significance_test_not_noise():
+    rng = np.random.default_rng(3)
+    flat = list(3.0 + rng.normal(0, 0.1, 200))
+    assert not still_falling(flat)[0]
+    slope = list(3.0 - 0.004 * np.arange(200) + rng.normal(0, 0.1, 200))  # 0.2 nats between the last quarters
+    assert still_falling(slope)[0]
+    assert not still_falling([3.0, 2.9, 2.8])[0]  # too few steps to say
+    # ... and a run that short is inconclusive, not diverged, whatever its loss (unless non-finite)
+    assert classify([5.5, 5.4, 5.2], 5.3, UNIGRAM, norms(1.0), MU)[0] == "inconclusive"
+    assert classify([5.5, 5.4, float("inf")], 5.3, UNIGRAM, norms(1.0), MU)[0] == "diverged"
+
+
+def test_inconclusive_does_not_hide_an_explosion_or_a_divergence():
+    short = decaying(40)
+    assert classify(short, UNIGRAM + 0.5, UNIGRAM, norms(1.3), MU)[0] == "residual explosion"
+    broken = short[:-1] + [float("nan")]
+    assert classify(broken, UNIGRAM + 0.5, UNIGRAM, norms(1.0), MU)[0] == "diverged"
+    # fixed-depth runs can be inconclusive too
+    assert classify(short, UNIGRAM + 0.5, UNIGRAM, [], None)[0] == "inconclusive"
 
 
 def test_geometric_state_growth_is_a_residual_explosion_and_linear_growth_is_not():
@@ -139,8 +190,12 @@ def test_two_step_compare_end_to_end(tmp_path, capsys):
     # same token budget for every run; parameter counts reported
     assert len({r["tokens"] for r in summary["runs"]}) == 1
     assert all(r["params"] > 0 for r in summary["runs"])
+    # two steps say nothing about stability: no run is called diverged for being short
+    assert {r["outcome"] for r in summary["runs"]} <= {"inconclusive", "residual explosion"}
+    assert "2 step(s) are too few" in summary["runs"][0]["outcome_reason"]
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "Convergence matrix" in html
+    assert "loopdyn compare --injections diagonal,linear,fixed --lrs 0.01,0.05 --seeds 0 --steps 2" in html
     for name in ("diagonal-lr0.01-seed0", "fixed-lr0.05-seed0"):
         record = json.loads((out / "runs" / name / RECORD).read_text())
         assert len(record["losses"]) == 2 and (out / "runs" / name / "model" / "config.json").is_file()

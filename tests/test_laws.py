@@ -411,3 +411,16 @@ def test_cli_usage_errors_exit_2(tmp_path):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2
+
+
+def test_a_term_that_does_not_change_over_the_data_is_flagged_and_a_real_one_is_not():
+    """Loss with no T dependence: whatever Z, z the fitter picks, Z·e^(−zT) is either a
+    constant over the rows (trading off against L_inf) or bent to absorb the noise of a single
+    row, and the fit must say so; the same T grid with a real decay (up to 10% of the loss)
+    is identified."""
+    T = np.arange(1, 9, dtype=float)
+    for seed in range(4):
+        flat = laws.fit_testtime(T, noisy(np.full_like(T, 2.5), seed=seed), restarts=16, bootstrap=0)
+        assert not flat.reliable and "not identified" in flat.reason, (seed, flat.params)
+        real = laws.fit_testtime(T, noisy(2.5 + 0.4 * np.exp(-0.5 * T), seed=seed), restarts=16, bootstrap=0)
+        assert real.reliable, (seed, real.reason)

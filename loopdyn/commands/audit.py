@@ -43,7 +43,9 @@ def register(subparsers) -> None:
     p.add_argument("--horizon", type=int, default=None, metavar="H",
                    help=f"loops to forecast (default: 4 × loops; loops..{MAX_HORIZON})")
     p.add_argument("--json", metavar="FILE", help="write the audit record (DESIGN §7) as JSON")
-    p.add_argument("--plots", metavar="DIR", help="write figures (PNG) into this folder")
+    p.add_argument("--plots", metavar="DIR", help="write figures into this folder (see --format)")
+    p.add_argument("--format", default="png", type=str.lower, choices=["png", "pdf", "svg"],
+                   help="figure format for --plots: png (300 dpi, default), pdf or svg (vector)")
     p.add_argument("--strict", action="store_true", help="exit with code 3 unless the verdict is 'stable'")
     p.add_argument("--data", default=None, help="text file or folder for the probe (default: the Python standard library's sources)")
     p.add_argument("--batch", type=int, default=1, metavar="N", help="probe sequences (default 1)")
@@ -182,8 +184,10 @@ def run(args) -> int:
     if args.plots:
         from loopdyn.plots_audit import write_audit_plots
 
-        paths = write_audit_plots(report, args.plots)
-        print(f"wrote {len(paths)} figures to {args.plots}")
+        figures = write_audit_plots(report, args.plots, args.format)
+        print(f"wrote {len(figures)} figures to {args.plots}:")
+        for path, caption in figures:
+            print(f"  {path.name}: {caption}")
     if args.strict and report.verdict != "stable":
         return EXIT_UNSTABLE
     return 0

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from loopdyn.models.errors import InputError
 from loopdyn.compare import INJECTIONS, grid, run_grid
-from loopdyn.report import write_outputs
+from loopdyn.report import _injections, write_outputs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,8 +26,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="loopdyn-compare", help="output folder (default: ./loopdyn-compare)")
     p.add_argument("--resume", action="store_true", help="keep finished runs in --out and do only the rest")
     p.add_argument("--jobs", type=int, default=None, help="parallel processes (default: one per CPU core)")
+    p.add_argument("--format", default="png", type=str.lower, choices=["png", "pdf", "svg"],
+                   help="figure files: png (300 dpi, default), pdf or svg (vector); report.html embeds PNGs")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
+
+
+def command(args: argparse.Namespace) -> str:
+    """The exact command, every option spelled out (for the report's header)."""
+    from loopdyn.report import command_line
+
+    return command_line("compare", [("--injections", args.injections), ("--lrs", args.lrs), ("--seeds", args.seeds),
+                                    ("--steps", args.steps), ("--preset", args.preset),
+                                    ("--batch-size", args.batch_size), ("--seq-len", args.seq_len),
+                                    ("--data", args.data), ("--out", args.out), ("--jobs", args.jobs),
+                                    ("--format", args.format)],
+                        ["--resume"] if args.resume else [])
 
 
 def _list(text: str, kind, what: str) -> list:
@@ -48,11 +62,12 @@ def run(args: argparse.Namespace) -> int:
                  batch_size=args.batch_size, seq_len=args.seq_len, data=args.data)
     specs[0].config()  # a bad preset fails here, before any process starts
     result = run_grid(specs, Path(args.out), resume=args.resume, jobs=args.jobs, progress=not args.no_progress)
-    data = write_outputs(result)
+    data = write_outputs(result, args.format, command(args))
     print_matrix(data)
     for line in data["findings"]:
         print(f"- {line}")
-    print(f"wrote {args.out}/summary.json, {args.out}/report.html and plots")
+    print(f"wrote {args.out}/summary.json, {args.out}/report.html and {len(data['figures'])} figures "
+          f"({', '.join(data['figures'])})")
     return 0
 
 
@@ -60,7 +75,7 @@ def print_matrix(data: dict) -> None:
     """The convergence matrix as a plain-text table, columns as wide as their contents."""
     runs = data["runs"]
     lrs = sorted({r["lr"] for r in runs})
-    injections = [i for i in INJECTIONS if any(r["injection"] == i for r in runs)]
+    injections = _injections(r["injection"] for r in runs)
     params = {r["injection"]: r["params"] for r in runs}
     header = ["", "params"] + [f"lr {lr:g}" for lr in lrs]
     rows = [[inj, f"{params[inj]:,}"] + [data["matrix"].get(inj, {}).get(f"{lr:g}", "") for lr in lrs]

@@ -42,7 +42,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"training {len(specs)} tiny looped models ({', '.join(DEMO_INJECTIONS)} injections × lr "
           f"{', '.join(f'{lr:g}' for lr in DEMO_LRS)}), {args.steps} steps each, same data and seed ...")
     result = run_grid(specs, out, resume=args.resume, jobs=args.jobs, progress=not args.no_progress)
-    summary = write_outputs(result)
+    from loopdyn.report import command_line
+
+    cmd = command_line("demo", [("--out", args.out), ("--steps", args.steps), ("--seed", args.seed),
+                                ("--jobs", args.jobs)], ["--resume"] if args.resume else [])
+    summary = write_outputs(result, "png", cmd)
     print()
     print_matrix(summary)
     print()
@@ -55,6 +59,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"- The trained Parcae model {best['name']} reaches {val:.3f} nats/byte, "
               f"{data.unigram_loss() - val:.2f} below the unigram baseline; "
               f"it is saved in {out / 'runs' / best['name'] / 'model'} (try: loopdyn audit {out / 'runs' / best['name'] / 'model'}).")
-    print(f"\nreport: {out / 'report.html'}  (summary.json, plots and every run's model, log and audit are in {out}/)")
+    print(f"\nreport: {out / 'report.html'}  (summary.json, figures and every run's model, log and audit are in {out}/)")
     print(f"done in {time.perf_counter() - start:.0f} s")
     return 0

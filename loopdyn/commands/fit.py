@@ -1,21 +1,22 @@
 """`loopdyn fit CSV --law testtime|parcae|unified|routed`: fit a scaling law to measurements.
 
 Prints the parameters with bootstrap intervals and the fit errors; `--json` writes the
-DESIGN §7 record, `--plot` a figure (data, fit, bootstrap band). For `testtime` the
+DESIGN §7 record, `--plot` a figure (data, fit, bootstrap band clipped to the data's range,
+held-out points open, the extrapolation shaded) in loopdyn's style. For `testtime` the
 exponential law is also compared against the three power-law forms.
 """
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from loopdyn import style
 from loopdyn.dynamics import laws
 from loopdyn.models.errors import InputError
-from loopdyn.models.fileio import atomic_write_bytes, atomic_write_json
+from loopdyn.models.fileio import atomic_write_json
 
 DEFAULT_RESTARTS = 64
 DEFAULT_BOOTSTRAP = 50
@@ -51,7 +52,11 @@ def register(subparsers) -> None:
     p.add_argument("csv", metavar="CSV", help="measurements, one row per (model, setting)")
     p.add_argument("--law", required=True, choices=laws.LAWS, help="which law to fit")
     p.add_argument("--json", metavar="FILE", help="write {law, params, ci, error} as JSON")
-    p.add_argument("--plot", metavar="FILE", help="write a figure (.png, .pdf or .svg)")
+    p.add_argument("--plot", metavar="FILE", help="write a figure (format from --format or the suffix)")
+    p.add_argument("--format", type=str.lower, choices=["png", "pdf", "svg"], default=None,
+                   help="figure format for --plot: png (300 dpi), pdf or svg (default: the suffix, else png)")
+    p.add_argument("--unit", choices=["nats/byte", "nats/token"], default=None,
+                   help="loss unit for the labels (default: the CSV's `unit` column, else plain nats)")
     p.add_argument("--holdout-above", type=float, metavar="T", default=None,
                    help="withhold rows with loops > T (or mean_recurrence > T when there is "
                         "no loops column) and report the error on them")
@@ -64,7 +69,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    plot_format = _plot_format(args.plot) if args.plot else None
+    plot_format = _plot_format(args.plot, args.format) if args.plot else None
     cols = laws.read_law_csv(args.csv, args.law)
     kw = dict(holdout_above=args.holdout_above, restarts=args.restarts, seed=args.seed)
     if args.holdout_above is not None and "loops" not in cols and "mean_recurrence" not in cols:
@@ -88,8 +93,9 @@ def run(args) -> int:
         print(f"wrote {args.json}")
     if args.plot:
         held = _held_mask(cols, args.holdout_above)
-        atomic_write_bytes(args.plot, _plot(fit, cols, held, comparison, plot_format))
-        print(f"wrote {args.plot}")
+        fig, caption = _plot(fit, cols, held, comparison, _unit(args, args.csv))
+        style.save(fig, args.plot, plot_format, caption=caption)
+        print(f"wrote {args.plot}: {caption}")
     return 0
 
 
@@ -149,52 +155,131 @@ def _held_mask(cols, above) -> np.ndarray:
 
 # -- plot ---------------------------------------------------------------------------------------
 
-def _plot_format(path: str) -> str:
+def _plot_format(path: str, fmt: str | None) -> str:
+    """--format, else the --plot suffix, else png; a suffix naming another format is an error."""
     suffix = Path(path).suffix.lower().lstrip(".")
-    fmt = suffix or "png"
-    if fmt not in ("png", "pdf", "svg"):
-        raise InputError(f"--plot {path}: unsupported format {suffix!r} (use .png, .pdf or .svg)")
-    return fmt
+    if fmt is not None:
+        fmt = style.check_format(fmt)
+        if suffix in style.FORMATS and suffix != fmt:
+            raise InputError(f"--plot {path}: the suffix .{suffix} contradicts --format {fmt}")
+        return fmt
+    if suffix and suffix not in style.FORMATS:
+        raise InputError(f"--plot {path}: unsupported format {suffix!r} (use .png, .pdf or .svg, or --format)")
+    return suffix or "png"
 
 
-def _plot(fit: laws.LawFit, cols, held, comparison, fmt: str) -> bytes:
-    """Draw the figure with the Agg canvas (no pyplot, no global backend) and return bytes."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def _unit(args, path) -> str:
+    """Loss unit for the labels: --unit, else a `unit` column of the CSV, else plain nats."""
+    if args.unit:
+        return args.unit
+    import csv
 
-    fig = Figure(figsize=(6.4, 4.6), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return "nats"
+    units = {(r.get("unit") or "").strip() for r in rows} - {""}
+    return units.pop() if len(units) == 1 else "nats"
+
+
+def _plot(fit: laws.LawFit, cols, held, comparison, unit: str = "nats"):
+    """(figure, caption): data, fit and bootstrap band, in loopdyn's style.
+
+    The y axis is set by the data (the band is clipped to it, never stretching the axis);
+    fitted points are filled, held-out points open; beyond the fitted range the plot is
+    shaded as extrapolation."""
+    return style.styled(_draw)(fit, cols, held, comparison, unit)
+
+
+def _draw(fit, cols, held, comparison, unit):
+    fig, ax = style.figure(style.SINGLE + 0.6, 3.4)
     loss = cols["loss"]
+    band = fit.samples is not None and len(fit.samples) > 0
     band_label = f"{100 * fit.ci_level:g}% bootstrap band"
+    notes: list[str] = []
     if fit.law == "testtime":
-        T = cols["loops"]
-        grid = np.linspace(min(1.0, T.min()), max(T.max() * 1.5, T.max() + 2), 300)
-        if fit.samples is not None and len(fit.samples):
-            lo, hi = fit.predict_interval(loops=grid)
-            ax.fill_between(grid, lo, hi, color="C0", alpha=0.2, lw=0, label=band_label)
-        ax.plot(grid, fit.predict(loops=grid), color="C0", lw=2, label=f"fit: {fit.formula}")
+        x = cols["loops"]
+        grid = np.linspace(max(1.0, min(1.0, x.min())), max(x.max() * 1.5, x.max() + 2), 300)
+        colour = style.SEQUENCE[0]
+        _curve(ax, fit, {"loops": grid}, grid, colour, band, band_label, f"fit: {fit.formula}")
         if comparison is not None:
-            for i, other in enumerate(f for f in comparison.fits if f.form != fit.form):
-                ax.plot(grid, other.predict(loops=grid), lw=1, ls="--", color=f"C{i + 2}",
+            others = [f for f in comparison.fits if f.form != fit.form]
+            for i, other in enumerate(others):
+                ax.plot(grid, other.predict(loops=grid), lw=0.9, ls=(0, (4, 2)), color=style.SEQUENCE[(i + 1) % 8],
                         label=other.form)
-        ax.plot(T[~held], loss[~held], "o", color="k", ms=5, label="fitted")
-        if held.any():
-            ax.plot(T[held], loss[held], "o", mfc="none", mec="C3", ms=7, mew=1.5,
-                    label="held out")
-            ax.axvline(T[~held].max(), color="0.6", lw=1, ls=":")
+            notes.append(f"dashed: the alternative forms {', '.join(o.form for o in others)}")
+        _points(ax, x, loss, held, "0.1", label=True)
         ax.set_xlabel("loops T")
-        ax.set_ylabel("loss (nats/token)")
-        ax.set_title(f"test-time law: {fit.formula}")
-    elif not _plot_families(ax, fit, cols, held, band_label):
-        _plot_residuals(ax, fit, cols, held, band_label)
-    err = f"error: in-sample {_pct(fit.in_sample_error)}, held-out {_pct(fit.held_out_error)}"
-    ax.set_title(f"{ax.get_title()}\n{err}", fontsize=9)
-    ax.legend(fontsize=7, loc="best")
-    ax.grid(alpha=0.3)
-    buf = io.BytesIO()
-    fig.savefig(buf, format=fmt)
-    return buf.getvalue()
+        style.integer_axis(ax, "x")
+        fitted_x, xlabel_note = x[~held], "loops"
+        title = f"test-time law: {fit.formula}"
+    else:
+        groups, fitted_x = _plot_families(ax, fit, cols, held, band, band_label)
+        if not groups:
+            _plot_residuals(ax, fit, cols, held, band_label)
+            fitted_x = None
+        xlabel_note = _FAMILY_X.get(fit.law)
+        title = f"{fit.law} law: {fit.formula}"
+    y_data = loss if fitted_x is not None else None
+    if y_data is not None:
+        lo, hi = float(y_data.min()), float(y_data.max())
+        pad = 0.12 * max(hi - lo, 0.01 * hi)
+        ax.set_ylim(lo - pad, hi + 2.2 * pad)
+        ax.set_ylabel(f"loss ({unit})")
+        edge = float(fitted_x.max()) if fitted_x is not None and len(fitted_x) else None
+        right = ax.get_xlim()[1]
+        if edge is not None and right > edge:
+            ax.axvspan(edge, right, color="0.5", alpha=0.12, lw=0, zorder=0)
+            ax.text(edge, 0.02, "  extrapolation", transform=ax.get_xaxis_transform(), fontsize=6.5, color="0.3",
+                    ha="left", va="bottom", gid="reference-label")
+            ax.set_xlim(right=right)
+            notes.append(f"shaded: extrapolation beyond the fitted {xlabel_note} range (> {edge:g})")
+        if band:
+            clipped = _band_leaves(ax)
+            if clipped:
+                notes.append(f"the band leaves the plotted range {clipped} and is clipped there")
+    err = f"in-sample error {_pct(fit.in_sample_error)}, held-out {_pct(fit.held_out_error)}"
+    ax.set_title(f"{title}\n{err}", fontsize=7)
+    style.place_legend(ax, outside="below")
+    n_held = int(held.sum())
+    caption = (f"{fit.law} law ({fit.formula}) fitted to {fit.n_points} rows (filled markers)"
+               + (f"; {n_held} held-out rows drawn open, not used in the fit" if n_held else "")
+               + (f"; band: {band_label} from {len(fit.samples)} refits" if band else "; no bootstrap band")
+               + ("; " + "; ".join(notes) if notes else "") + f"; loss in {unit}; {err}"
+               + ("" if fit.reliable else f"; the fit is flagged unreliable: {fit.reason}") + ".")
+    return fig, caption
+
+
+def _band_leaves(ax) -> str:
+    """Where a drawn band (PolyCollection) extends past the y limits, as text ('above' / 'below')."""
+    from matplotlib.collections import PolyCollection
+
+    lo, hi = ax.get_ylim()
+    out = set()
+    for c in ax.collections:
+        if isinstance(c, PolyCollection):
+            for path in c.get_paths():
+                y = path.vertices[:, 1]
+                if np.nanmax(y) > hi:
+                    out.add("above")
+                if np.nanmin(y) < lo:
+                    out.add("below")
+    return " and ".join(sorted(out))
+
+
+def _curve(ax, fit, inputs, grid, colour, band, band_label, label):
+    if band:
+        lo, hi = fit.predict_interval(**inputs)
+        ax.fill_between(grid, lo, hi, color=colour, alpha=0.18, lw=0, label=band_label)
+    ax.plot(grid, fit.predict(**inputs), color=colour, lw=1.4, label=label)
+
+
+def _points(ax, x, loss, held, colour, label: bool):
+    ax.plot(x[~held], loss[~held], "o", color=colour, ms=4, label="fitted" if label else "_nolegend_", zorder=4)
+    if held.any():
+        ax.plot(x[held], loss[held], "o", mfc="white", mec=style.OKABE_ITO["vermillion"], ms=5.5, mew=1.2,
+                label="held out" if label else "_nolegend_", zorder=4)
 
 
 # the x axis of the laws drawn as families of curves (one curve per setting of the rest)
@@ -202,47 +287,45 @@ _FAMILY_X = {"parcae": "tokens", "routed": "experts", "unified": "loops"}
 _MAX_CURVES = 8
 
 
-def _plot_families(ax, fit: laws.LawFit, cols, held, band_label) -> bool:
+def _plot_families(ax, fit: laws.LawFit, cols, held, band, band_label):
     """Loss against one input, one curve per setting of the others, extended past the data.
 
-    Returns False (draw nothing) when there would be too many curves to read.
-    """
+    Returns (number of curves, fitted x values), or (0, None) — nothing drawn — when there
+    would be too many curves to read."""
     xcol = _FAMILY_X[fit.law]
     others = [c for c in fit.columns if c != xcol]
     keys = np.stack([cols[c] for c in others], axis=1)
     groups, inverse = np.unique(keys, axis=0, return_inverse=True)
     inverse = inverse.ravel()
     if len(groups) > _MAX_CURVES:
-        return False
+        return 0, None
     x, loss = cols[xcol], cols["loss"]
     lo_x, hi_x = x.min(), x.max()
     grid = np.geomspace(lo_x, hi_x * 4.0, 200) if xcol != "loops" else \
         np.linspace(min(1.0, lo_x), hi_x * 1.5, 200)
-    have_band = fit.samples is not None and len(fit.samples) > 0
     for g, values in enumerate(groups):
-        colour = f"C{g % 10}"
+        colour = style.SEQUENCE[g % len(style.SEQUENCE)]
         inputs = {c: np.full_like(grid, v) for c, v in zip(others, values)}
         inputs[xcol] = grid
         label = ", ".join(f"{c}={v:.3g}" for c, v in zip(others, values))
-        if have_band:
+        if band:
             lo, hi = fit.predict_interval(**inputs)
             ax.fill_between(grid, lo, hi, color=colour, alpha=0.15, lw=0)
-        ax.plot(grid, fit.predict(**inputs), color=colour, lw=1.5, label=label)
+        ax.plot(grid, fit.predict(**inputs), color=colour, lw=1.2, label=label)
         rows = inverse == g
-        ax.plot(x[rows & ~held], loss[rows & ~held], "o", color=colour, ms=4)
-        ax.plot(x[rows & held], loss[rows & held], "o", mfc="none", mec=colour, ms=7, mew=1.5)
-    ax.plot([], [], "o", color="k", ms=4, label="fitted")
+        ax.plot(x[rows & ~held], loss[rows & ~held], "o", color=colour, ms=3.5, zorder=4)
+        ax.plot(x[rows & held], loss[rows & held], "o", mfc="white", mec=colour, ms=5.5, mew=1.2, zorder=4)
+    ax.plot([], [], "o", color="0.2", ms=3.5, label="fitted")
     if held.any():
-        ax.plot([], [], "o", mfc="none", mec="k", ms=7, mew=1.5, label="held out")
-    if have_band:
+        ax.plot([], [], "o", mfc="white", mec="0.2", ms=5.5, mew=1.2, label="held out")
+    if band:
         ax.fill_between([], [], [], color="0.5", alpha=0.3, lw=0, label=band_label)
     if xcol != "loops":
-        ax.set_xscale("log", base=2 if xcol == "experts" else 10)
-    ax.set_xlabel({"tokens": "training tokens D", "experts": "experts E",
-                   "loops": "loops T"}[xcol])
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(f"{fit.law} law: {fit.formula}", fontsize=9)
-    return True
+        style.log_axis(ax, "x", span=float(grid[-1] / grid[0]))
+    else:
+        style.integer_axis(ax, "x")
+    ax.set_xlabel({"tokens": "training tokens D", "experts": "experts E", "loops": "loops T"}[xcol])
+    return len(groups), x[~held]
 
 
 def _plot_residuals(ax, fit: laws.LawFit, cols, held, band_label) -> None:
@@ -254,12 +337,8 @@ def _plot_residuals(ax, fit: laws.LawFit, cols, held, band_label) -> None:
     if fit.samples is not None and len(fit.samples):
         lo, hi = fit.predict_interval(**inputs)
         ax.errorbar(loss, rel, yerr=[100.0 * (pred - lo) / loss, 100.0 * (hi - pred) / loss],
-                    fmt="none", ecolor="C0", alpha=0.5, lw=1, label=band_label)
-    ax.plot(loss[~held], rel[~held], "o", color="k", ms=4, label="fitted")
-    if held.any():
-        ax.plot(loss[held], rel[held], "o", mfc="none", mec="C3", ms=7, mew=1.5,
-                label="held out")
-    ax.axhline(0.0, color="0.5", lw=1, ls="--")
-    ax.set_xlabel("observed loss (nats/token)")
+                    fmt="none", ecolor=style.SEQUENCE[0], alpha=0.6, lw=0.8, label=band_label)
+    _points(ax, loss, rel, held, "0.1", label=True)
+    style.reference_line(ax, 0.0, "0", style="--", where=0.99)
+    ax.set_xlabel("observed loss")
     ax.set_ylabel("prediction error (%)")
-    ax.set_title(f"{fit.law} law: {fit.formula}", fontsize=9)

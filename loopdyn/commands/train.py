@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
 
 from loopdyn.models import LoopedLM
+from loopdyn.models.errors import InputError
 from loopdyn.commands.common import add_model_options, add_train_options, config_from_args
 from loopdyn.data import load_text
 from loopdyn.train import Distributed, TrainConfig, train
@@ -33,12 +35,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "cadence of cross-rank decisions under torchrun (default: 10)")
     m.add_argument("--jacobian-every", type=int, metavar="N", help="loop-Jacobian σ_max every N steps (default: 100)")
     m.add_argument("--tensorboard", metavar="DIR", help="also write signals and alerts for TensorBoard (needs tensorboard)")
+    m.add_argument("--plots", metavar="DIR", help="after training, draw the monitor's signals with its alerts marked "
+                   "into DIR/monitor.png (attaches the monitor)")
+    m.add_argument("--format", default="png", type=str.lower, choices=["png", "pdf", "svg"],
+                   help="figure format for --plots: png (300 dpi, default), pdf or svg")
     p.set_defaults(func=run)
 
 
 def monitor_options(args: argparse.Namespace) -> dict | None:
     """StabilityMonitor keyword arguments from the command line, or None if no monitor is wanted."""
     wanted = (args.alerts or args.on_spike or args.on_warning or args.probes or args.tensorboard
+              or getattr(args, "plots", None)
               or args.sync_every is not None or args.jacobian_every is not None)
     if not wanted:
         return None
@@ -64,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     cfg = train_config_from_args(args, log_path=args.log, save_dir=args.save)
     cfg.validate()
+    if args.plots and os.path.exists(args.plots) and not os.path.isdir(args.plots):
+        raise InputError(f"--plots {args.plots}: exists and is not a folder")  # fail before training, not after
     data = load_text(args.data)
     torch.manual_seed(args.seed)
     model = LoopedLM(config)
@@ -99,6 +108,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"stopped early: {result.stop_reason}")
         if monitors:
             print(monitor_summary(monitors[0], args.alerts))
+        if monitors and args.plots:
+            from loopdyn.plots_monitor import write_monitor_plot
+
+            path, caption = write_monitor_plot(monitors[0], args.plots, args.format,
+                                               title=f"{config.name} ({config.injection}), lr {args.lr:g}")
+            print(f"wrote {path}: {caption}")
         if args.save:
             print(f"saved to {args.save}")
     return 0
