@@ -25,7 +25,8 @@ tolerance has not converged within T (c = None, written 0 in the arrays). Then
   change the state or the prediction (`exit_kl_to_final` = KL(p_T ‖ p_e) says by how much);
 * **keeps looping after it converged**: c is not None and e > c, wasting e − c loops.
 
-`plot_exit_gate(result)` draws exit loop against convergence loop per token.
+`loopdyn audit --plots` draws exit loop against convergence loop per token
+(loopdyn.plots_audit.plot_exit_gate).
 """
 from __future__ import annotations
 
@@ -257,41 +258,4 @@ def exit_gate_audit(model, idx: torch.Tensor | None = None, loops: int | None = 
                          cost)
 
 
-def plot_exit_gate(result: ExitGateAudit):
-    """Exit loop (x) against convergence loop (y) per token, with the diagonal: points below it
-    exit late (loops after convergence), above it exit early (still changing); tokens that never
-    converged sit on the top row. Returns a matplotlib Figure (Agg canvas, no pyplot)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    T = result.n_loops
-    fig = Figure(figsize=(5.6, 5.0), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    e = result.exit_loop.ravel().astype(float)
-    c = result.converged_loop.ravel().astype(float)
-    c = np.where(c == 0, T + 1, c)  # not converged within T
-    rng = np.random.default_rng(0)
-    jitter = lambda n: rng.uniform(-0.18, 0.18, n)  # noqa: E731
-    early = result.exits_while_changing.ravel()
-    late = result.loops_after_converged.ravel()
-    other = ~(early | late)
-    for mask, colour, label in ((early, "C3", "exits while still changing"), (late, "C1", "loops after converging"),
-                                (other, "C0", "exits at convergence / at T")):
-        if mask.any():
-            ax.scatter(e[mask] + jitter(mask.sum()), c[mask] + jitter(mask.sum()), s=12, alpha=0.6, color=colour,
-                       label=f"{label} ({int(mask.sum())})")
-    ax.plot([0.5, T + 0.5], [0.5, T + 0.5], color="0.5", lw=0.8)
-    ax.axhline(T + 0.5, color="0.8", lw=0.8)
-    ax.set_xlim(0.5, T + 0.5)
-    ax.set_ylim(0.5, T + 1.5)
-    ax.set_yticks(list(range(1, T + 2)), [str(t) for t in range(1, T + 1)] + ["never"])
-    ax.set_xlabel(f"exit loop (gate, threshold q = {result.threshold:g})")
-    ax.set_ylabel("convergence loop (state and next-token distribution)")
-    ax.set_title(f"exit gate vs convergence, {result.n_tokens} tokens, {T} loops", fontsize=10)
-    ax.legend(fontsize=7, loc="upper left")
-    ax.grid(alpha=0.3)
-    return fig
-
-
-__all__ = ["ExitGateAudit", "exit_gate_audit", "exit_distribution", "exit_loops", "converged_loops", "plot_exit_gate"]
+__all__ = ["ExitGateAudit", "exit_gate_audit", "exit_distribution", "exit_loops", "converged_loops"]

@@ -22,15 +22,12 @@ at h_T, or its deciding model's eigenvalues), the one of largest modulus λ*: wh
 contracting, "outside": crossed).
 
 `Phases.to_json()` is the audit's `phases` record: {counts: {label: n}, labels: [per token],
-crossing: {...} | null}. `plot_phases` draws the counts, the per-token labels and the eigenvalues
-against the unit circle (matplotlib imported inside the function only).
+crossing: {...} | null}. `loopdyn audit --plots` draws them (loopdyn.plots_audit.plot_phases).
 """
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -176,46 +173,4 @@ def token_phases(states: list, eigenvalues=None, source: str = "Jacobian", max_t
                   crossing_of(eigenvalues, source) if eigenvalues is not None else None, T)
 
 
-def plot_phases(phases: Phases, path=None, eigenvalues=None):
-    """Counts per phase, the per-token labels as a strip, and the eigenvalues against the unit circle
-    (the crossing marked). Returns the matplotlib Figure; writes a PNG atomically when path is given."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(9.0, 3.6), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax1, ax2, ax3 = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.2, 1.6, 1.0]})
-    counts = phases.counts()
-    names = list(counts)
-    ax1.barh(names, [counts[k] for k in names], color="C0")
-    ax1.set_xlabel("tokens")
-    ax1.set_title("phase counts")
-    codes = {k: i for i, k in enumerate(names)}
-    ax2.scatter(range(len(phases.labels)), [codes[x] for x in phases.labels], s=8, c=[codes[x] for x in phases.labels],
-                cmap="tab10", vmin=0, vmax=9)
-    ax2.set_yticks(range(len(names)), names)
-    ax2.set_xlabel("token")
-    ax2.set_title("phase per token")
-    th = np.linspace(0, 2 * np.pi, 256)
-    ax3.plot(np.cos(th), np.sin(th), color="0.6", lw=1)
-    lam = phases.leading[np.isfinite(phases.leading)]
-    ax3.scatter(lam.real, lam.imag, s=8, color="C1", alpha=0.5, label="per-token leading λ")
-    if eigenvalues is not None:
-        ev = np.asarray(eigenvalues, dtype=complex)
-        ax3.scatter(ev.real, ev.imag, s=16, marker="x", color="C3", label="Jacobian")
-    if phases.crossing is not None:
-        re, im = phases.crossing["eigenvalue"]
-        ax3.scatter([re], [im], s=80, facecolors="none", edgecolors="k", label=phases.crossing["type"])
-    ax3.set_aspect("equal")
-    ax3.set_title("eigenvalues")
-    ax3.legend(fontsize=7, loc="lower left")
-    if path is not None:
-        from loopdyn.models.fileio import atomic_write_bytes
-
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        atomic_write_bytes(Path(path), buf.getvalue())
-    return fig
-
-
-__all__ = ["Phases", "token_phases", "classify_token", "crossing_of", "plot_phases", "NEAR", "LABELS"]
+__all__ = ["Phases", "token_phases", "classify_token", "crossing_of", "NEAR", "LABELS"]

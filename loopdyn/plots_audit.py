@@ -5,7 +5,9 @@
 * trajectory — ‖h_t‖ and the relative residual against loops, measured (solid, markers) and
   forecast (dashed), with the trained depth μ_rec, the safe limit and the last safe loop;
 * jacobian — ‖J_t‖₂ and ρ(J_t) per measured loop, against ‖Ā‖₂, ρ(Ā) and 1;
-* lyapunov — the finite-time Lyapunov exponents against zero.
+* lyapunov — the finite-time Lyapunov exponents against zero;
+* phases — the dynamical phase per token and the leading eigenvalues (when computed);
+* exit_gate — the gate's exit loop against the convergence loop per token (models with an exit gate).
 
 Each `plot_*` returns (figure, caption); the caption says what was drawn and measured. It is
 stored in the file's own metadata (PNG Description, PDF Subject, SVG dc:description) and
@@ -186,8 +188,82 @@ def plot_lyapunov(report):
     return fig, caption
 
 
+def plot_phases(report):
+    """Per-token dynamical phase: counts per phase, and each token's leading eigenvalue against
+    the unit circle (the crossing, when there is one, circled)."""
+    ph = report.phases
+    fig, (ax1, ax2) = style.figure(style.DOUBLE, 2.6, ncols=2)
+    counts = ph.counts()
+    names = list(counts)
+    ax1.barh(names, [counts[k] for k in names], color=[style.SEQUENCE[i % len(style.SEQUENCE)] for i in range(len(names))])
+    ax1.set_xlabel("tokens")
+    ax1.set_ylabel("phase")
+    ax1.invert_yaxis()
+    style.integer_axis(ax1, "x")
+    th = np.linspace(0, 2 * np.pi, 256)
+    ax2.plot(np.cos(th), np.sin(th), color=style.REFERENCE, lw=0.8, ls=":", label="unit circle |λ| = 1")
+    lam = np.asarray(ph.leading, dtype=complex)
+    lam = lam[np.isfinite(lam)]
+    if lam.size:
+        ax2.plot(lam.real, lam.imag, "o", ms=3, alpha=0.6, color=style.OKABE_ITO["blue"],
+                 label="per-token leading eigenvalue")
+    if ph.crossing is not None:
+        re, im = ph.crossing["eigenvalue"]
+        ax2.plot([re], [im], "o", ms=9, mfc="none", mec=style.OKABE_ITO["vermillion"],
+                 label=f"crossing: {ph.crossing['type']}")
+    ax2.set_aspect("equal", adjustable="datalim")
+    ax2.set_xlabel("Re λ")
+    ax2.set_ylabel("Im λ")
+    style.place_legend(ax2)
+    parts = ", ".join(f"{v} {k}" for k, v in counts.items())
+    cross = "" if ph.crossing is None else (f"; the leading eigenvalue sits near the unit circle "
+                                            f"({ph.crossing['type']} crossing)")
+    caption = (f"Dynamical phase of each of the {len(ph.labels)} probe tokens of the {_name(report)}, from "
+               f"{ph.loops} measured loops: {parts}. Right: each token's leading eigenvalue (per-token DMD of "
+               f"its measured residuals) against the unit circle{cross}.")
+    return fig, caption
+
+
+def plot_exit_gate(report):
+    """Exit loop (the gate) against convergence loop (state and next-token distribution) per token."""
+    g = report.exit_gate
+    T = g.n_loops
+    fig, ax = style.figure(style.SINGLE, 3.2)
+    e = g.exit_loop.ravel().astype(float)
+    c = g.converged_loop.ravel().astype(float)
+    c = np.where(c == 0, T + 1, c)  # not converged within T: the top row
+    rng = np.random.default_rng(0)
+    early, late = g.exits_while_changing.ravel(), g.loops_after_converged.ravel()
+    other = ~(early | late)
+    for mask, colour, label in ((early, "vermillion", "exits while still changing"),
+                                (late, "orange", "loops on after converging"),
+                                (other, "blue", "exits at convergence or at T")):
+        if mask.any():
+            n = int(mask.sum())
+            ax.plot(e[mask] + rng.uniform(-0.18, 0.18, n), c[mask] + rng.uniform(-0.18, 0.18, n), "o", ms=3,
+                    alpha=0.6, color=style.OKABE_ITO[colour], label=f"{label} ({n})")
+    ax.plot([0.5, T + 0.5], [0.5, T + 0.5], color=style.REFERENCE, lw=0.7, ls=":", label="exit = convergence")
+    ax.set_xlim(0.5, T + 0.5)
+    ax.set_ylim(0.5, T + 1.5)
+    ax.set_yticks(list(range(1, T + 2)), [str(t) for t in range(1, T + 1)] + ["never"])
+    style.integer_axis(ax, "x")
+    ax.set_xlabel(f"exit loop (gate, threshold q = {g.threshold:g})")
+    ax.set_ylabel("convergence loop")
+    style.place_legend(ax)
+    k = g.counts()
+    caption = (f"Exit loop of the gate (cumulative exit probability ≥ {g.threshold:g}) against the loop at which the "
+               f"state and the next-token distribution stopped changing, for {g.n_tokens} tokens over {T} loops: "
+               f"{k['exit_while_changing']} exit while still changing, {k['loop_after_converged']} keep looping "
+               f"after they converged.")
+    return fig, caption
+
+
 PLOTS = {"eigenvalues": plot_eigenvalues, "trajectory": plot_trajectory,
          "jacobian": plot_jacobian, "lyapunov": plot_lyapunov}
+
+
+# drawn only when the audit has the part (a renormalised loop's exit gate, the phases)
+OPTIONAL_PLOTS = {"phases": ("phases", plot_phases), "exit_gate": ("exit_gate", plot_exit_gate)}
 
 
 def write_audit_plots(report, directory, fmt: str = "png") -> list[tuple[Path, str]]:
@@ -200,7 +276,9 @@ def write_audit_plots(report, directory, fmt: str = "png") -> list[tuple[Path, s
 
         raise InputError(f"--plots {directory}: exists and is not a folder")
     paths = []
-    for name, draw in PLOTS.items():
+    plots = dict(PLOTS)
+    plots.update({name: draw for name, (part, draw) in OPTIONAL_PLOTS.items() if getattr(report, part, None) is not None})
+    for name, draw in plots.items():
         fig, caption = draw(report)
         paths.append((style.save(fig, directory / f"{name}.{fmt}", fmt, caption=caption), caption))
     return paths

@@ -53,7 +53,7 @@ def test_stable_checkpoint_json_and_plots(ckpts, tmp_path, capsys):
     assert js["model"]["format"] == "loopdyn" and js["forecast"]["measured_loops"] == 4
     assert len(js["forecast"]["state_norm"]) == 16
     assert sorted(p.name for p in plots.iterdir()) == ["eigenvalues.png", "jacobian.png", "lyapunov.png",
-                                                      "trajectory.png"]
+                                                      "phases.png", "trajectory.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in plots.iterdir())
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries
 

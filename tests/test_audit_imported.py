@@ -17,7 +17,8 @@ ARGS = ["--seq-len", "12", "--batch", "2", "--loops", "6", "--horizon", "12", "-
 def test_cli_audit_of_imported_checkpoints(tmp_path, capsys, make, fmt):
     ckpt = make(tmp_path / fmt, seed=1)
     out_json = tmp_path / "audit.json"
-    code = main(["audit", str(ckpt), "--json", str(out_json), *ARGS])
+    plots = tmp_path / "plots"
+    code = main(["audit", str(ckpt), "--json", str(out_json), "--plots", str(plots), *ARGS])
     out, err = capsys.readouterr()
     assert code == 0, err
     js = json.loads(out_json.read_text())
@@ -30,9 +31,10 @@ def test_cli_audit_of_imported_checkpoints(tmp_path, capsys, make, fmt):
         assert js["injection"]["spectral_radius"] is None and "no LTI part" in js["injection"]["skipped"]
         gate = js["exit_gate"]
         assert gate["threshold"] == 0.5 and gate["tokens"] == 2 * 12
-        assert "exit gate" in out.lower()
+        assert "exit gate" in out.lower() and (plots / "exit_gate.png").read_bytes()[:4] == b"\x89PNG"
     else:
         assert js["injection"]["spectral_radius"] is not None and js["exit_gate"] is None
+        assert not (plots / "exit_gate.png").exists()
 
 
 @pytest.mark.parametrize("rotate, verdict", [(True, "marginal"), (False, "stable")])

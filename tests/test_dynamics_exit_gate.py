@@ -11,7 +11,7 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from loopdyn.dynamics.exit_gate import converged_loops, exit_distribution, exit_gate_audit, exit_loops, plot_exit_gate
+from loopdyn.dynamics.exit_gate import converged_loops, exit_distribution, exit_gate_audit, exit_loops
 from loopdyn.dynamics.loopmap import DynamicsError
 from loopdyn.models import LoopAdapter
 
@@ -134,9 +134,14 @@ def test_converged_loops_by_hand():
 def test_plot_exit_gate_draws_every_token():
     model, *_ = contraction_model()
     res = exit_gate_audit(model, IDX, T, threshold=0.5, kl_tol=KL_TOL, residual_tol=RES_TOL)
-    fig = plot_exit_gate(res)
+    from types import SimpleNamespace
+
+    from loopdyn.plots_audit import plot_exit_gate
+
+    fig, caption = plot_exit_gate(SimpleNamespace(exit_gate=res))
     ax = fig.axes[0]
-    assert sum(len(c.get_offsets()) for c in ax.collections) == S
+    assert sum(len(line.get_xdata()) for line in ax.lines if line.get_label().endswith(")")) == S
+    assert f"{res.counts()['exit_while_changing']} exit while still changing" in caption
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert any(f"({res.counts()['exit_while_changing']})" in t and "changing" in t for t in labels)
     import io

@@ -133,10 +133,12 @@ def audits():
 
 @pytest.mark.parametrize("which", ["stable", "explosive"])
 def test_audit_figures_content(audits, which):
-    from loopdyn.plots_audit import PLOTS
+    from loopdyn.plots_audit import OPTIONAL_PLOTS, PLOTS
 
     report = audits[which]
-    for name, draw in PLOTS.items():
+    optional = {name: draw for name, (part, draw) in OPTIONAL_PLOTS.items() if getattr(report, part) is not None}
+    assert "phases" in optional
+    for name, draw in {**PLOTS, **optional}.items():
         fig, caption = draw(report)
         assert caption and caption.endswith(".")
         for ax in fig.axes:
@@ -190,7 +192,7 @@ def test_audit_plots_cli_formats(tmp_path, capsys):
         assert main(["audit", str(tmp_path / "m"), "--loops", "3", "--seq-len", "12", "--no-progress",
                      "--plots", str(out), "--format", fmt]) == 0
         files = sorted(p.name for p in out.iterdir())
-        assert files == [f"{n}.{fmt}" for n in ("eigenvalues", "jacobian", "lyapunov", "trajectory")]
+        assert files == [f"{n}.{fmt}" for n in ("eigenvalues", "jacobian", "lyapunov", "phases", "trajectory")]
         assert all((out / f).read_bytes().startswith(magic) for f in files)
     printed = capsys.readouterr().out
     assert "trajectory.pdf: Mean token state norm" in printed
@@ -461,3 +463,22 @@ def test_format_is_checked():
     assert math.isclose(style.SINGLE, 3.5)
     buf = io.BytesIO(style.render(style.figure()[0], "png"))
     assert buf.read(4) == b"\x89PNG"
+
+
+def test_exit_gate_figure_content(tmp_path):
+    """The exit-gate figure of an audited Ouro-format model: labels, integer ticks, legend off the data."""
+    from loopdyn import dynamics
+    from loopdyn.models import load
+    from loopdyn.plots_audit import plot_exit_gate
+    from tests.ouro_reference import make_ouro_checkpoint
+
+    model = load(make_ouro_checkpoint(tmp_path / "ouro", seed=3, gate_scale=4.0))
+    idx = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    report = dynamics.audit(model, idx, loops=6, horizon=12)
+    fig, caption = plot_exit_gate(report)
+    ax = fig.axes[0]
+    assert ax.get_xlabel().startswith("exit loop") and ax.get_ylabel() == "convergence loop"
+    assert all(t.isdigit() for t in tick_texts(ax, "x") if t), tick_texts(ax, "x")
+    assert tick_texts(ax)[-1] == "never"  # tokens that never converged sit on the top row
+    assert f"for {report.exit_gate.n_tokens} tokens over 6 loops" in caption
+    check_legends(fig)

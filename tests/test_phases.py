@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from loopdyn.dynamics.phases import classify_token, crossing_of, plot_phases, token_phases
+from loopdyn.dynamics.phases import classify_token, crossing_of, token_phases
 
 T = 16
 
@@ -92,8 +92,14 @@ def test_token_phases_json_and_plot(tmp_path):
     assert js["counts"] == {"cycle 3": 1, "drifting": 1, "fixed point": 1}
     assert js["crossing"]["type"] == "neimark-sacker" and js["crossing"]["side"] == "on"
     assert "cycle 3 1" in ph.to_text()[0]
-    out = tmp_path / "phases.png"
-    plot_phases(ph, out)
+    from types import SimpleNamespace
+
+    from loopdyn import style
+    from loopdyn.plots_audit import plot_phases
+
+    fig, caption = plot_phases(SimpleNamespace(phases=ph, model=SimpleNamespace(injection="test")))
+    assert "1 cycle 3" in caption and "neimark-sacker" in caption
+    out = style.save(fig, tmp_path / "phases.png", "png", caption=caption)
     assert out.read_bytes()[:4] == b"\x89PNG"
 
 
