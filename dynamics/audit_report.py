@@ -396,7 +396,11 @@ def _trajectory_lines(r: AuditReport) -> list[str]:
                  f"{f.trained_depth}‖, the state at the trained depth, = {_fmt(f.safe_limit)})")
     if r.phases is not None:
         lines.extend(r.phases.to_text())
-    lines.append(f"VERDICT: {r.verdict.upper()} — decided by {f.decided_by}")
+    if r.verdict == f.verdict:
+        lines.append(f"VERDICT: {r.verdict.upper()} — decided by {f.decided_by}")
+    else:  # a renormalised loop: the audit's verdict comes from the normalised-loop analysis (below)
+        lines.append(f"forecast of ‖h‖: {f.verdict} — decided by {f.decided_by} (not the verdict: the state is "
+                     f"renormalised inside the step)")
     lines.append(f"  {f.evidence[0]}" if f.evidence else "")
     for e in f.evidence[1:]:
         lines.append(f"  - {e}")
