@@ -89,37 +89,64 @@ def _name(argv: list[str]) -> str:
     return f"loopdyn {words[0]}" if words else "loopdyn"
 
 
-def _terminate(signum, frame):  # SIGTERM: unwind like Ctrl-C, so temporary files are removed
+_interrupted = False  # set by the first Ctrl-C / SIGTERM: errors after it are its consequences
+
+
+def _interrupt(signum, frame):  # SIGINT and SIGTERM: unwind, so temporary files are removed
+    global _interrupted
+    _interrupted = True
     raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code. Called without `argv` (as the program), an
+    interrupted run ends the process at once with 130 after its clean-up, so nothing left
+    half-imported by the interrupt can print at interpreter exit."""
+    global _interrupted
+    as_program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     name = _name(argv)
     debug = _debug(argv)
-    previous = None
-    try:
-        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+    _interrupted = False
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        current = signal.getsignal(sig)
+        if current in (signal.SIG_DFL, signal.default_int_handler):  # never override SIG_IGN or a user's
             try:
-                previous = signal.signal(signal.SIGTERM, _terminate)
+                previous[sig] = signal.signal(sig, _interrupt)
             except ValueError:  # not the main thread
                 pass
-        return _main(argv, name, debug)
+    try:
+        code = _main(argv, name, debug)
     except KeyboardInterrupt:
-        print(f"{name}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        code = EXIT_INTERRUPTED
+    except SystemExit:
+        raise
+    except BaseException:
+        if not _interrupted or debug:
+            raise
+        code = EXIT_INTERRUPTED  # e.g. a module left half-imported by the Ctrl-C
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if code == EXIT_INTERRUPTED:
+        print(f"{name}: interrupted", file=sys.stderr)
+        if as_program:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            os._exit(EXIT_INTERRUPTED)
+    return code
 
 
 def _main(argv: list[str], name: str, debug: bool) -> int:
     from loopdyn.models.errors import InputError  # imports torch: Ctrl-C here is still caught
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    name = f"loopdyn {args.command}"
     try:
+        args = build_parser().parse_args(argv)
+        name = f"loopdyn {args.command}"
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         raise
@@ -148,7 +175,7 @@ def _main(argv: list[str], name: str, debug: bool) -> int:
         print(f"{name}: error: {describe_os_error(err)}{where}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as err:  # noqa: BLE001 - a bug: one line, the traceback on request
-        if debug:
+        if debug or _interrupted:
             raise
         text = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
         if "out of memory" in text.lower() or "can't allocate memory" in text.lower():
