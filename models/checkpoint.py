@@ -82,6 +82,7 @@ def save(model: LoopedLM, directory: str | Path) -> Path:
 
     directory = Path(directory)
     check_save_target(directory)
+    created = not directory.exists()
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -103,6 +104,7 @@ def save(model: LoopedLM, directory: str | Path) -> Path:
     temps: dict[str, Path] = {}
     backup: Path | None = None
     committed: list[str] = []
+    existed = {name: os.path.lexists(directory / name) for name in OWN_FILES}
     try:
         temps["model.safetensors"] = fill_temp(directory / "model.safetensors", write_weights)
         temps["config.json"] = fill_temp(directory / "config.json", write_config)
@@ -120,8 +122,15 @@ def save(model: LoopedLM, directory: str | Path) -> Path:
             for name in OWN_FILES:
                 with contextlib.suppress(OSError):
                     os.replace(backup / name, directory / name)
+        for name in committed:  # files this save created where there were none
+            if not existed[name]:
+                with contextlib.suppress(OSError):
+                    os.unlink(directory / name)
         if backup is not None:
             shutil.rmtree(backup, ignore_errors=True)
+        if created:  # a first save that fails leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                directory.rmdir()
         if isinstance(err, OSError) and not isinstance(err, WriteError):
             raise CheckpointError(f"{directory}: cannot save ({describe_os_error(err)})") from None
         raise
