@@ -94,7 +94,14 @@ def save(model: LoopedLM, directory: str | Path) -> Path:
     config_text = (json.dumps(config, indent=2) + "\n").encode("utf-8")
 
     def write_weights(tmp: Path) -> None:
-        save_file(state, str(tmp), metadata={"format": "loopdyn", "save_id": save_id})
+        try:
+            save_file(state, str(tmp), metadata={"format": "loopdyn", "save_id": save_id})
+        except OSError:
+            raise
+        except Exception as err:  # safetensors' own error type: name the user's file, not ours
+            text = str(err).replace(str(tmp), str(directory / "model.safetensors")).strip().splitlines()
+            raise CheckpointError(f"{directory / 'model.safetensors'}: cannot write "
+                                  f"({text[0][:200] if text else type(err).__name__})") from None
 
     def write_config(tmp: Path) -> None:
         with open(tmp, "wb") as f:

@@ -203,6 +203,10 @@ class LoopConfig:
             raise ConfigError(f"{where}config '{self.name}' implies at least {self.param_count(False):,} parameters "
                               f"({_gib(low)}); {what} needs {_gib(factor * low)}, more than the "
                               f"{_gib(memory)} of memory available")
+        if file_bytes is not None and file_bytes < bytes_per_param * self.param_count(exact=False):
+            raise ConfigError(f"{where}config '{self.name}' implies at least {self.param_count(False):,} parameters, "
+                              f"but the weights file holds only {file_bytes:,} bytes: the config does not match "
+                              f"the weights")
         n = self.param_count(exact=True)
         need = 4 * (n + self.block_size * self.head_dim)
         if file_bytes is not None and file_bytes < bytes_per_param * n:

@@ -468,6 +468,27 @@ def test_param_count_is_exact_without_allocating(overrides):
     assert cfg.model_bytes() == 4 * (model.num_params() + rope)
 
 
+from hypothesis import given, strategies as st  # noqa: E402
+
+
+@given(st.sampled_from(["diagonal", "linear", "additive", "none"]), st.integers(1, 3), st.integers(0, 3),
+       st.integers(0, 3), st.sampled_from([(32, 2), (64, 4), (64, 2), (96, 3)]), st.booleans(), st.booleans(),
+       st.booleans(), st.sampled_from(["relu2", "swiglu"]), st.sampled_from(["rmsnorm", "layernorm"]),
+       st.integers(1, 9), st.integers(8, 300))
+def test_param_count_property(injection, n_prelude, n_core, n_coda, width, tied, bias, value_embeds, mlp, norm,
+                              mean_loops, vocab):
+    """The arithmetic count equals the parameters of the model built on the meta device."""
+    d, heads = width
+    if injection != "none" and n_core == 0:
+        n_core = 1
+    cfg = LoopConfig.preset("tiny", injection=injection, n_prelude=n_prelude, n_core=n_core, n_coda=n_coda,
+                            d_model=d, n_heads=heads, d_mlp=3 * d, tie_embeddings=tied, bias=bias,
+                            value_embeds=value_embeds, mlp=mlp, norm=norm, mean_loops=mean_loops, vocab_size=vocab)
+    with torch.device("meta"):
+        model = LoopedLM(cfg)
+    assert cfg.param_count() == model.num_params()
+
+
 @pytest.mark.parametrize("name,published", [("parcae-140m", 144_323_136), ("parcae-370m", 388_003_328),
                                             ("parcae-770m", 776_655_680), ("parcae-1.3b", 1_338_591_744)])
 def test_param_count_matches_the_published_counts(name, published):
@@ -604,3 +625,15 @@ def test_stale_temporary_files_of_live_processes_are_left_alone(tmp_path):
         p.write_text("")
     assert remove_stale_temps(tmp_path) == [theirs]
     assert mine.exists() and users.exists()
+
+
+def test_a_safetensors_write_error_names_the_users_file(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def broken(tensors, filename, metadata=None):
+        raise RuntimeError(f"Error while serializing: IoError(No space left on device) at {filename}")
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(CheckpointError) as info:
+        save(make_model(), tmp_path / "ckpt")
+    assert str(tmp_path / "ckpt" / "model.safetensors") in str(info.value) and ".tmp" not in str(info.value)
+    assert not (tmp_path / "ckpt").exists()
