@@ -27,7 +27,7 @@ from loopdyn.compare import OutLock, RunRecord, RunSpec, grid, prepare_out
 from loopdyn.models import CheckpointError, ConfigError, InputError, LoopConfig, LoopedLM, load, save
 from loopdyn.models.fileio import (JsonlWriter, WriteError, atomic_write_text, remove_stale_temps,
                                    write_file_atomically, write_whole)
-from tests.test_models import make_model, tokens
+from tests.test_models import make_model
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-every", "0", "--no-progress",

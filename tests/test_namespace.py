@@ -37,11 +37,9 @@ def _can_build_offline() -> bool:
     version = tuple(int(p) for p in setuptools.__version__.split(".")[:2] if p.isdigit())
     if version >= (70, 1):
         return True
-    try:
-        import wheel  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("wheel") is not None
 
 
 @pytest.fixture(scope="module")
