@@ -241,7 +241,7 @@ def check_distinct(paths: dict[str, str | os.PathLike | None], inputs: dict[str,
             continue
         key = os.path.realpath(p)
         if key in seen:
-            raise WriteError(f"{seen[key]}: would overwrite the input {option} {p}")
+            raise WriteError(f"{seen[key]}: the same file as {option} {p}; it would be overwritten")
 
 
 # ---- JSON Lines ----------------------------------------------------------------------------

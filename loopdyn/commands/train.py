@@ -69,11 +69,13 @@ def check_paths(args: argparse.Namespace) -> None:
     """Every output path checked before any work: a bad --log, --alerts or --save costs nothing."""
     from loopdyn.models.checkpoint import check_save_target
 
-    files = {"--log": args.log, "--alerts": args.alerts}
+    check_outputs(files={"--log": args.log, "--alerts": args.alerts}, dirs={"--tensorboard": args.tensorboard},
+                  inputs={"--data": args.data})
     if args.save:
         check_save_target(args.save)
-        files.update({"--save": f"{args.save}/config.json", "--save ": f"{args.save}/model.safetensors"})
-    check_outputs(files=files, dirs={"--tensorboard": args.tensorboard}, inputs={"--data": args.data})
+        for name in ("config.json", "model.safetensors"):  # the files --save will replace
+            check_outputs(files={"--save": os.path.join(args.save, name)},
+                          inputs={"--log": args.log, "--alerts": args.alerts, "--data": args.data})
 
 
 def run(args: argparse.Namespace) -> int:
