@@ -196,7 +196,7 @@ def test_the_console_entry_imports_nothing_heavy():
     assert result.stdout.strip() == "False", result.stderr
 
 
-@pytest.mark.parametrize("delay", [0.2, 1.0, 3.0])
+@pytest.mark.parametrize("delay", [0.5, 1.5, 3.0])
 def test_ctrl_c_at_any_moment_of_a_real_run(tmp_path, corpus, delay):
     """SIGINT to `python -m loopdyn train` while it starts, imports torch, or trains."""
     proc = subprocess.Popen([sys.executable, "-m", "loopdyn", "train", "--data", str(corpus), *FAST,
