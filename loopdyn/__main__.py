@@ -1,6 +1,10 @@
 """`python -m loopdyn ...` is the same as `loopdyn ...` (so `torchrun -m loopdyn train` works)."""
 import sys
 
-from loopdyn.cli import main
+try:
+    from loopdyn.cli import main
+except KeyboardInterrupt:  # Ctrl-C before the command line is even loaded
+    sys.stderr.write("loopdyn: interrupted\n")
+    sys.exit(130)
 
 sys.exit(main())

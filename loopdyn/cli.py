@@ -1,27 +1,74 @@
 """The `loopdyn` command line.
 
-Exit codes (shared/DESIGN.md §6): 0 success; 1 bad input (one line on stderr, no traceback);
-2 usage; 3 `--strict` and the verdict is not `stable`.
+Exit codes (shared/DESIGN.md §6): 0 success; 1 bad input, a full disk, or an internal error (one
+line on stderr, no traceback); 2 usage; 3 `--strict` and the verdict is not `stable`; 130
+interrupted (Ctrl-C, at any moment, also while PyTorch is still importing).
+
+Nothing a user can cause prints a traceback. An internal error (a bug in loopdyn) prints one line
+and how to get the traceback: `--debug` (anywhere on the command line) or LOOPDYN_DEBUG=1.
+
+This module imports nothing heavy at the top: the console script imports it before `main` runs,
+and only inside `main` can a Ctrl-C during the PyTorch import be turned into exit 130.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
+import os
+import signal
 import sys
 
-from loopdyn.models.errors import InputError
-from loopdyn.commands import COMMANDS
+EXIT_OK, EXIT_BAD_INPUT, EXIT_USAGE, EXIT_UNSTABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+DEBUG_ENV = "LOOPDYN_DEBUG"
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_USAGE, EXIT_UNSTABLE = 0, 1, 2, 3
+
+def version() -> str:
+    try:
+        from importlib.metadata import version as dist_version
+
+        return dist_version("loopdyn")
+    except Exception:  # not installed (run from a source tree)
+        return "unknown"
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help shows its default: appended as "(default: X)" unless the help text
+    already says what the default is. Flags (store_true) are off by default and say nothing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or action.default is argparse.SUPPRESS or not action.option_strings
+                or action.required):
+            return text
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._HelpAction,
+                               argparse._VersionAction, argparse._StoreConstAction)):
+            return text
+        default = "none" if action.default is None else "%(default)s"
+        return f"{text} (default: {default})".strip()
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from loopdyn.commands import COMMANDS
+    import importlib
+
     parser = argparse.ArgumentParser(
-        prog="loopdyn",
+        prog="loopdyn", formatter_class=HelpFormatter,
         description="Stability of looped language models: train, audit, compare, alert.",
     )
+    parser.add_argument("--version", action="version", version=f"loopdyn {version()}")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of an internal error (or set {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    real_add = sub.add_parser
+
+    def add_parser(name, **kwargs):  # every subcommand: the same formatter and a --debug flag
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        p = real_add(name, **kwargs)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help=f"show the traceback of an internal error (or set {DEBUG_ENV}=1)")
+        return p
+
+    sub.add_parser = add_parser
     for name in COMMANDS:
         try:
             module = importlib.import_module(f"loopdyn.commands.{name}")
@@ -33,18 +80,107 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _debug(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def _name(argv: list[str]) -> str:
+    words = [a for a in argv if not a.startswith("-")]
+    return f"loopdyn {words[0]}" if words else "loopdyn"
+
+
+_interrupted = False  # set by the first Ctrl-C / SIGTERM: errors after it are its consequences
+
+
+def _interrupt(signum, frame):  # SIGINT and SIGTERM: unwind, so temporary files are removed
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run the command line; returns the exit code. Called without `argv` (as the program), an
+    interrupted run ends the process at once with 130 after its clean-up, so nothing left
+    half-imported by the interrupt can print at interpreter exit."""
+    global _interrupted
+    as_program = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = _name(argv)
+    debug = _debug(argv)
+    _interrupted = False
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        current = signal.getsignal(sig)
+        if current in (signal.SIG_DFL, signal.default_int_handler):  # never override SIG_IGN or a user's
+            try:
+                previous[sig] = signal.signal(sig, _interrupt)
+            except ValueError:  # not the main thread
+                pass
     try:
-        return int(args.func(args) or 0)
-    except InputError as err:
-        print(f"loopdyn {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
-        where = f": {err.filename}" if getattr(err, "filename", None) else ""
-        print(f"loopdyn {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        code = _main(argv, name, debug)
     except KeyboardInterrupt:
-        print(f"loopdyn {args.command}: interrupted", file=sys.stderr)
-        return 130
+        code = EXIT_INTERRUPTED
+    except SystemExit:
+        raise
+    except BaseException:
+        if not _interrupted or debug:
+            raise
+        code = EXIT_INTERRUPTED  # e.g. a module left half-imported by the Ctrl-C
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if code == EXIT_INTERRUPTED:
+        print(f"{name}: interrupted", file=sys.stderr)
+        if as_program:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            os._exit(EXIT_INTERRUPTED)
+    return code
+
+
+def _main(argv: list[str], name: str, debug: bool) -> int:
+    from loopdyn.models.errors import InputError  # imports torch: Ctrl-C here is still caught
+
+    try:
+        args = build_parser().parse_args(argv)
+        name = f"loopdyn {args.command}"
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        raise
+    except InputError as err:
+        if debug:
+            raise
+        print(f"{name}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except BrokenPipeError:  # e.g. `loopdyn audit ... | head`
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return EXIT_OK
+    except MemoryError:
+        if debug:
+            raise
+        print(f"{name}: error: out of memory", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as err:
+        if debug:
+            raise
+        from loopdyn.models.fileio import describe_os_error
+
+        where = f": {err.filename}" if getattr(err, "filename", None) else ""
+        print(f"{name}: error: {describe_os_error(err)}{where}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as err:  # noqa: BLE001 - a bug: one line, the traceback on request
+        if debug or _interrupted:
+            raise
+        text = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+        if "out of memory" in text.lower() or "can't allocate memory" in text.lower():
+            print(f"{name}: error: out of memory ({text})", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        print(f"{name}: internal error: {type(err).__name__}: {text} "
+              f"(run again with --debug or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return EXIT_BAD_INPUT

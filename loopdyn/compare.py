@@ -356,13 +356,30 @@ def grid(injections: list[str], lrs: list[float], seeds: list[int], **common: An
     bad = [lr for lr in lrs if not (lr > 0 and math.isfinite(lr))]
     if bad:
         raise InputError(f"learning rates must be positive numbers, got {bad}")
+    for option, values, show in (("--injections", injections, str), ("--lrs", lrs, lambda v: f"{v:g}"),
+                                 ("--seeds", seeds, str)):
+        seen: dict[str, Any] = {}
+        for v in values:
+            key = show(v)  # the run folder's name uses this spelling: 0.01 and 1e-2 are one run
+            if key in seen:
+                same = "twice" if seen[key] == v else f"twice ({seen[key]!r} and {v!r} name the same run)"
+                raise InputError(f"{option}: {key} is given {same}; each grid value must be distinct")
+            seen[key] = v
     return [RunSpec(injection=i, lr=lr, seed=s, **common) for i in injections for lr in lrs for s in seeds]
 
 
 def prepare_out(out: Path, specs: list[RunSpec], resume: bool) -> tuple[list[RunSpec], list[RunRecord]]:
-    """Check `out` and split the grid into runs to do and finished runs to keep."""
+    """Check `out` and split the grid into runs to do and finished runs to keep.
+
+    With `resume`, a finished run is kept only if it was made with exactly this run's settings
+    (steps, batch size, sequence length, preset, data, ...); otherwise the command refuses,
+    naming the run and the settings that differ."""
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
+    names = [s.name for s in specs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InputError(f"the grid holds the run {twice[0]} more than once")
     todo, done = [], []
     for spec in specs:
         run_dir = out / "runs" / spec.name
@@ -371,10 +388,122 @@ def prepare_out(out: Path, specs: list[RunSpec], resume: bool) -> tuple[list[Run
             if not resume:
                 raise InputError(f"{out}: already holds finished runs (e.g. {spec.name}); "
                                  f"use --resume to keep them or choose another --out")
-            done.append(load_record(record_path))
+            record = load_record(record_path)
+            differ = _differing_settings(record.spec, spec)
+            if differ:
+                raise InputError(f"--resume: the stored run {run_dir} was made with other settings ({differ}); "
+                                 f"use the same settings, another --out, or move that run away")
+            done.append(record)
         else:
             todo.append(spec)
     return todo, done
+
+
+def _differing_settings(stored: dict, spec: RunSpec) -> str:
+    wanted = asdict(spec)
+    parts = []
+    for key in sorted(set(stored) | set(wanted)):
+        if stored.get(key) != wanted.get(key):
+            parts.append(f"{key.replace('_', '-')} {stored.get(key)!r} there, {wanted.get(key)!r} now")
+    return "; ".join(parts)
+
+
+class OutLock:
+    """An exclusive lock on an output folder, so two processes never write one --out.
+
+    `out/.loopdyn.lock` holds the owner's pid; the lock itself is an `flock` on that file, which
+    the kernel releases when the process ends in any way (kill -9 included), so a lock left by a
+    dead process is simply taken over. Where flock does not exist, the pid in the file decides:
+    a lock whose process is gone is taken over."""
+
+    NAME = ".loopdyn.lock"
+    _held: dict[str, list] = {}  # realpath of a lock file this process holds → [fd, depth]
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.path = self.out / self.NAME
+        self._fd: int | None = None
+        self._nested = False
+
+    def acquire(self) -> "OutLock":
+        self.out.mkdir(parents=True, exist_ok=True)
+        key = os.path.realpath(self.path)
+        if key in OutLock._held:  # this process holds it already (a command around run_grid)
+            OutLock._held[key][1] += 1
+            self._nested = True
+            return self
+        for _ in range(10):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                if not self._lock(fd):
+                    holder = self._holder(fd)
+                    raise InputError(f"{self.out}: in use by another loopdyn process"
+                                     f"{f' (pid {holder})' if holder else ''}; wait for it to finish or "
+                                     f"choose another --out")
+                # the file may have been removed by its previous owner after we opened it
+                try:
+                    same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+                except FileNotFoundError:
+                    same = False
+                if not same:
+                    os.close(fd)
+                    continue
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                self._fd = fd
+                OutLock._held[key] = [fd, 1]
+                return self
+            except BaseException:
+                if self._fd is None:
+                    os.close(fd)
+                raise
+        raise InputError(f"{self.out}: could not take the lock {self.path}")
+
+    @staticmethod
+    def _lock(fd: int) -> bool:
+        try:
+            import fcntl
+        except ImportError:  # no flock: decide by the pid in the file
+            holder = OutLock._holder(fd)
+            from loopdyn.models.fileio import _pid_alive
+
+            return not (holder and holder != os.getpid() and _pid_alive(holder))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    @staticmethod
+    def _holder(fd: int) -> int | None:
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            text = os.read(fd, 32).decode().strip()
+            return int(text) if text else None
+        except (OSError, ValueError):
+            return None
+
+    def release(self) -> None:
+        key = os.path.realpath(self.path)
+        if self._nested:
+            self._nested = False
+            if key in OutLock._held:
+                OutLock._held[key][1] -= 1
+            return
+        OutLock._held.pop(key, None)
+        if self._fd is not None:
+            try:
+                os.unlink(self.path)  # while still holding it: a waiting process re-checks the inode
+            except OSError:
+                pass
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "OutLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def load_record(path: Path) -> RunRecord:
@@ -387,6 +516,13 @@ def load_record(path: Path) -> RunRecord:
     return RunRecord.from_json(data, str(path))
 
 
+def _worker_init() -> None:
+    """Workers leave Ctrl-C to the parent (which stops them), so they print no tracebacks."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _worker(spec: RunSpec, run_dir: str, threads: int, queue) -> dict:
     torch.set_num_threads(threads)
     report = (lambda n: queue.put(("step", n))) if queue is not None else None
@@ -395,19 +531,30 @@ def _worker(spec: RunSpec, run_dir: str, threads: int, queue) -> dict:
 
 
 def run_grid(specs: list[RunSpec], out: Path, resume: bool = False, jobs: int | None = None,
-             progress: bool = True, log: Callable[[str], None] = print) -> CompareResult:
-    """Run every spec not already finished in `out`, in parallel processes when jobs > 1."""
+             progress: bool = True, log: Callable[[str], None] = print, threads: int | None = None) -> CompareResult:
+    """Run every spec not already finished in `out`, in parallel processes when jobs > 1.
+    `out` is locked for the whole time (OutLock): a second process on it is refused."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    with OutLock(out):
+        return _run_grid(specs, out, resume, jobs, progress, log, threads)
+
+
+def _run_grid(specs: list[RunSpec], out: Path, resume: bool, jobs: int | None, progress: bool,
+              log: Callable[[str], None], threads: int | None) -> CompareResult:
     todo, done = prepare_out(out, specs, resume)
     if done:
         log(f"resuming: {len(done)} finished run(s) kept, {len(todo)} to do")
     cores = os.cpu_count() or 1
     jobs = max(1, min(jobs or cores, len(todo) or 1))
-    threads = max(1, cores // jobs)
+    threads = threads or max(1, cores // jobs)
     bar = _bar(sum(s.steps for s in todo), len(todo), progress)
     records = list(done)
     start = time.perf_counter()
     if jobs == 1:
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
         for spec in todo:
             records.append(run_one(spec, out / "runs" / spec.name, progress=bar.update if bar else None))
             _after_run(records[-1], bar, log)
@@ -416,16 +563,22 @@ def run_grid(specs: list[RunSpec], out: Path, resume: bool = False, jobs: int | 
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
         ctx = mp.get_context("spawn")  # fork after torch threads exist is unsafe
-        with mp.Manager() as manager, ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+        with mp.Manager() as manager, ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init) as pool:
             queue = manager.Queue()
             pending = {pool.submit(_worker, s, str(out / "runs" / s.name), threads, queue) for s in todo}
-            while pending:
-                finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            try:
+                while pending:
+                    finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                    _drain(queue, bar)
+                    for fut in finished:
+                        records.append(RunRecord(**fut.result()))
+                        _after_run(records[-1], bar, log)
                 _drain(queue, bar)
-                for fut in finished:
-                    records.append(RunRecord(**fut.result()))
-                    _after_run(records[-1], bar, log)
-            _drain(queue, bar)
+            except BaseException:  # Ctrl-C or a failed run: stop the other runs now, not after they finish
+                for proc in list(getattr(pool, "_processes", {}).values()):
+                    proc.terminate()
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
     if bar is not None:
         bar.close()
     order = {s.name: i for i, s in enumerate(specs)}
@@ -436,13 +589,9 @@ def run_grid(specs: list[RunSpec], out: Path, resume: bool = False, jobs: int | 
 
 
 def _bar(total_steps: int, n_runs: int, enabled: bool):
-    import sys
+    from loopdyn.progress import progress as make_progress
 
-    if not enabled or not sys.stderr.isatty() or total_steps == 0:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total_steps, desc=f"{n_runs} runs", unit="step", dynamic_ncols=True)
+    return make_progress(total_steps, f"{n_runs} runs", "step", enabled=enabled, leave=True)
 
 
 def _drain(queue, bar) -> None:
@@ -455,7 +604,9 @@ def _drain(queue, bar) -> None:
 def _after_run(record: RunRecord, bar, log) -> None:
     spec = RunSpec(**record.spec)
     line = f"{spec.name}: {record.outcome} — {record.outcome_reason}"
-    if bar is not None:
+    from loopdyn.progress import LineProgress
+
+    if bar is not None and not isinstance(bar, LineProgress):
         bar.write(line)
     else:
         log(line)

@@ -3,11 +3,17 @@ sources, which every Python install carries) or any text file or folder.
 
 Tokens are bytes (vocabulary 256). Files are split deterministically into train and
 validation by a hash of their path (about 1 in 10 goes to validation), so no file
-contributes to both.
+contributes to both. When that leaves one side empty (a folder of one or a few files), or for
+a single file, the text is split by position instead: the last 10% is validation.
+`TextData.split` says which split was used.
+
+Only regular files and folders are read: a FIFO, a socket or a device (`/dev/zero`) is refused
+at once instead of blocking or reading forever; inside a folder such entries are skipped.
 """
 from __future__ import annotations
 
 import os
+import stat
 import sysconfig
 import zlib
 from dataclasses import dataclass
@@ -31,6 +37,16 @@ class TextData:
     val: np.ndarray
     source: str
     n_files: int
+    split: str = "by file"  # "by file" (path hash) or "by position" (the last 10% is validation)
+    split_reason: str = ""
+
+    def describe(self) -> str:
+        """One line: files, bytes, and how train and validation were split."""
+        files = f"{self.n_files} file{'s' if self.n_files != 1 else ''}"
+        how = ("split by file (1 in 10 by a hash of the path)" if self.split == "by file"
+               else f"split by position, the last {100 // VALIDATION_EVERY}% is validation"
+                    + (f" ({self.split_reason})" if self.split_reason else ""))
+        return f"{files}, {len(self.train):,} training and {len(self.val):,} validation bytes; {how}"
 
     def batch(self, batch_size: int, seq_len: int, generator: torch.Generator, split: str = "train"):
         """Random windows: inputs (B, S) and next-byte targets (B, S), int64."""
@@ -90,16 +106,18 @@ def load_text(path: str | Path | None = None, max_bytes: int | None = None) -> T
         source = f"python-stdlib ({root})"
     else:
         root = Path(path)
-        if not root.exists():
+        kind = _kind(root)
+        if kind == "missing":
             raise InputError(f"{root}: no such file or folder")
-        if root.is_file():
+        if kind not in ("file", "folder"):
+            raise InputError(f"{root}: is {kind}, not a text file or folder")
+        if kind == "file":
             data = _read(root)
             if max_bytes is not None:
                 data = data[:max_bytes]
             if len(data) < 1000:
                 raise InputError(f"{root}: only {len(data)} bytes of text; need at least 1000")
-            cut = int(len(data) * (1 - 1 / VALIDATION_EVERY))
-            return TextData(data[:cut], data[cut:], str(root), 1)
+            return _by_position(data, str(root), 1, "a single file")
         files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
         source = str(root)
     if max_bytes is not None:
@@ -107,13 +125,41 @@ def load_text(path: str | Path | None = None, max_bytes: int | None = None) -> T
     train, val = [], []
     for p in files:
         (val if _is_validation(str(p.relative_to(root))) else train).append(_read(p))
-    if not files or sum(len(a) for a in train) == 0:
+    total = sum(len(a) for a in train) + sum(len(a) for a in val)
+    if not files or total == 0:
         raise InputError(f"{source}: no text found (empty folder?)")
-    if not val:  # a folder with very few files: fall back to the tail of the training text
-        joined = np.concatenate(train)
-        cut = int(len(joined) * (1 - 1 / VALIDATION_EVERY))
-        return TextData(joined[:cut], joined[cut:], source, len(files))
+    if not train or not val or sum(len(a) for a in train) == 0 or sum(len(a) for a in val) == 0:
+        # one or a few files all on one side of the hash split: split the text by position
+        reason = (f"the folder holds {len(files)} file{'s' if len(files) != 1 else ''}, "
+                  f"all on the {'validation' if not train else 'training'} side of the split by file")
+        return _by_position(np.concatenate(train + val), source, len(files), reason)
     return TextData(np.concatenate(train), np.concatenate(val), source, len(files))
+
+
+def _by_position(data: np.ndarray, source: str, n_files: int, reason: str) -> TextData:
+    cut = int(len(data) * (1 - 1 / VALIDATION_EVERY))
+    return TextData(data[:cut], data[cut:], source, n_files, split="by position", split_reason=reason)
+
+
+def _kind(path: Path) -> str:
+    """'file', 'folder', 'missing', or what else it is ('a FIFO (named pipe)', 'a device', ...)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "missing"
+    except OSError as err:
+        raise InputError(f"{path}: cannot read ({err.strerror})") from None
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
 
 
 def _read(path: Path) -> np.ndarray:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -41,7 +40,7 @@ class TrainConfig:
     device: str = "cpu"
     log_path: str | None = None  # one JSON object per optimiser step
     save_dir: str | None = None
-    progress: bool = True  # a progress bar on stderr when it is a terminal
+    progress: bool = True  # on stderr: a progress bar on a terminal, periodic log lines otherwise
     desc: str = "train"
 
     def validate(self) -> None:
@@ -165,7 +164,7 @@ def train(model: LoopedLM, data: TextData, cfg: TrainConfig,
     log = JsonlWriter(cfg.log_path) if cfg.log_path and dist.is_main else None
     result = TrainResult(steps=0, tokens=0, seconds=0.0)
     bar = _progress(cfg, dist)
-    if bar is not None and hasattr(monitor, "set_console_writer"):
+    if bar is not None and hasattr(monitor, "set_console_writer") and not _is_line_progress(bar):
         monitor.set_console_writer(bar.write)  # alert lines above the bar, not through it
     start = time.perf_counter()
     try:
@@ -225,8 +224,13 @@ def train(model: LoopedLM, data: TextData, cfg: TrainConfig,
 
 
 def _progress(cfg: TrainConfig, dist: Distributed):
-    if not (cfg.progress and dist.is_main and sys.stderr.isatty()):
-        return None
-    from tqdm.auto import tqdm
+    """A bar on a terminal, periodic log lines otherwise (loopdyn.progress); rank 0 only."""
+    from loopdyn.progress import progress
 
-    return tqdm(total=cfg.steps, desc=cfg.desc, unit="step", dynamic_ncols=True, leave=False)
+    return progress(cfg.steps, cfg.desc, "step", enabled=cfg.progress and dist.is_main)
+
+
+def _is_line_progress(bar) -> bool:
+    from loopdyn.progress import LineProgress
+
+    return isinstance(bar, LineProgress)

@@ -1,21 +1,33 @@
 """Checkpoints: loopdyn's own format, and import of checkpoints written by the official Parcae code.
 
-loopdyn format: a folder with `config.json` ({"format": "loopdyn", "version": 1, "config":
-{every LoopConfig field}}) and `model.safetensors` (tied head stored once). `save` writes
-into a temporary folder and renames it, so an interrupted save never leaves a broken
-checkpoint; save → load is bit-exact.
+loopdyn format: a folder with `config.json` ({"format": "loopdyn", "version": 1, "save_id": …,
+"config": {every LoopConfig field}}) and `model.safetensors` (tied head stored once; the same
+save_id in its metadata). `save` writes or replaces only these two files and keeps everything
+else in the folder. Each file is written under a temporary name and renamed; while the two are
+swapped in, the previous pair is kept as hard links in `.loopdyn-backup/`, so a save killed at
+any moment leaves a loadable checkpoint: if the two files then come from different saves, `load`
+takes the backup copy and says so on stderr. save → load is bit-exact.
 
 Official Parcae format (shared/reference/parcae-checkpoint-format.md): `config.json` of a
 ParcaeConfig or GPTConfig, weights in `pytorch_model.bin`, `model.pt`, `model.safetensors` or
 `model.bin`. Pickled weights are read with `torch.load(weights_only=True)` only. Unlike the
 official loader (strict=False), the key set is checked strictly against the one the config
 implies, and every mismatch is reported.
+
+Before anything is allocated, the parameter bytes a config implies are checked against the size
+of the weights file and the machine's memory (`LoopConfig.check_fits`), and every official config
+field is type-checked; integer, boolean and complex weights are refused by name.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import pickle
+import secrets
+import shutil
+import sys
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -24,7 +36,8 @@ import torch
 
 from loopdyn.models.config import LoopConfig
 from loopdyn.models.errors import CheckpointError, ConfigError
-from loopdyn.models.fileio import atomic_directory
+from loopdyn.models.fileio import (WriteError, check_output, describe_os_error, fill_temp, remove_stale_temps,
+                                   temp_name)
 from loopdyn.models.looped import LoopedLM, value_embedding_layout
 from loopdyn.models.layers import rope_table
 
@@ -53,18 +66,189 @@ def _own_state_dict(model: LoopedLM) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
+OWN_FILES = ("model.safetensors", "config.json")  # the only files `save` writes, in commit order
+BACKUP_DIR = ".loopdyn-backup"
+
+
 def save(model: LoopedLM, directory: str | Path) -> Path:
-    """Write `config.json` and `model.safetensors` into `directory` (replaced atomically)."""
+    """Write `config.json` and `model.safetensors` into `directory` (made if needed).
+
+    Only those two files are written or replaced; everything else in the folder is kept. A file
+    of either name that loopdyn did not write is never overwritten (CheckpointError). Works for
+    `.` and the working directory. An interruption at any moment, kill -9 included, leaves the
+    old checkpoint or the new one loadable; temporary files of a killed save are removed by the
+    next save into the folder."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise CheckpointError(f"{directory}: exists and is not a folder")
-    with atomic_directory(directory) as tmp:
-        save_file(_own_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "loopdyn"})
-        config = {"format": "loopdyn", "version": FORMAT_VERSION, "config": model.config.to_dict()}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    check_save_target(directory)
+    created = not directory.exists()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CheckpointError(f"{directory}: cannot create the folder ({describe_os_error(err)})") from None
+    remove_stale_temps(directory)  # left by a save that was killed outright
+    save_id = secrets.token_hex(8)
+    state = _own_state_dict(model)
+    config = {"format": "loopdyn", "version": FORMAT_VERSION, "save_id": save_id, "config": model.config.to_dict()}
+    config_text = (json.dumps(config, indent=2) + "\n").encode("utf-8")
+
+    def write_weights(tmp: Path) -> None:
+        try:
+            save_file(state, str(tmp), metadata={"format": "loopdyn", "save_id": save_id})
+        except OSError:
+            raise
+        except Exception as err:  # safetensors' own error type: name the user's file, not ours
+            text = str(err).replace(str(tmp), str(directory / "model.safetensors")).strip().splitlines()
+            raise CheckpointError(f"{directory / 'model.safetensors'}: cannot write "
+                                  f"({text[0][:200] if text else type(err).__name__})") from None
+
+    def write_config(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            if f.write(config_text) != len(config_text):
+                raise OSError(28, os.strerror(28))
+
+    temps: dict[str, Path] = {}
+    backup: Path | None = None
+    committed: list[str] = []
+    existed = {name: os.path.lexists(directory / name) for name in OWN_FILES}
+    try:
+        temps["model.safetensors"] = fill_temp(directory / "model.safetensors", write_weights)
+        temps["config.json"] = fill_temp(directory / "config.json", write_config)
+        backup = _keep_backup(directory)
+        for name in OWN_FILES:
+            os.replace(temps[name], directory / name)
+            del temps[name]
+            committed.append(name)
+        _fsync_dir(directory)
+    except BaseException as err:
+        for tmp in temps.values():
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if committed and backup is not None:  # put the previous pair back
+            for name in OWN_FILES:
+                with contextlib.suppress(OSError):
+                    os.replace(backup / name, directory / name)
+        for name in committed:  # files this save created where there were none
+            if not existed[name]:
+                with contextlib.suppress(OSError):
+                    os.unlink(directory / name)
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+        if created:  # a first save that fails leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        if isinstance(err, OSError) and not isinstance(err, WriteError):
+            raise CheckpointError(f"{directory}: cannot save ({describe_os_error(err)})") from None
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
     return directory
+
+
+def check_save_target(directory: str | Path) -> Path:
+    """Refuse, before any work, a `save` folder that cannot take a checkpoint: not a folder,
+    not writable, or holding a `config.json` / `model.safetensors` that loopdyn did not write."""
+    directory = Path(directory)
+    try:
+        check_output(directory, "", kind="dir")
+    except WriteError as err:
+        raise CheckpointError(str(err)) from None
+    config, weights = directory / "config.json", directory / "model.safetensors"
+    if os.path.lexists(config) and _own_save_id(config) is False:
+        raise CheckpointError(f"{config}: exists and was not written by loopdyn; not overwriting it "
+                              f"(save into another folder)")
+    if os.path.lexists(weights) and _own_weights_id(weights) is False:
+        raise CheckpointError(f"{weights}: exists and was not written by loopdyn; not overwriting it "
+                              f"(save into another folder)")
+    return directory
+
+
+def _own_save_id(config_path: Path):
+    """The save_id of a loopdyn config.json (None for one written before save ids), or False
+    when the file is not a loopdyn config."""
+    try:
+        if not config_path.is_file():
+            return False
+        raw = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    if not isinstance(raw, dict) or raw.get("format") != "loopdyn":
+        return False
+    return raw.get("save_id")
+
+
+def _own_weights_id(weights_path: Path):
+    """The save_id in a loopdyn safetensors file's metadata (None before save ids), or False
+    when the file is not loopdyn's."""
+    try:
+        meta = _safetensors_metadata(weights_path)
+    except (OSError, ValueError):
+        return False
+    if meta.get("format") != "loopdyn":
+        return False
+    return meta.get("save_id")
+
+
+def _safetensors_metadata(path: Path) -> dict:
+    """The `__metadata__` of a safetensors header, read without loading any tensor."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError("too short for a safetensors file")
+        n = int.from_bytes(head, "little")
+        if n > 100_000_000 or n > os.fstat(f.fileno()).st_size:
+            raise ValueError("not a safetensors header")
+        header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise ValueError("not a safetensors header")
+    meta = header.get("__metadata__") or {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _pair_state(directory: Path) -> str:
+    """'ok' (a loopdyn config and weights from one save), 'mixed' (from different saves, or
+    one missing) or 'absent' (neither is a loopdyn file)."""
+    cid = _own_save_id(directory / "config.json")
+    wid = _own_weights_id(directory / "model.safetensors")
+    if cid is False and wid is False:
+        return "absent"
+    if cid is False or wid is False or cid != wid:
+        return "mixed"
+    return "ok"
+
+
+def _keep_backup(directory: Path) -> Path | None:
+    """Hard links of the current checkpoint in `.loopdyn-backup/` (copies where links are not
+    possible), made complete before it is renamed into place. Keeps an older backup when the
+    current pair is itself half-replaced (from a killed save)."""
+    backup = directory / BACKUP_DIR
+    state = _pair_state(directory)
+    if state != "ok":
+        return backup if state == "mixed" and _pair_state(backup) == "ok" else None
+    shutil.rmtree(backup, ignore_errors=True)
+    tmp = temp_name(backup)
+    tmp.mkdir()
+    try:
+        for name in OWN_FILES:
+            try:
+                os.link(directory / name, tmp / name)
+            except OSError:
+                shutil.copy2(directory / name, tmp / name)
+        os.replace(tmp, backup)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return backup
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LoopedLM:
@@ -93,7 +277,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     elif "_class_name" in raw or "n_embd" in raw:
         model, info = _load_official(directory, raw)
     else:
-        raise CheckpointError(f"{config_path}: neither a loopdyn nor an official Parcae config")
+        raise CheckpointError(f"{config_path}: not a loopdyn, official Parcae, Huginn/Raven or Ouro config")
     model.checkpoint_info = info
     if info.nonfinite:
         warnings.warn(f"{info.weights_file}: non-finite values in {len(info.nonfinite)} parameter(s): "
@@ -103,14 +287,14 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
 
 def _checkpoint_dir(path: Path) -> Path:
     if not path.exists():
-        # `save` swaps folders in two renames; a crash between them leaves only the old copy
-        old = path.with_name(f".{path.name}.old")
-        if old.is_dir() and (old / "config.json").is_file():
-            warnings.warn(f"{path}: missing, loading the previous copy {old} left by an interrupted save",
-                          RuntimeWarning, stacklevel=3)
-            return old
         raise CheckpointError(f"{path}: no such checkpoint")
     directory = path if path.is_dir() else path.parent
+    backup = directory / BACKUP_DIR
+    if backup.is_dir() and _pair_state(directory) != "ok" and _pair_state(backup) == "ok":
+        # a save was killed while swapping the two files in: its files do not belong together
+        print(f"loopdyn: warning: {directory}: config.json and model.safetensors come from different saves "
+              f"(a save was interrupted); loading the previous checkpoint kept in {backup}", file=sys.stderr)
+        return backup
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{directory}: no config.json (not a checkpoint folder)")
     return directory
@@ -131,12 +315,41 @@ def _load_own(directory: Path, raw: dict) -> tuple[LoopedLM, CheckpointInfo]:
     except ConfigError as err:
         raise CheckpointError(str(err)) from None
     weights = directory / "model.safetensors"
+    cid, wid = raw.get("save_id"), (_own_weights_id(weights) if weights.is_file() else None)
+    if weights.is_file() and wid is not False and cid != wid:
+        raise CheckpointError(f"{directory}: config.json and model.safetensors come from different saves "
+                              f"(an interrupted save?) and no backup copy is kept")
+    bound(config, weights, config_path)
     state = _read_safetensors(weights)
+    check_float_weights(state, weights)
     model = _build(config, config_path)
     expected = _own_state_dict(model)
     _check_keys_and_shapes(state, {k: tuple(v.shape) for k, v in expected.items()}, weights)
     model.load_state_dict(state, strict=not config.tie_embeddings)
     return model, CheckpointInfo(str(directory), "loopdyn", str(weights), _nonfinite(model))
+
+
+def bound(config: LoopConfig, weights: Path, source: Path) -> None:
+    """Refuse, before reading or allocating anything, a config that implies more parameters
+    than the weights file holds or than the machine's memory takes (reading the weights and
+    building the model need about twice the model's float32 bytes)."""
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing weights file")
+    try:
+        config.check_fits(factor=2.0, what="loading it", source=str(source), file_bytes=weights.stat().st_size)
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def check_float_weights(state: dict, path: Path) -> None:
+    """Refuse integer, boolean and complex weights by name (a float model cannot hold them
+    without silently losing information)."""
+    for key, value in state.items():
+        dtype = value.dtype
+        if dtype.is_complex or not dtype.is_floating_point:
+            kind = "complex" if dtype.is_complex else ("boolean" if dtype == torch.bool else "integer")
+            raise CheckpointError(f"{path}: weight {key!r} is {kind} ({str(dtype).replace('torch.', '')}); "
+                                  f"loopdyn needs floating-point weights")
 
 
 def _build(config: LoopConfig, source: Path) -> LoopedLM:
@@ -212,6 +425,60 @@ tie_embeddings model_class_name _is_recurrent_block_config _class_name n_layer i
 _REQUIRED = ("block_size", "n_embd", "num_attention_heads", "vocab_size")
 _REQUIRED_PARCAE = ("injection_type", "n_layers_in_prelude", "n_layers_in_recurrent_block", "n_layers_in_coda",
                     "mean_recurrence", "mean_backprop_depth")
+# The type of every official field loopdyn reads (reference §1.1, §7); null is always allowed
+# (the dataclass default). Fields loopdyn ignores are not checked.
+_INT, _NUM, _BOOL, _STR, _DICT = "an integer", "a number", "true or false", "a string", "an object"
+OFFICIAL_TYPES = {
+    **{k: _INT for k in ("block_size", "n_embd", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                         "vocab_size", "padding_multiple", "padded_vocab_size", "randomize_positions_from",
+                         "n_layers_in_recurrent_block", "n_layers_in_prelude", "n_layers_in_coda",
+                         "recurrent_embedding_dimension", "recurrent_intermediation_embedding_dimension",
+                         "recurrent_num_attention_heads", "mean_recurrence", "mean_backprop_depth", "n_layer")},
+    **{k: _NUM for k in ("norm_eps", "mup_model_scaling_factor", "clip_qkv", "logit_softcap")},
+    **{k: _BOOL for k in ("bias", "qk_bias", "qk_norm", "simple_ops", "prelude_norm", "tie_embeddings")},
+    **{k: _STR for k in ("name", "block_class_name", "norm_class_name", "mlp_class_name", "nonlin_name",
+                         "init_strategy", "use_fused_head", "injection_type", "state_init", "sampling_scheme",
+                         "_class_name")},
+    "rope_settings": _DICT,
+}
+_ROPE_TYPES = {"use_rope": _BOOL, "rope_condense_ratio": _NUM, "rope_base": _NUM}
+_POSITIVE = ("block_size", "n_embd", "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size",
+             "padding_multiple", "padded_vocab_size", "randomize_positions_from", "recurrent_embedding_dimension",
+             "recurrent_intermediation_embedding_dimension", "recurrent_num_attention_heads", "mean_recurrence",
+             "mean_backprop_depth")
+
+
+def _type_ok(value, kind: str) -> bool:
+    if kind == _INT:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == _NUM:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind == _BOOL:
+        return isinstance(value, bool)
+    if kind == _STR:
+        return isinstance(value, str)
+    return isinstance(value, dict)
+
+
+def check_official_types(raw: dict, source: str) -> None:
+    """Type-check every official config field loopdyn reads, one by one (CheckpointError names
+    the field, what it must be and what it is)."""
+    def check(name, value, kind):
+        if value is not None and not _type_ok(value, kind):
+            raise CheckpointError(f"{source}: {name} must be {kind}, got {json.dumps(value)[:60]}")
+
+    for name, kind in OFFICIAL_TYPES.items():
+        check(name, raw.get(name), kind)
+    for name, kind in _ROPE_TYPES.items():
+        check(f"rope_settings.{name}", (raw.get("rope_settings") or {}).get(name), kind)
+    for name in _POSITIVE:
+        if raw.get(name) is not None and raw[name] < 1:
+            raise CheckpointError(f"{source}: {name} must be ≥ 1, got {raw[name]}")
+    for name in ("n_layers_in_recurrent_block", "n_layers_in_prelude", "n_layers_in_coda", "n_layer"):
+        if raw.get(name) is not None and raw[name] < 0:
+            raise CheckpointError(f"{source}: {name} must be ≥ 0, got {raw[name]}")
+
+
 _MLPS = {("BaseMLP", "ReLU2"): "relu2", ("BaseMLP", "ReLU"): "relu", ("BaseMLP", "GELU"): "gelu",
          ("GatedMLP", "SiLU"): "swiglu", ("GatedMLP", "GELU"): "geglu"}
 _INJECTIONS = {"diagonal": "diagonal", "linear": "linear", "add": "additive"}
@@ -231,6 +498,7 @@ def official_config_to_loop_config(raw: dict, source: str = "config.json") -> Lo
     missing = [k for k in required if raw.get(k) is None]
     if missing:
         raise CheckpointError(f"{source}: missing config field(s) {', '.join(missing)}")
+    check_official_types(raw, source)
 
     def get(key, default=None):
         value = raw.get(key)
@@ -353,7 +621,9 @@ def _load_official(directory: Path, raw: dict) -> tuple[LoopedLM, CheckpointInfo
     weights = next((directory / n for n in OFFICIAL_WEIGHT_FILES if (directory / n).is_file()), None)
     if weights is None:
         raise CheckpointError(f"{directory}: no weights file (looked for {', '.join(OFFICIAL_WEIGHT_FILES)})")
+    bound(config, weights, config_path)
     state = _read_safetensors(weights) if weights.suffix == ".safetensors" else _read_pickle(weights)
+    check_float_weights(state, weights)
     state = {_strip_prefixes(k): v for k, v in state.items()}
     # A tied head may be stored once under either name.
     if config.tie_embeddings:

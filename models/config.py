@@ -152,6 +152,71 @@ class LoopConfig:
         if self.value_embeds:
             need(min(self.d_model, self.d_state) >= 32, "value-embedding gates read 32 channels: widths must be ≥ 32")
 
+    # ---- size, before anything is allocated ------------------------------------------
+    def param_count(self, exact: bool = True) -> int:
+        """Unique parameters a LoopedLM of this config holds (tied head counted once), by
+        arithmetic: nothing is allocated. `exact=False` leaves out the value-embedding tables
+        and gates (a lower bound that costs O(1) even for absurd layer counts)."""
+        d, ds, V = self.d_model, self.d_state, self.vocab_size
+        b = 1 if self.bias else 0
+        per_norm = (1 if self.norm == "rmsnorm" else 2)
+        gated_mlp = self.mlp in ("swiglu", "geglu")
+
+        def block(w: int, heads: int, kv_heads: int, m: int) -> int:
+            kvw = kv_heads * (w // heads)
+            attn = w * w + 2 * w * kvw + w * w + b * (w + 2 * kvw + w) + (2 * w if self.qk_bias else 0)
+            mlp = w * (2 * m if gated_mlp else m) + b * (2 * m if gated_mlp else m) + m * w + b * w
+            return attn + mlp + (4 if self.block == "sandwich" else 2) * per_norm * w
+
+        n = V * d + per_norm * d  # embedding, final norm
+        n += (self.n_prelude + self.n_coda) * block(d, self.n_heads, self.n_kv_heads, self.d_mlp)
+        if not self.tie_embeddings:
+            n += V * d
+        if self.looped:
+            n += self.n_core * block(ds, self.n_state_heads, self.n_state_heads, self.d_state_mlp)
+            n += per_norm * d if self.prelude_norm else 0
+            n += ds * d + b * d  # readout C
+            n += {"diagonal": 2 * ds + ds * d, "linear": (ds + d) * ds + b * ds}.get(self.injection, 0)
+        if exact and self.value_embeds:
+            from loopdyn.models.looped import value_embedding_layout  # torch; config.py stays light
+
+            live = value_embedding_layout(self).live
+            n += len(set(live.values())) * V * self.n_kv_heads * self.head_dim
+            for name in live:
+                n += 32 * (self.n_state_heads if name.startswith("core.") else self.n_kv_heads)
+        return n
+
+    def model_bytes(self, exact: bool = True) -> int:
+        """float32 bytes of a LoopedLM of this config: parameters and the RoPE table."""
+        return 4 * (self.param_count(exact) + self.block_size * self.head_dim)
+
+    def check_fits(self, factor: float = 1.0, what: str = "the model", source: str | None = None,
+                   file_bytes: int | None = None, bytes_per_param: float = 1.0) -> int:
+        """Refuse (ConfigError) a config whose model could not be allocated here, before any
+        allocation: `factor` × its float32 bytes must fit in the machine's available memory
+        (training needs about 4×: weights, gradients, two Adam moments), and a weights file of
+        `file_bytes` must hold at least `bytes_per_param` per parameter. Returns the bytes."""
+        where = f"{source}: " if source else ""
+        low = self.model_bytes(exact=False)
+        memory = available_memory()
+        if memory is not None and factor * low > memory:
+            raise ConfigError(f"{where}config '{self.name}' implies at least {self.param_count(False):,} parameters "
+                              f"({_gib(low)}); {what} needs {_gib(factor * low)}, more than the "
+                              f"{_gib(memory)} of memory available")
+        if file_bytes is not None and file_bytes < bytes_per_param * self.param_count(exact=False):
+            raise ConfigError(f"{where}config '{self.name}' implies at least {self.param_count(False):,} parameters, "
+                              f"but the weights file holds only {file_bytes:,} bytes: the config does not match "
+                              f"the weights")
+        n = self.param_count(exact=True)
+        need = 4 * (n + self.block_size * self.head_dim)
+        if file_bytes is not None and file_bytes < bytes_per_param * n:
+            raise ConfigError(f"{where}config '{self.name}' implies {n:,} parameters, but the weights file holds "
+                              f"only {file_bytes:,} bytes: the config does not match the weights")
+        if memory is not None and factor * need > memory:
+            raise ConfigError(f"{where}config '{self.name}' implies {n:,} parameters ({_gib(need)}); {what} needs "
+                              f"{_gib(factor * need)}, more than the {_gib(memory)} of memory available")
+        return need
+
     # ---- (de)serialisation -----------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -201,6 +266,38 @@ class LoopConfig:
         n_layer = self.effective_depth if match == "flops" else self.n_blocks
         data = dict(self.to_dict(), n_prelude=n_layer, n_core=0, n_coda=0, name=f"gpt-twin-{self.name}")
         return LoopConfig(**_as_fixed_depth(data))
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation: MemAvailable (Linux), else the physical
+    memory, else None (unknown: no check). LOOPDYN_MEMORY_LIMIT (bytes) lowers it."""
+    import os
+
+    found = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    if found is None:
+        try:
+            found = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            found = None
+    limit = os.environ.get("LOOPDYN_MEMORY_LIMIT")
+    if limit:
+        try:
+            found = min(found, int(float(limit))) if found is not None else int(float(limit))
+        except ValueError:
+            pass
+    return found
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**28 else f"{n / 2**20:,.1f} MiB"
 
 
 def _is_int(x: Any) -> bool:

@@ -1,18 +1,51 @@
-"""Atomic file output: write to a temporary name in the same folder, then rename.
+"""File output that never loses data.
 
-A killed process therefore leaves either the old file or the complete new one, never half
-a file. `os.replace` is atomic on POSIX and Windows when source and target share a folder.
+- `atomic_write_bytes` (and the text/JSON forms) write to a temporary file in the target's
+  folder, then rename it over the target: a killed process leaves the old file or the whole new
+  one, never half a file. The temporary name is recognisably loopdyn's,
+  `.<name>.loopdyn-<pid>-<random>.tmp`; it is removed on every exit path Python sees, and one left
+  by a process that was killed outright (kill -9) is removed by the next write of the same file.
+- Results get the permissions a plain `open(path, "w")` would give: an existing file keeps its
+  mode, a new one gets 0666 minus the umask (mkstemp alone would give 0600).
+- `JsonlWriter` appends one JSON object per line and never leaves half a line: each line is one
+  write whose byte count is checked; a short write (a full disk) is cut back and reported.
+- `check_output` looks at an output path before any work starts, so a bad `--json` or `--save`
+  costs nothing.
+- Errors name the user's path, never a temporary name: `WriteError` (an `InputError`, so the
+  command line prints one line and exits 1).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
-import shutil
-import tempfile
+import re
+import secrets
+import stat
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from loopdyn.models.errors import InputError
+
+TMP_TAG = "loopdyn"  # every temporary name loopdyn makes contains ".loopdyn-<pid>-"
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\.loopdyn-(?P<pid>\d+)-[0-9a-f]+\.tmp$")
+
+
+class WriteError(InputError):
+    """An output could not be written (full disk, no permission, a folder in the way, ...)."""
+
+
+def describe_os_error(err: OSError) -> str:
+    """'no space left on device' style text for an OSError, without its file name."""
+    if err.errno == errno.ENOSPC:
+        return "no space left on device (disk full)"
+    if err.errno == errno.EDQUOT:
+        return "disk quota exceeded"
+    if err.errno == errno.EFBIG:
+        return "file too large for this file system (or the file size limit)"
+    return (err.strerror or str(err)).lower() if err.strerror else str(err)
 
 
 def _umask() -> int:
@@ -21,27 +54,120 @@ def _umask() -> int:
     return mask
 
 
-# mkstemp/mkdtemp create 0600/0700; give outputs the permissions a plain open() would.
-_FILE_MODE = 0o666 & ~_umask()
-_DIR_MODE = 0o777 & ~_umask()
+def new_file_mode() -> int:
+    """The mode `open(path, "w")` gives a new file under the current umask."""
+    return 0o666 & ~_umask()
+
+
+def _target_mode(path: Path) -> int:
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)  # a plain overwrite keeps the file's mode
+    except OSError:
+        return new_file_mode()
+
+
+def temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{TMP_TAG}-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except OSError:
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path, name: str | None = None) -> list[Path]:
+    """Remove temporary files loopdyn left in `folder` when its process was killed outright.
+
+    Only names of loopdyn's own pattern whose process is gone are touched (and, with `name`,
+    only those of that target). Returns the removed paths."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TMP_RE.match(entry.name)
+        if not m or (name is not None and m.group("name") != name):
+            continue
+        if _pid_alive(int(m.group("pid"))):
+            continue
+        with contextlib.suppress(OSError):
+            if entry.is_dir(follow_symlinks=False):
+                import shutil
+
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed.append(Path(entry.path))
+    return removed
+
+
+def fill_temp(path: Path, write, mode: int | None = None) -> Path:
+    """Write a temporary file next to `path` through `write(tmp_path)`, fsync it and give it
+    the final mode; return its name. It is removed if anything fails (KeyboardInterrupt too);
+    OSErrors become a `WriteError` naming `path`."""
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise WriteError(f"{path}: cannot create the folder {folder} ({describe_os_error(err)})") from None
+    remove_stale_temps(folder, path.name)
+    if path.is_dir():
+        raise WriteError(f"{path}: is a folder, not a file")
+    tmp = temp_name(path)
+    final_mode = _target_mode(path) if mode is None else mode
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, final_mode)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(err, OSError) and not isinstance(err, WriteError):
+            raise WriteError(f"{path}: cannot write: {describe_os_error(err)}") from None
+        raise
+    return tmp
+
+
+def write_file_atomically(path: str | os.PathLike, write, mode: int | None = None) -> Path:
+    """Create `path` through `write(tmp_path)`, then rename it into place (see `fill_temp`)."""
+    path = Path(path)
+    tmp = fill_temp(path, write, mode)
+    try:
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise WriteError(f"{path}: cannot write: {describe_os_error(err)}") from None
+        raise
+    return path
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, _FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            view = memoryview(data)
+            while view:
+                n = f.write(view)
+                if not n:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                view = view[n:]
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+
+    return write_file_atomically(path, write)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -52,56 +178,127 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2)
     return atomic_write_text(path, json.dumps(json_safe(obj), indent=indent, allow_nan=False) + "\n")
 
 
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary folder; on success it replaces `path` as a whole.
+# ---- output paths, checked before any work -------------------------------------------------
 
-    If `path` already exists it is moved aside first and removed only after the new folder
-    is in place, so an interruption at any moment leaves a complete old or new folder
-    (at worst next to a leftover `.old` copy).
-    """
+def _first_existing(path: Path) -> Path:
+    p = path
+    while not os.path.lexists(p):
+        if p.parent == p:
+            break
+        p = p.parent
+    return p
+
+
+def check_output(path: str | os.PathLike | None, option: str, kind: str = "file") -> Path | None:
+    """Check that `path` can be written as a `kind` ("file" or "dir") before the work starts.
+
+    The folders it needs may not exist yet (they are made on writing), but the nearest existing
+    one must be a writable folder; an existing file must not be a folder (and a folder not a
+    file), a FIFO or a device. Raises `WriteError` naming the option and the user's path."""
+    if path is None:
+        return None
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, _DIR_MODE)
+    where = f"{option} {path}" if option else str(path)
+    if str(path) == "":
+        raise WriteError(f"{option}: empty path")
+    if os.path.lexists(path):
+        try:
+            st = os.stat(path)
+        except OSError as err:
+            raise WriteError(f"{where}: {describe_os_error(err)}") from None
+        if kind == "file":
+            if stat.S_ISDIR(st.st_mode):
+                raise WriteError(f"{where}: is a folder, not a file")
+            if not stat.S_ISREG(st.st_mode):
+                raise WriteError(f"{where}: is not a regular file (a FIFO or a device?)")
+            folder = path.parent
+        else:
+            if not stat.S_ISDIR(st.st_mode):
+                raise WriteError(f"{where}: exists and is not a folder")
+            folder = path
+    else:
+        folder = path.parent
+    anchor = _first_existing(folder)
+    if not anchor.is_dir():
+        raise WriteError(f"{where}: {anchor} is a file, not a folder")
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise WriteError(f"{where}: no permission to write in {anchor}")
+    return path
+
+
+def check_distinct(paths: dict[str, str | os.PathLike | None], inputs: dict[str, str | os.PathLike | None] = ()) -> None:
+    """Refuse two outputs naming the same file, or an output naming an input file."""
+    seen: dict[str, str] = {}
+    for option, p in list(paths.items()):
+        if p is None:
+            continue
+        key = os.path.realpath(p)
+        if key in seen:
+            raise WriteError(f"{option} {p}: the same file as {seen[key]}")
+        seen[key] = f"{option} {p}"
+    for option, p in dict(inputs).items():
+        if p is None:
+            continue
+        key = os.path.realpath(p)
+        if key in seen:
+            raise WriteError(f"{seen[key]}: the same file as {option} {p}; it would be overwritten")
+
+
+# ---- JSON Lines ----------------------------------------------------------------------------
+
+def write_whole(f, data: bytes, path: str | os.PathLike) -> None:
+    """Append `data` to the unbuffered binary file `f` completely, or not at all.
+
+    Checks the byte count of every write; on a short or failed write the file is truncated
+    back to where it was, so it never ends in a partial line, and a `WriteError` naming `path`
+    is raised."""
+    start = f.seek(0, os.SEEK_END)
+    view = memoryview(data)
     try:
-        yield tmp
+        while view:
+            n = f.write(view)
+            if n is None or n <= 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            view = view[n:]
+    except OSError as err:
+        with contextlib.suppress(OSError, ValueError):
+            f.truncate(start)
+        raise WriteError(f"{path}: cannot write: {describe_os_error(err)}; "
+                         f"the file keeps its {'first ' if start else ''}complete lines") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError, ValueError):
+            f.truncate(start)
         raise
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class JsonlWriter:
-    """Append JSON objects to a file, one per line, each with a single write() call.
+    """Append JSON objects to a file, one per line, each with one checked write.
 
     Every line is complete on disk as soon as `write` returns (no buffering), so a run that is
-    killed leaves only whole lines. `fresh=True` truncates the file first.
-    """
+    killed leaves only whole lines; a short write (full disk) is cut back (`write_whole`).
+    `fresh=True` truncates the file first."""
 
     def __init__(self, path: str | os.PathLike, fresh: bool = True):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if fresh else 0)
-        self._fd: int | None = os.open(self.path, flags, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if fresh else 0)
+            fd = os.open(self.path, flags, 0o666)
+        except OSError as err:
+            raise WriteError(f"{self.path}: cannot write: {describe_os_error(err)}") from None
+        self._file = os.fdopen(fd, "ab", buffering=0)
 
     def write(self, record: dict[str, Any]) -> None:
-        if self._fd is None:
+        if self._file is None:
             raise ValueError(f"{self.path}: writer is closed")
         line = (json.dumps(json_safe(record), allow_nan=False) + "\n").encode("utf-8")
-        os.write(self._fd, line)
+        write_whole(self._file, line, self.path)
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
 
     def __enter__(self) -> "JsonlWriter":
         return self

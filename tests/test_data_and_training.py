@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -75,6 +76,53 @@ def test_tiny_folder_still_has_validation(tmp_path):
     (tmp_path / "one.txt").write_bytes(b"x" * 3000)
     data = load_text(tmp_path)
     assert len(data.val) > 0 and len(data.train) + len(data.val) == 3000
+
+
+@pytest.mark.parametrize("side", ["train", "validation"])
+def test_a_folder_holding_a_single_text_file_splits_by_position_and_says_so(tmp_path, side):
+    """Whichever side of the by-file hash split the one file falls on, the text is split by
+    position (the last 10% is validation), and `describe` says how."""
+    from loopdyn.data import _is_validation
+
+    name = next(f"f{i}.txt" for i in range(1000) if _is_validation(f"f{i}.txt") == (side == "validation"))
+    text = bytes(random.Random(2).getrandbits(8) for _ in range(4000))
+    (tmp_path / name).write_bytes(text)
+    data = load_text(tmp_path)
+    assert data.train.tobytes() + data.val.tobytes() == text and len(data.val) == 400
+    assert data.split == "by position"
+    described = data.describe()
+    assert "1 file" in described and "split by position" in described and side in described
+    x, y = data.batch(2, 16, torch.Generator().manual_seed(0))
+    assert x.shape == (2, 16)
+    _write_corpus(tmp_path / "many", n_files=30)
+    assert load_text(tmp_path / "many").split == "by file"
+    assert "split by file" in load_text(tmp_path / "many").describe()
+
+
+def test_a_fifo_or_a_device_is_refused_at_once(tmp_path):
+    """Reading a FIFO with no writer would block forever, /dev/zero would never end."""
+    import threading
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+
+    def feed():  # so that code which does try to read the FIFO finishes (and the test fails)
+        import time
+
+        time.sleep(2)
+        with open(fifo, "wb") as f:
+            f.write(b"x" * 5000)
+    threading.Thread(target=feed, daemon=True).start()
+    with pytest.raises(InputError, match="FIFO"):
+        load_text(fifo)
+    with pytest.raises(InputError, match="device"):
+        load_text("/dev/null")
+    # inside a folder, such entries are skipped
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    os.mkfifo(folder / "pipe")
+    (folder / "text.txt").write_bytes(b"y" * 3000)
+    assert load_text(folder).n_files == 1
 
 
 def test_unigram_baseline_matches_a_direct_computation(tmp_path):

@@ -20,6 +20,8 @@ import warnings
 
 import torch
 
+from loopdyn.commands.common import (add_data_option, add_device_option, add_hidden_alias, add_threads_option,
+                                     check_device, check_outputs, set_threads)
 from loopdyn.models.errors import InputError
 
 EXIT_UNSTABLE = 3
@@ -42,13 +44,14 @@ def register(subparsers) -> None:
                    help=f"loops to measure (default: the model's μ_rec; 1..{MAX_LOOPS})")
     p.add_argument("--horizon", type=int, default=None, metavar="H",
                    help=f"loops to forecast (default: 4 × loops; loops..{MAX_HORIZON})")
-    p.add_argument("--json", metavar="FILE", help="write the audit record (DESIGN §7) as JSON")
-    p.add_argument("--plots", metavar="DIR", help="write figures into this folder (see --format)")
+    p.add_argument("--json", metavar="FILE", help="write the audit record (DESIGN §7) as JSON (default: none)")
+    p.add_argument("--plots", metavar="DIR", help="write figures into this folder, see --format (default: none)")
     p.add_argument("--format", default="png", type=str.lower, choices=["png", "pdf", "svg"],
-                   help="figure format for --plots: png (300 dpi, default), pdf or svg (vector)")
+                   help="figure format for --plots: png (300 dpi), pdf or svg (vector) (default: png)")
     p.add_argument("--strict", action="store_true", help="exit with code 3 unless the verdict is 'stable'")
-    p.add_argument("--data", default=None, help="text file or folder for the probe (default: the Python standard library's sources)")
-    p.add_argument("--batch", type=int, default=1, metavar="N", help="probe sequences (default 1)")
+    add_data_option(p, "text file or folder for the probe (default: the Python standard library's sources)")
+    p.add_argument("--batch-size", type=int, default=1, metavar="N", help="probe sequences (default: 1)")
+    add_hidden_alias(p, "--batch", "batch_size", type=int)  # the old spelling
     p.add_argument("--seq-len", type=int, default=None, metavar="S",
                    help=f"probe tokens per sequence (default: min({DEFAULT_SEQ_LEN}, the model's context))")
     p.add_argument("--lyapunov-k", type=int, default=4, metavar="K", help="Lyapunov exponents to compute (default 4)")
@@ -57,7 +60,8 @@ def register(subparsers) -> None:
     p.add_argument("--exit-threshold", type=float, default=0.5, metavar="Q",
                    help="exit-gate audit (models with an exit gate, e.g. Ouro): a token exits once its cumulative "
                         "exit probability reaches Q (default 0.5)")
-    p.add_argument("--device", default="cpu")
+    add_device_option(p)
+    add_threads_option(p, "the audit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -72,17 +76,17 @@ def _probe(args, model) -> tuple[torch.Tensor, str]:
         raise InputError(f"--seq-len must be at least 2, got {S}")
     if max_len is not None and S > max_len:
         raise InputError(f"a probe of {S} tokens is longer than the model's context ({max_len} tokens)")
-    if not 1 <= args.batch <= 64:
-        raise InputError(f"--batch must be in [1, 64], got {args.batch}")
+    if not 1 <= args.batch_size <= 64:
+        raise InputError(f"--batch-size must be in [1, 64], got {args.batch_size}")
     data = load_text(args.data, max_bytes=None if args.data else CORPUS_BYTES)
-    x, _ = data.val_batches(1, args.batch, S)[0]
+    x, _ = data.val_batches(1, args.batch_size, S)[0]
     note = ""
     if vocab is not None and vocab < 256:
         x = x % vocab
         note = f", byte ids modulo the vocabulary ({vocab})"
     elif vocab is not None and vocab > 256:
         note = f"; byte ids < 256 are valid ids of the {vocab}-id vocabulary (not its tokenizer's text)"
-    return x.to(args.device), f"{args.batch} × {S} byte ids from {data.source}{note}"
+    return x.to(args.device), f"{args.batch_size} × {S} byte ids from {data.source}{note}"
 
 
 def user_factory(spec: str):
@@ -156,6 +160,9 @@ def run(args) -> int:
         raise InputError(f"--exit-threshold must be in (0, 1], got {args.exit_threshold}")
     if not args.explosion_factor > 1:
         raise InputError(f"--explosion-factor must be > 1, got {args.explosion_factor}")
+    check_outputs(files={"--json": args.json}, dirs={"--plots": args.plots}, inputs={"--data": args.data})
+    check_device(args.device)
+    set_threads(args.threads)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # non-finite weights are reported in the verdict
         factory = user_factory(str(args.path))

@@ -1,4 +1,10 @@
-"""Options and helpers shared by several subcommands."""
+"""Options and helpers shared by several subcommands.
+
+One spelling per concept across commands: `--data PATH`, `--batch-size N`, `--seq-len S`,
+`--device DEV`, `--threads N`, `--no-progress`; choices are written with hyphens (`cut-lr`), the
+underscore spelling being accepted silently. Every output path is checked before any work
+(`check_outputs`), and `--device` against this PyTorch build (`check_device`).
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +12,34 @@ import json
 
 from loopdyn.models import LoopConfig
 from loopdyn.models.errors import InputError
+from loopdyn.models.fileio import check_distinct, check_output
+
+DATA_HELP = "a text file or folder of text files (default: the Python standard library's sources)"
+
+
+def hyphenated(text: str) -> str:
+    """argparse `type` for choices written with hyphens: `cut_lr` is read as `cut-lr`."""
+    return text.replace("_", "-")
+
+
+def add_hidden_alias(parser_or_group, alias: str, dest: str, **kwargs) -> None:
+    """An old spelling that still works but is not shown in --help."""
+    parser_or_group.add_argument(alias, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+
+
+def add_data_option(parser, help: str = DATA_HELP) -> None:
+    parser.add_argument("--data", default=None, metavar="PATH", help=help)
+
+
+def add_device_option(parser) -> None:
+    parser.add_argument("--device", default="cpu", metavar="DEV",
+                        help="torch device: cpu, cuda, cuda:1, mps (default: cpu)")
+
+
+def add_threads_option(parser, what: str = "training",
+                       default: str = "PyTorch's choice, one per core; on a shared machine use 1") -> None:
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help=f"CPU threads for {what} (default: {default})")
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -13,9 +47,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
     g.add_argument("--injection", choices=["diagonal", "linear", "additive", "autonomous", "none"],
                    help="injection kind (default: the preset's; 'none' = the fixed-depth twin)")
-    g.add_argument("--mean-loops", type=int, help="μ_rec, the mean loop count")
+    g.add_argument("--mean-loops", type=int, metavar="N", help="μ_rec, the mean loop count (default: the preset's)")
     g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override any LoopConfig field, e.g. --set d_model=128 (repeatable)")
+                   help="override any LoopConfig field, e.g. --set d_model=128; repeatable (default: none)")
 
 
 def config_from_args(args: argparse.Namespace) -> LoopConfig:
@@ -36,20 +70,70 @@ def parse_overrides(items: list[str]) -> dict:
             raise InputError(f"--set expects FIELD=VALUE, got {item!r}")
         try:
             out[field.strip()] = json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             out[field.strip()] = value
     return out
 
 
 def add_train_options(parser: argparse.ArgumentParser, steps: int = 300) -> None:
     g = parser.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=steps, help=f"optimiser steps (default: {steps})")
-    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
-    g.add_argument("--batch-size", type=int, default=16)
-    g.add_argument("--seq-len", type=int, default=64)
-    g.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 10%% of steps, ≤ 100)")
-    g.add_argument("--eval-every", type=int, default=100)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--data", default=None, help="a text file or folder (default: the Python standard library's sources)")
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--steps", type=int, default=steps, metavar="N", help="optimiser steps")
+    g.add_argument("--lr", type=float, default=3e-3, metavar="X", help="peak learning rate")
+    g.add_argument("--batch-size", type=int, default=16, metavar="N", help="sequences per batch")
+    g.add_argument("--seq-len", type=int, default=64, metavar="S", help="tokens (bytes) per sequence")
+    g.add_argument("--warmup", type=int, default=None, metavar="N", help="warm-up steps (default: 10%% of steps, ≤ 100)")
+    g.add_argument("--eval-every", type=int, default=100, metavar="N",
+                   help="validation every N steps and at the end; 0: only at the end")
+    g.add_argument("--seed", type=int, default=0, help="random seed")
+    add_data_option(g)
+    add_device_option(g)
+    add_threads_option(g)
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bar on a terminal, no progress lines otherwise")
+
+
+def check_device(name: str) -> str:
+    """Refuse a device this PyTorch build or machine does not have, before any work."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"--device {name!r}: not a device name (try cpu, cuda, cuda:0 or mps)") from None
+    if device.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise InputError(f"--device {name}: this PyTorch build ({torch.__version__}) has no CUDA support; "
+                             f"use --device cpu or install a CUDA build of PyTorch")
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {name}: no CUDA device is available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise InputError(f"--device {name}: MPS is not available on this machine")
+    elif device.type != "cpu":
+        raise InputError(f"--device {name}: unsupported device type {device.type!r} (use cpu, cuda or mps)")
+    return name
+
+
+def set_threads(n: int | None) -> None:
+    """`--threads N`: intra-op threads for this process (and OpenMP's, for its own pools)."""
+    if n is None:
+        return
+    if n < 1:
+        raise InputError(f"--threads must be ≥ 1, got {n}")
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def check_outputs(files: dict[str, str | None] = None, dirs: dict[str, str | None] = None,
+                  inputs: dict[str, str | None] = None) -> None:
+    """Check every output path (option → path) before any work, and that no two outputs, and
+    no output and input, are the same file. Errors name the option and the user's path."""
+    files, dirs = dict(files or {}), dict(dirs or {})
+    for option, path in files.items():
+        check_output(path, option, kind="file")
+    for option, path in dirs.items():
+        check_output(path, option, kind="dir")
+    check_distinct({**files, **dirs}, inputs or {})

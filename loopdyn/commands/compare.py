@@ -5,7 +5,8 @@ import argparse
 from pathlib import Path
 
 from loopdyn.models.errors import InputError
-from loopdyn.compare import INJECTIONS, grid, run_grid
+from loopdyn.commands.common import add_data_option, add_threads_option, check_outputs
+from loopdyn.compare import INJECTIONS, OutLock, grid, run_grid
 from loopdyn.report import _injections, write_outputs
 
 
@@ -19,16 +20,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lrs", default="0.01,0.03,0.05", help="comma-separated learning rates (default: 0.01,0.03,0.05)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
     p.add_argument("--steps", type=int, default=300, help="optimiser steps per run (default: 300)")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--data", default=None, help="a text file or folder (default: the Python standard library's sources)")
-    p.add_argument("--out", default="loopdyn-compare", help="output folder (default: ./loopdyn-compare)")
-    p.add_argument("--resume", action="store_true", help="keep finished runs in --out and do only the rest")
-    p.add_argument("--jobs", type=int, default=None, help="parallel processes (default: one per CPU core)")
+    p.add_argument("--preset", default="tiny", help="model preset")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N", help="sequences per batch")
+    p.add_argument("--seq-len", type=int, default=64, metavar="S", help="tokens (bytes) per sequence")
+    add_data_option(p)
+    p.add_argument("--out", default="loopdyn-compare", metavar="DIR", help="output folder (default: ./loopdyn-compare)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep finished runs in --out (made with the same settings) and do only the rest")
+    p.add_argument("--jobs", type=int, default=None, metavar="N", help="parallel processes (default: one per CPU core)")
+    add_threads_option(p, "each process", default="CPU cores / jobs")
     p.add_argument("--format", default="png", type=str.lower, choices=["png", "pdf", "svg"],
-                   help="figure files: png (300 dpi, default), pdf or svg (vector); report.html embeds PNGs")
-    p.add_argument("--no-progress", action="store_true")
+                   help="figure files: png (300 dpi), pdf or svg (vector); report.html embeds PNGs (default: png)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar on a terminal, no progress lines otherwise")
     p.set_defaults(func=run)
 
 
@@ -60,9 +64,14 @@ def run(args: argparse.Namespace) -> int:
     specs = grid(_list(args.injections, str, "injections"), _list(args.lrs, float, "lrs"),
                  _list(args.seeds, int, "seeds"), preset=args.preset, steps=args.steps,
                  batch_size=args.batch_size, seq_len=args.seq_len, data=args.data)
-    specs[0].config()  # a bad preset fails here, before any process starts
-    result = run_grid(specs, Path(args.out), resume=args.resume, jobs=args.jobs, progress=not args.no_progress)
-    data = write_outputs(result, args.format, command(args))
+    check_outputs(dirs={"--out": args.out}, inputs={"--data": args.data})
+    if args.threads is not None and args.threads < 1:
+        raise InputError("--threads must be ≥ 1")
+    specs[0].config().check_fits(factor=4.0 * (args.jobs or 1), what="training")  # before any process starts
+    with OutLock(Path(args.out)):  # held through the report too
+        result = run_grid(specs, Path(args.out), resume=args.resume, jobs=args.jobs, progress=not args.no_progress,
+                          threads=args.threads)
+        data = write_outputs(result, args.format, command(args))
     print_matrix(data)
     for line in data["findings"]:
         print(f"- {line}")

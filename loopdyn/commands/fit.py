@@ -51,25 +51,28 @@ def register(subparsers) -> None:
     )
     p.add_argument("csv", metavar="CSV", help="measurements, one row per (model, setting)")
     p.add_argument("--law", required=True, choices=laws.LAWS, help="which law to fit")
-    p.add_argument("--json", metavar="FILE", help="write {law, params, ci, error} as JSON")
-    p.add_argument("--plot", metavar="FILE", help="write a figure (format from --format or the suffix)")
+    p.add_argument("--json", metavar="FILE", help="write {law, params, ci, error} as JSON (default: none)")
+    p.add_argument("--plot", metavar="FILE", help="write a figure, format from --format or the suffix (default: none)")
     p.add_argument("--format", type=str.lower, choices=["png", "pdf", "svg"], default=None,
                    help="figure format for --plot: png (300 dpi), pdf or svg (default: the suffix, else png)")
     p.add_argument("--unit", choices=["nats/byte", "nats/token"], default=None,
                    help="loss unit for the labels (default: the CSV's `unit` column, else plain nats)")
     p.add_argument("--holdout-above", type=float, metavar="T", default=None,
                    help="withhold rows with loops > T (or mean_recurrence > T when there is "
-                        "no loops column) and report the error on them")
+                        "no loops column) and report the error on them (default: none, fit every row)")
     p.add_argument("--restarts", type=_int_at_least(1), default=DEFAULT_RESTARTS, metavar="N",
                    help=f"optimiser starting points (default {DEFAULT_RESTARTS})")
     p.add_argument("--bootstrap", type=_int_at_least(0), default=DEFAULT_BOOTSTRAP, metavar="N",
                    help=f"bootstrap refits for the intervals (default {DEFAULT_BOOTSTRAP}; 0 = none)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from loopdyn.commands.common import check_outputs
+
     plot_format = _plot_format(args.plot, args.format) if args.plot else None
+    check_outputs(files={"--json": args.json, "--plot": args.plot}, inputs={"CSV": args.csv})
     cols = laws.read_law_csv(args.csv, args.law)
     kw = dict(holdout_above=args.holdout_above, restarts=args.restarts, seed=args.seed)
     if args.holdout_above is not None and "loops" not in cols and "mean_recurrence" not in cols:

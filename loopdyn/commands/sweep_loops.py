@@ -38,6 +38,8 @@ from loopdyn.dynamics.flops import unrolled_params
 from loopdyn.models import LoopConfig, LoopedLM, load, protocol
 from loopdyn.models.errors import InputError
 from loopdyn.models.fileio import atomic_write_text
+from loopdyn.commands.common import (add_device_option, add_threads_option, check_device, check_outputs,
+                                     set_threads)
 
 MAX_LOOPS = 1000  # larger --max-loops values are refused as a typo
 CSV_HEADER = ("loops", "mean_recurrence", "params", "tokens", "loss")
@@ -184,11 +186,9 @@ def _check_positive(name: str, v) -> None:
 
 
 def _progress_bar(total: int):
-    if not sys.stderr.isatty():
-        return None
-    from tqdm.auto import tqdm
+    from loopdyn.progress import progress
 
-    return tqdm(total=total, desc="sweep-loops", unit="step", dynamic_ncols=True, leave=False)
+    return progress(total, "sweep-loops", "step")
 
 
 # -- command line ------------------------------------------------------------------------------
@@ -212,14 +212,16 @@ def register(subparsers) -> None:
     p.add_argument("--data", default=None, metavar="PATH",
                    help="a text file or folder (default: the Python standard library's sources)")
     p.add_argument("--batches", type=int, default=16, metavar="K", help="validation batches (default 16)")
-    p.add_argument("--batch-size", type=int, default=16, metavar="B", help="sequences per batch (default 16)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N", help="sequences per batch (default: 16)")
     p.add_argument("--seq-len", type=int, default=64, metavar="S",
                    help="tokens per sequence (default 64, as loopdyn train)")
     p.add_argument("--tokens", type=float, default=None, metavar="D",
                    help="training tokens of the checkpoint, for the CSV's tokens column (default: as recorded by "
                         "loopdyn train in the checkpoint, else empty)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_device_option(p)
+    add_threads_option(p, "the sweep")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar on a terminal, no progress lines otherwise")
     p.add_argument("--no-dynamics", action="store_true",
                    help="skip the forecast of the loop that gives the dynamical reason for overthinking")
     p.set_defaults(func=run)
@@ -238,10 +240,11 @@ def run(args: argparse.Namespace) -> int:
     if args.tokens is not None and not (math.isfinite(args.tokens) and args.tokens > 0):
         raise InputError(f"--tokens must be a positive number, got {args.tokens:g}")
     out = Path(args.csv)
-    if out.is_dir():
-        raise InputError(f"--csv {out} is a folder, not a file")
-    if not out.parent.is_dir():
+    if not out.parent.is_dir() and not out.parent.exists():
         raise InputError(f"--csv {out}: the folder {out.parent} does not exist")
+    check_outputs(files={"--csv": args.csv}, inputs={"--data": args.data})
+    check_device(args.device)
+    set_threads(args.threads)
     model = load(args.checkpoint, device=args.device)
     try:
         _require_loop(model)

@@ -8,8 +8,8 @@ import sys
 import torch
 
 from loopdyn.models import LoopedLM
-from loopdyn.models.errors import InputError
-from loopdyn.commands.common import add_model_options, add_train_options, config_from_args
+from loopdyn.commands.common import (add_model_options, add_train_options, check_device, check_outputs,
+                                     config_from_args, hyphenated, set_threads)
 from loopdyn.data import load_text
 from loopdyn.train import Distributed, TrainConfig, train
 
@@ -22,23 +22,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--log", "--log-file", dest="log", metavar="FILE",
                    help="JSON Lines, one object per optimiser step (under torchrun write --log-file: "
-                        "torchrun's own parser takes --log for an abbreviation of its --log-dir)")
-    g.add_argument("--save", metavar="DIR", help="save the trained model here (config.json + model.safetensors)")
+                        "torchrun's own parser takes --log for an abbreviation of its --log-dir) (default: none)")
+    g.add_argument("--save", metavar="DIR", help="save the trained model here: writes config.json and "
+                   "model.safetensors, keeps every other file in the folder (default: not saved)")
     m = p.add_argument_group("stability monitor (probes.StabilityMonitor; on when any of these is given)")
-    m.add_argument("--alerts", metavar="FILE", help="JSON Lines, one object per alert (alerts also go to stderr)")
-    m.add_argument("--on-spike", choices=["warn", "skip", "rollback", "stop"],
+    m.add_argument("--alerts", metavar="FILE", help="JSON Lines, one object per alert (alerts also go to stderr) (default: none)")
+    m.add_argument("--on-spike", choices=["warn", "skip", "rollback", "stop"], type=hyphenated,
                    help="what to do on a loss/gradient spike or a non-finite value (default: warn)")
-    m.add_argument("--on-warning", choices=["warn", "stop", "cut-lr", "rollback"],
+    m.add_argument("--on-warning", choices=["warn", "stop", "cut-lr", "rollback"], type=hyphenated,
                    help="what to do on an early warning of instability (default: warn)")
     m.add_argument("--probes", action="store_true", help="attach the monitor (alerts on stderr only)")
+    m.set_defaults(alerts=None)
     m.add_argument("--sync-every", type=int, metavar="N", help="at most N steps between blocking device→host reads of the probe values, and the "
                         "cadence of cross-rank decisions under torchrun (default: 10)")
     m.add_argument("--jacobian-every", type=int, metavar="N", help="loop-Jacobian σ_max every N steps (default: 100)")
-    m.add_argument("--tensorboard", metavar="DIR", help="also write signals and alerts for TensorBoard (needs tensorboard)")
+    m.add_argument("--tensorboard", metavar="DIR",
+                   help="also write signals and alerts for TensorBoard, needs tensorboard (default: none)")
     m.add_argument("--plots", metavar="DIR", help="after training, draw the monitor's signals with its alerts marked "
-                   "into DIR/monitor.png (attaches the monitor)")
+                   "into DIR/monitor.{format} (attaches the monitor) (default: none)")
     m.add_argument("--format", default="png", type=str.lower, choices=["png", "pdf", "svg"],
-                   help="figure format for --plots: png (300 dpi, default), pdf or svg")
+                   help="figure format for --plots: png (300 dpi), pdf or svg (default: png)")
     p.set_defaults(func=run)
 
 
@@ -67,13 +70,30 @@ def train_config_from_args(args: argparse.Namespace, **extra) -> TrainConfig:
                        progress=not args.no_progress, **extra)
 
 
+def check_paths(args: argparse.Namespace) -> None:
+    """Every output path checked before any work: a bad --log, --alerts or --save costs nothing."""
+    from loopdyn.models.checkpoint import check_save_target
+
+    check_outputs(files={"--log": args.log, "--alerts": args.alerts},
+                  dirs={"--tensorboard": args.tensorboard, "--plots": args.plots}, inputs={"--data": args.data})
+    if args.save:
+        check_save_target(args.save)
+        for name in ("config.json", "model.safetensors"):  # the files --save will replace
+            check_outputs(files={"--save": os.path.join(args.save, name)},
+                          inputs={"--log": args.log, "--alerts": args.alerts, "--data": args.data})
+
+
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     cfg = train_config_from_args(args, log_path=args.log, save_dir=args.save)
     cfg.validate()
-    if args.plots and os.path.exists(args.plots) and not os.path.isdir(args.plots):
-        raise InputError(f"--plots {args.plots}: exists and is not a folder")  # fail before training, not after
+    check_paths(args)
+    check_device(args.device)
+    set_threads(args.threads)
+    config.check_fits(factor=4.0, what="training (weights, gradients and two Adam moments)")
     data = load_text(args.data)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"data: {data.source}: {data.describe()}")
     torch.manual_seed(args.seed)
     model = LoopedLM(config)
     opts = monitor_options(args)
