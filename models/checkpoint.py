@@ -335,10 +335,19 @@ def bound(config: LoopConfig, weights: Path, source: Path) -> None:
     building the model need about twice the model's float32 bytes)."""
     if not weights.is_file():
         raise CheckpointError(f"{weights}: missing weights file")
+    size = weights.stat().st_size
+
+    def check_file(n: int, at_least: str) -> None:  # every weight takes at least one byte
+        if size < n:
+            raise CheckpointError(f"{weights}: refused: its {size:,} bytes cannot hold the {at_least}{n:,} "
+                                  f"parameters that {source} implies (the config does not match the weights)")
+
+    check_file(config.param_count(exact=False), "at least ")
     try:
-        config.check_fits(factor=2.0, what="loading it", source=str(source), file_bytes=weights.stat().st_size)
+        config.check_fits(factor=2.0, what="loading it", source=str(source))
     except ConfigError as err:
         raise CheckpointError(str(err)) from None
+    check_file(config.param_count(), "")
 
 
 def check_float_weights(state: dict, path: Path) -> None:

@@ -312,7 +312,7 @@ def test_unreadable_or_corrupt_weights(tmp_path):
     _raises(official, pt)
     pt.unlink()
     _raises(official, official, "no weights file")
-    torch.save([torch.zeros(2)], pt)  # a list, not a state dict
+    torch.save([torch.zeros(400_000)], pt)  # a list, not a state dict (as large as the weights)
     _raises(official, pt, "state dict")
 
 
