@@ -90,7 +90,10 @@ class SnapshotRing:
         for name, value in snap.model.items():
             own[name].copy_(value)
         lrs = [(g["lr"], g.get("lr_scale", 1.0)) for g in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(snap.optimizer)  # casts state to the parameters' devices
+        # load_state_dict keeps tensors that already sit on the right device and dtype (it copies
+        # the dict shallowly), and the optimiser then updates them in place: hand it a fresh copy,
+        # so the snapshot stays intact for a second rollback to it.
+        self.optimizer.load_state_dict(_to(snap.optimizer, self.device))
         for g, (lr, scale) in zip(self.optimizer.param_groups, lrs):
             g["lr"], g["lr_scale"] = lr, scale  # keep the current schedule; the caller may cut it
         # load_state_dict replaced the whole optimiser state; stale gradients must not be applied.

@@ -83,6 +83,7 @@ class SpikeDetector:
         self._var = 0.0
         self._count = 0
         self._episode = 0  # steps spent in the current spike episode (0: none)
+        self.anomalous = False  # the last value was above the threshold (also inside an episode)
 
     # the statistic
     def baseline(self) -> tuple[float, float] | None:
@@ -108,6 +109,9 @@ class SpikeDetector:
         return (value - level) / scale
 
     def update(self, step: int, value: float) -> Alert | None:
+        """Returns an alert at the first value of a spike episode only; `anomalous` tells, for
+        every value, whether it is above the threshold (a run of bad steps is bad at each one)."""
+        self.anomalous = False
         if not math.isfinite(value):
             return None  # NonFiniteDetector's business; keep it out of the statistics
         base = self.baseline()
@@ -115,6 +119,7 @@ class SpikeDetector:
         alert = None
         fired = (score is not None and score > self.threshold
                  and value > base[0] + self.min_rel * abs(base[0]))
+        self.anomalous = bool(fired)
         if self._episode:
             if score is None or score < self.release * self.threshold:
                 self._episode = 0
@@ -177,8 +182,10 @@ class NonFiniteDetector:
 
     def __post_init__(self) -> None:
         self._bad = False
+        self.anomalous = False  # the last value was not finite
 
     def update(self, step: int, value: float) -> Alert | None:
+        self.anomalous = not math.isfinite(value)
         if math.isfinite(value):
             self._bad = False
             return None

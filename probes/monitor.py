@@ -69,6 +69,8 @@ from loopdyn.probes.spectral import InjectionSpectrum, loop_jacobian_sigma
 # Decision levels, reduced with MAX across ranks: the strongest action wins.
 _LEVEL = {"warn": 0, "log": 0, "cut_lr": 1, "rollback": 2, "stop": 3, "raise": 4}
 _ACTION_OF_LEVEL = {v: k for k, v in _LEVEL.items() if k != "log"}
+# The signals that condemn the step they belong to (its update is computed from them).
+STEP_SIGNALS = ("loss", "grad_norm")
 
 
 @dataclass
@@ -263,6 +265,7 @@ class StabilityMonitor:
         self._have_prev = False
         self._undetected: list[tuple[str, int, float]] = []
         self._unacted: list[Alert] = []
+        self._anomalies: dict[int, dict[str, str]] = {}  # step → {signal: "spike" | "nonfinite"}, not yet acted on
         # loop-specific state
         self._spectrum = InjectionSpectrum(self.looped.injection) if self.looped is not None else None
         self._probe_idx: torch.Tensor | None = None
@@ -586,12 +589,18 @@ class StabilityMonitor:
         self._acc["grad_norm"] = [norm.float().reshape(())]
 
     def _skip_decision(self, step: int) -> None:
-        """Skip mode: read this step's pre-step signals now and decide before the update."""
+        """Skip mode: read this step's pre-step signals now and decide before the update. Every
+        step whose loss or gradient norm is non-finite or above its spike threshold is skipped,
+        however many come in a row (the detectors alert once per episode, the skip holds for
+        each bad step)."""
         self._commit(step)
         new = self._detect()
-        trigger = [a for a in new if a.step == step and (
-            (a.kind == "spike" and self.config.on_spike == "skip")
-            or (a.kind == "nonfinite" and self.config.on_nonfinite == "skip"))]
+        bad = self._anomalies.get(step, {})
+        trigger = {sig: kind for sig, kind in bad.items() if self._action_of_kind(kind) == "skip"}
+        for sig in trigger:  # handled here; anything else (e.g. on_nonfinite="rollback") waits for _act
+            del bad[sig]
+        if not bad:
+            self._anomalies.pop(step, None)
         (flag,) = agree_max([1 if trigger else 0])
         if not flag:
             self._consecutive_skips = 0
@@ -602,11 +611,19 @@ class StabilityMonitor:
         self.skipped_steps += 1
         self._consecutive_skips += 1
         self._buffer.add("skipped", step, 1.0)
-        cause = trigger[0] if trigger else None
-        why = f"{cause.kind} on {cause.signal}" if cause else "another rank asked"
-        self._act_alert(step, cause.signal if cause else "skip", f"skipped step {step} ({why}): no parameter change")
+        if trigger:
+            signal, kind = next(iter(trigger.items()))
+            why = f"{kind} on {signal}"
+        else:
+            signal, why = "skip", "another rank asked"
+        cause = next((a for a in new if a.step == step and a.signal == signal), None)
+        self._act_alert(step, signal, f"skipped step {step} ({why}): no parameter change"
+                        + ("" if cause is not None else " (the same episode continues)"))
         if self._consecutive_skips >= self.config.max_skips:
             self._request_stop(f"{self._consecutive_skips} consecutive steps skipped")
+
+    def _action_of_kind(self, kind: str) -> str:
+        return self.config.on_nonfinite if kind == "nonfinite" else self.config.on_spike
 
     def _copy_params(self) -> None:
         groups = [[p for p in g["params"]] for g in self.optimizer.param_groups]
@@ -763,6 +780,11 @@ class StabilityMonitor:
                     det = self._nonfinite[name] = NonFiniteDetector(name)
                 found = [det.update(step, v)]
                 found += [d.update(step, v) for d in self._detectors.get(name, ())]
+                if name in STEP_SIGNALS:  # a bad step is bad at every step of a run, not only the first
+                    if det.anomalous:
+                        self._anomalies.setdefault(step, {})[name] = "nonfinite"
+                    elif any(getattr(d, "anomalous", False) for d in self._detectors.get(name, ())):
+                        self._anomalies.setdefault(step, {}).setdefault(name, "spike")
                 if ew is not None:
                     ew.observe(step, name, v)
                 new.extend(a for a in found if a is not None)
@@ -783,14 +805,22 @@ class StabilityMonitor:
 
     def _act(self, new: list[Alert]) -> None:
         level = max((_LEVEL.get(self._action_for(a), 0) for a in new), default=0)
+        # A run of bad steps: the detectors alert at its first step only, but a rollback must
+        # hold for every bad step (otherwise the second one in a row is applied).
+        anomalies, self._anomalies = self._anomalies, {}
+        rollback_steps = [s for s, bad in anomalies.items()
+                          if any(self._action_of_kind(k) == "rollback" for k in bad.values())]
+        if rollback_steps:
+            level = max(level, _LEVEL["rollback"])
         if self.optimizer is None and level in (_LEVEL["cut_lr"], _LEVEL["rollback"]):
             level = 0  # nothing to act on without an optimiser
         serious = [a for a in new if a.kind in ("spike", "nonfinite", "early_warning", "trend")]
         watch = 1 if (self.early_warning is not None and self.early_warning.last_score > 0) else 0
-        first_bad = min((a.step for a in serious), default=self.step + 1)
+        first_bad = min([a.step for a in serious] + list(anomalies), default=self.step + 1)
         # Every rank takes the same decision: the strongest action, heightened watch if any
         # rank is worried, a snapshot only if every rank is clean, the earliest bad step.
-        level, watch, dirty, neg_first_bad = agree_max([level, watch, 1 if serious else 0, -first_bad])
+        level, watch, dirty, neg_first_bad = agree_max([level, watch, 1 if (serious or anomalies) else 0,
+                                                        -first_bad])
         self._update_watch(bool(watch))
         if level == 0:
             if not dirty and self._snapshots is not None:
@@ -800,8 +830,13 @@ class StabilityMonitor:
         action = _ACTION_OF_LEVEL[level]
         mine = [a for a in new if _LEVEL.get(self._action_for(a), 0) == level]
         cause = max(mine, key=lambda a: a.level, default=None)  # None: another rank asked
-        signal = cause.signal if cause else "remote"
-        why = cause.line() if cause else "another rank asked"
+        if cause is None and rollback_steps and level == _LEVEL["rollback"]:
+            bad = anomalies[min(rollback_steps)]
+            sig, kind = next(iter(bad.items()))
+            signal, why = sig, f"step {min(rollback_steps)}: {kind} on {sig} (the same episode continues)"
+        else:
+            signal = cause.signal if cause else "remote"
+            why = cause.line() if cause else "another rank asked"
         if action == "raise":
             raise InstabilityError(cause or Alert(self.step, "action", "critical", "remote", 0, 0, why))
         if action == "stop":
