@@ -101,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
             print(monitor_summary(monitors[0], args.alerts))
         if args.save:
             print(f"saved to {args.save}")
+        print(result.verdict)
     return 0
 
 
