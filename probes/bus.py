@@ -188,6 +188,9 @@ class SignalBus:
         if not self._active:
             return None
         if self.forwards_since_step == 0:
+            if len(self.positions) > 4096:  # keep the recent ones (alerts and snapshots look back ≤ a few 100)
+                for key in sorted(self.positions)[:2048]:
+                    del self.positions[key]
             self.positions[self.step + 1] = (self._user_position if self._user_position is not None
                                              else {"batch_index": self.forwards_total})
             self._user_position = None

@@ -358,7 +358,7 @@ class StabilityMonitor:
         if p.rollbacks:
             acted.append(f"{len(p.rollbacks)} rollbacks")
         if p.lr_cuts:
-            acted.append(f"{len(p.lr_cuts)} learning-rate cuts")
+            acted.append(f"{len(p.lr_cuts)} learning-rate cut{'s' if len(p.lr_cuts) > 1 else ''}")
         if acted:
             reasons.append(", ".join(acted))
         status = "failed" if failed else ("warned" if reasons else "ok")

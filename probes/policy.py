@@ -260,6 +260,8 @@ class Policy:
             self.action_alert(self.step, signal, f"no snapshot to roll back to; {text}")
             return
         self.snapshots.restore(snap)
+        if snap.data_position is None:  # the batch after the snapshot was named after it was taken
+            snap.data_position = self.positions.get(snap.step + 1)
         text = (self.lr_cut.cut(self.config.rollback_lr_cut) if self.config.rollback_lr_cut < 1
                 else f"lr_scale {self.lr_cut.scale:.3g}")
         self.rollbacks.append((self.step, snap.step))
