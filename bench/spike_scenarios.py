@@ -14,16 +14,17 @@ changes one thing at step `trigger`:
   abrupt    short-warmup      warm-up of 1 step to lr 0.06 (trigger 1)
   abrupt    data-burst@70     4 batches of random bytes from the trigger on (a corrupted shard)
   gradual   lr-ramp@60 …      the learning rate ×1.06 per step from the trigger on
-  gradual   beta2-high        β2 = 0.9999 at lr 0.03, no clipping (trigger 1)
-  gradual   no-clip           no gradient clipping at lr 0.04 (trigger 1)
-  gradual   linear-lr0.05     linear injection at lr 0.05 (ρ(Ā) climbs through 1; trigger 1)
-  gradual   no-qknorm         no QK-norm, lr 0.04: attention logits grow (trigger 1)
+  gradual   beta2-high        β2 = 0.9999 at lr 0.03, no clipping         } warm-up of 40 steps to a
+  gradual   no-clip           no gradient clipping at lr 0.04             } learning rate the run
+  gradual   linear-lr0.05     linear injection at lr 0.05 (ρ(Ā) > 1), 0.03 } does not survive
+  gradual   no-qknorm         no QK-norm, lr 0.04: attention logits grow  } (trigger 1)
 
 Stable runs: Parcae (diagonal) and linear injections at lr 1e-2 for `--stable-steps` (400).
 
 Ground truth, from the loss alone: the spike step of a breaking run is the first step t ≥ trigger
-whose loss exceeds the median of the 20 losses before it by more than BREAK_NATS (0.3); a
-non-finite loss is a spike at once. A run with no such step did not break and is reported apart.
+whose loss exceeds the median of the 20 losses before it by more than BREAK_NATS (0.3), either
+by more than 1 nat (a burst) or for good (the median of the 5 losses from t on is 0.3 above too:
+one hard batch is not a spike); a non-finite loss is a spike at once. A run with no such step did not break and is reported apart.
 The lead of a detector = spike step − the step of its first warning at or after the trigger
 (for loopdyn: the first spike_warning / spike / nonfinite alert, by the step at which it was
 reported; a warning taken before an update counts at that step). An abrupt trigger is "warned in
@@ -94,11 +95,11 @@ BREAKING = [
     Scenario("data-burst-linear@90", "abrupt", 90, injection="linear", burst=4),
     Scenario("lr-ramp@60", "gradual", 60, ramp=1.06),
     Scenario("lr-ramp-linear@80", "gradual", 80, injection="linear", ramp=1.06),
-    Scenario("beta2-high", "gradual", 1, lr=0.03, betas=(0.9, 0.9999), clip=None),
-    Scenario("no-clip", "gradual", 1, lr=0.04, clip=None),
-    Scenario("linear-lr0.05", "gradual", 1, injection="linear", lr=0.05),
-    Scenario("linear-lr0.03", "gradual", 1, injection="linear", lr=0.03),
-    Scenario("no-qknorm", "gradual", 1, lr=0.04, qk_norm=False),
+    Scenario("beta2-high", "gradual", 1, lr=0.03, warmup=40, betas=(0.9, 0.9999), clip=None),
+    Scenario("no-clip", "gradual", 1, lr=0.04, warmup=40, clip=None),
+    Scenario("linear-lr0.05", "gradual", 1, injection="linear", lr=0.05, warmup=40),
+    Scenario("linear-lr0.03", "gradual", 1, injection="linear", lr=0.03, warmup=40),
+    Scenario("no-qknorm", "gradual", 1, lr=0.04, warmup=40, qk_norm=False),
 ]
 STABLE = [
     Scenario("parcae", "stable"), Scenario("linear", "stable", injection="linear"),
@@ -107,6 +108,7 @@ STABLE = [
 ]
 QUICK = {"lr-x10@60", "inj-lr-x20@60", "short-warmup", "data-burst@70", "lr-ramp@60", "linear-lr0.05",
          "no-qknorm", "beta2-high", "parcae", "linear"}
+ALL = {s.name for s in BREAKING + STABLE}
 
 
 @dataclass
@@ -123,17 +125,26 @@ class Run:
         return spike_step(self.losses, self.scenario.trigger)
 
 
-def spike_step(losses, trigger: int, window: int = 20, nats: float = BREAK_NATS) -> int | None:
+def spike_step(losses, trigger: int, window: int = 20, nats: float = BREAK_NATS, ahead: int = 5,
+               big: float = 1.0) -> int | None:
     """First (1-based) step t ≥ trigger whose loss exceeds the median of the `window` losses before
-    it by more than `nats`; a non-finite loss at once."""
+    it by more than `nats`, and either by more than `big` nats (a burst) or for good (the median
+    of the `ahead` losses from t on is also `nats` above): one hard batch is not a spike. A
+    non-finite loss is a spike at once."""
     x = np.asarray(losses, dtype=np.float64)
     for t in range(max(trigger - 1, 0), len(x)):
         if not math.isfinite(x[t]):
             return t + 1
         prev = x[max(0, t - window):t]
         prev = prev[np.isfinite(prev)]
-        if len(prev) >= 5 and x[t] - np.median(prev) > nats:
-            return t + 1
+        if len(prev) < 5:
+            continue
+        base = float(np.median(prev))
+        if x[t] - base > nats:
+            later = x[t: t + ahead]
+            later = np.where(np.isfinite(later), later, np.inf)
+            if x[t] - base > big or (len(later) == ahead and float(np.median(later)) - base > nats):
+                return t + 1
     return None
 
 

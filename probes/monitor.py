@@ -89,8 +89,8 @@ class MonitorConfig:
       skip trigger in skip mode).
     - early warning: one strong or two moderate precursors (EarlyWarningDetector), relative
       ones from step 30; a learning-rate jump ≥ `lr_jump`× is strong and seen before the step.
-    - loop instability: ρ(Ā) > 1, the state growing ≥ ×1.5 per loop five times in a row, or
-      Jacobian σ_max > 1 with growth (LoopInstabilityDetector).
+    - loop instability: ρ(Ā) > 1, or the state growing ≥ ×1.5 per loop five times in a row
+      (LoopInstabilityDetector).
     - escalation: after a first report, again each time the evidence worsened ×`escalate_factor`,
       at most every `escalate_every` steps, severity critical, the action repeated when
       `repeat_actions`.

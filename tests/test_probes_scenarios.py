@@ -24,8 +24,10 @@ BY_NAME = {s.name: s for s in scenarios.BREAKING + scenarios.STABLE}
 def test_ground_truth_rules():
     flat = [2.0, 2.2] * 30
     assert scenarios.spike_step(flat, 1) is None
-    assert scenarios.spike_step(flat[:40] + [2.7] + flat[:10], 1) == 41  # one step 0.6 nats above the median
-    assert scenarios.spike_step(flat[:40] + [2.7] + flat[:10], 45) is None  # before the trigger: not this run's
+    assert scenarios.spike_step(flat[:40] + [2.7] + flat[:10], 1) is None  # one hard batch 0.6 nats up
+    assert scenarios.spike_step(flat[:40] + [3.2] + flat[:10], 1) == 41  # a burst: > 1 nat above the median
+    assert scenarios.spike_step(flat[:40] + [2.7] * 10, 1) == 41  # a rise that stays
+    assert scenarios.spike_step(flat[:40] + [3.2] + flat[:10], 45) is None  # before the trigger: not this run's
     assert scenarios.spike_step(flat[:30] + [float("nan")], 1) == 31
     assert scenarios.loss_break(flat[:40] + [2.0, 2.1] + [2.6, 2.7] * 8) == 43  # a sustained rise
     assert scenarios.loss_break(flat[:40] + [4.0] + flat[:19]) is None  # one hard batch is not a break
