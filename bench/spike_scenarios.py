@@ -27,7 +27,10 @@ by more than 1 nat (a burst) or for good (the median of the 5 losses from t on i
 one hard batch is not a spike); a non-finite loss is a spike at once. A run with no such step did not break and is reported apart.
 The lead of a detector = spike step − the step of its first warning at or after the trigger
 (for loopdyn: the first spike_warning / spike / nonfinite alert, by the step at which it was
-reported; a warning taken before an update counts at that step). An abrupt trigger is "warned in
+reported; a warning taken before an update counts at that step; "loopdyn+loop" also counts its
+loop_instability alerts). `csd(loss)` is a critical-slowing-down indicator (rising lag-1
+autocorrelation and variance of the loss), evaluated here to decide whether the monitor should
+use it. An abrupt trigger is "warned in
 time" when lead ≥ 0 (no later than the spike step). False alarms: any alert of the spike family in
 a stable run, or before the trigger of a breaking one, per 1000 stable steps. loopdyn's
 loop_instability alerts are a different finding (the loop will explode at more loops) and are
@@ -286,14 +289,48 @@ def lightning_spike(losses, window: int = 10, warmup: int = 1, rtol: float = 2.0
     return out
 
 
+def csd(series, window: int = 30, trend: int = 20, tau_min: float = 0.7, var_growth: float = 2.0,
+        warmup: int = 40) -> list[int]:
+    """Critical slowing down (Scheffer et al. 2009), a candidate precursor: over a rolling window
+    of the detrended series (minus its rolling median), lag-1 autocorrelation and variance both
+    rising (Kendall τ ≥ tau_min over the last `trend` windows) and the variance ≥ `var_growth` ×
+    its value `trend` windows ago. Evaluated offline here; kept out of the monitor unless it helps."""
+    x = np.asarray(series, dtype=np.float64)
+    ar1, var, out = [], [], []
+    for t in range(len(x)):
+        if not math.isfinite(x[t]):
+            out.append(t + 1)
+            break
+        if t + 1 < window:
+            continue
+        w = x[t + 1 - window: t + 1]
+        r = w - np.median(w)
+        v = float(r.var())
+        a = float(np.corrcoef(r[:-1], r[1:])[0, 1]) if r[:-1].std() > 0 and r[1:].std() > 0 else 0.0
+        ar1.append(a)
+        var.append(v)
+        if t + 1 < warmup or len(var) < trend:
+            continue
+        idx = np.arange(trend, dtype=float)
+        i, j = np.triu_indices(trend, k=1)
+        tau_a = float(np.sign((idx[j] - idx[i]) * (np.array(ar1[-trend:])[j] - np.array(ar1[-trend:])[i])).mean())
+        tau_v = float(np.sign((idx[j] - idx[i]) * (np.array(var[-trend:])[j] - np.array(var[-trend:])[i])).mean())
+        if tau_a >= tau_min and tau_v >= tau_min and var[-trend] > 0 and var[-1] / var[-trend] >= var_growth:
+            out.append(t + 1)
+    return out
+
+
 def detections(run: Run) -> dict[str, list[int]]:
     """Step of each warning, per detector."""
     ours = sorted({a.detected_step for a in run.alerts if a.kind in SPIKE_KINDS})
-    return {"loopdyn": ours, "zclip": zclip(run.grad_norms), "olmo-core": olmo_core(run.losses),
-            "lightning": lightning_spike(run.losses)}
+    ours_any = sorted({a.detected_step for a in run.alerts if a.kind in SPIKE_KINDS + ("loop_instability",)})
+    have_grads = any(math.isfinite(g) for g in run.grad_norms)
+    return {"loopdyn": ours, "loopdyn+loop": ours_any, "zclip": zclip(run.grad_norms) if have_grads else None,
+            "olmo-core": olmo_core(run.losses), "lightning": lightning_spike(run.losses),
+            "csd(loss)": csd(run.losses)}
 
 
-DETECTORS = ("loopdyn", "zclip", "olmo-core", "lightning")
+DETECTORS = ("loopdyn", "loopdyn+loop", "zclip", "olmo-core", "lightning", "csd(loss)")
 
 
 def summarise(runs: list[Run]) -> dict:
@@ -305,6 +342,9 @@ def summarise(runs: list[Run]) -> dict:
         det = detections(r)
         for d, steps in det.items():
             s = stats[d]
+            if steps is None:  # not measurable for this run (no recorded gradient norms)
+                s["missing"] = True
+                continue
             if r.scenario.kind == "stable":
                 s["fa"] += len(steps)
                 continue
@@ -325,13 +365,15 @@ def summarise(runs: list[Run]) -> dict:
         leads = s["leads"]
         n = len(leads)
         pos = [x for x in leads if x is not None and x >= 0]
+        if s.get("missing"):
+            n = 0
         table[d] = {
             "recall_lead1": sum(x is not None and x >= 1 for x in leads) / n if n else math.nan,
             "recall_lead5": sum(x is not None and x >= 5 for x in leads) / n if n else math.nan,
             "median_lead": statistics.median(pos) if pos else math.nan,
             "gradual_recall_lead5": s["gradual5"] / s["gradual"] if s["gradual"] else math.nan,
             "abrupt_in_time": f"{s['abrupt_in_time']}/{s['abrupt']}",
-            "false_alarms_per_1000": 1000 * s["fa"] / stable_steps if stable_steps else math.nan,
+            "false_alarms_per_1000": 1000 * s["fa"] / stable_steps if stable_steps and n else math.nan,
         }
     loop_stable = sum(1 for r in runs if r.scenario.kind == "stable" for a in r.alerts if a.kind == "loop_instability")
     return {"table": table, "broke": len(broke), "breaking_runs": sum(r.scenario.kind != "stable" for r in runs),
@@ -347,8 +389,12 @@ def main(argv=None) -> int:
     ap.add_argument("--stable-steps", type=int, default=400)
     ap.add_argument("--scenarios", default=None, help="comma-separated names (default: all, or the quick set)")
     ap.add_argument("--out", default=None, help="also write every run's alerts and the table as JSON")
+    ap.add_argument("--from", dest="source", default=None,
+                    help="re-summarise the runs stored by an earlier --out FILE (no training)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.source:
+        return report(load_runs(args.source), None)
     chosen = [*BREAKING, *STABLE]
     if args.scenarios:
         names = set(args.scenarios.split(","))
@@ -372,18 +418,37 @@ def main(argv=None) -> int:
                                if a.kind != "action")[:150]
             print(f"{sc.name:22} {sc.kind:8} {seed_:>4} {sc.trigger:>5} {str(spike):>6} "
                   f"{str(after[0] if after else None):>8} {str(lead):>5}  {firsts}  ({run.seconds:.0f} s)", flush=True)
+    return report(runs, args.out)
+
+
+def load_runs(path) -> list[Run]:
+    """Runs stored by --out (alerts rebuilt from their records; without grad_norms, ZClip is NaN)."""
+    from loopdyn.probes import Alert
+
+    by_name = {s.name: s for s in BREAKING + STABLE}
+    runs = []
+    for rec in json.loads(Path(path).read_text())["runs"]:
+        alerts = [Alert(a["step"], a["kind"], a["severity"], a["signal"], a["value"], a["threshold"], a["message"],
+                        score=a.get("score"), detected_step=a.get("detected_step")) for a in rec["alerts"]]
+        runs.append(Run(by_name[rec["scenario"]], rec["seed"], rec["losses"],
+                        rec.get("grad_norms") or [math.nan] * len(rec["losses"]), alerts))
+    return runs
+
+
+def report(runs: list[Run], out) -> int:
+    args = argparse.Namespace(out=out)
     summary = summarise(runs)
     print(f"\n{summary['broke']}/{summary['breaking_runs']} breaking runs broke; {summary['stable_runs']} stable runs, "
           f"{summary['stable_steps']} stable steps; loop_instability alerts in stable runs: "
           f"{summary['loop_instability_in_stable_runs']}")
-    print(f"{'detector':10} {'recall@≥1':>9} {'recall@≥5':>9} {'median lead':>11} {'gradual@≥5':>10} "
+    print(f"{'detector':12} {'recall@≥1':>9} {'recall@≥5':>9} {'median lead':>11} {'gradual@≥5':>10} "
           f"{'abrupt in time':>14} {'FA/1000':>8}")
     for d, row in summary["table"].items():
-        print(f"{d:10} {row['recall_lead1']:>9.2f} {row['recall_lead5']:>9.2f} {row['median_lead']:>11.1f} "
+        print(f"{d:12} {row['recall_lead1']:>9.2f} {row['recall_lead5']:>9.2f} {row['median_lead']:>11.1f} "
               f"{row['gradual_recall_lead5']:>10.2f} {row['abrupt_in_time']:>14} {row['false_alarms_per_1000']:>8.2f}")
     if args.out:
         records = [{"scenario": r.scenario.name, "kind": r.scenario.kind, "seed": r.seed, "trigger": r.scenario.trigger,
-                    "spike_step": r.spike_step, "losses": r.losses,
+                    "spike_step": r.spike_step, "losses": r.losses, "grad_norms": r.grad_norms,
                     "alerts": [a.record() for a in r.alerts]} for r in runs]
         Path(args.out).write_text(json.dumps({"summary": summary, "runs": records}, default=str))
     ours = summary["table"]["loopdyn"]

@@ -156,15 +156,22 @@ class Policy:
             return None
         groups, n_state = optimizer_view
         if not ew.optimizer.observe(step, groups, n_state):
-            return None
+            return None  # param_groups are the same on every rank: so is this early return
         alert = ew.evaluate(step, pre_step=True)
-        if alert is None:
-            return None
-        alert.detected_step = step
-        alert.data_position = self.positions.get(step)
-        self.alerts.append(alert)
-        self.emit(alert)
-        action = self.action_for(alert)
+        if alert is not None:
+            alert.detected_step = step
+            alert.data_position = self.positions.get(step)
+            self.alerts.append(alert)
+            self.emit(alert)
+        # The fused score also holds rank-local precursors: agree on the action (a collective
+        # that every rank reaches, since the learning-rate change that got us here is global).
+        mine = LEVEL.get(self.action_for(alert), 0) if alert is not None else 0
+        (level,) = agree_max([mine])
+        if level == 0:
+            return alert
+        action = ACTION_OF_LEVEL[level]
+        if level > mine:  # another rank asked
+            alert = Alert(step, "action", "info", "remote", math.nan, math.nan, "another rank asked")
         if action == "raise":
             raise InstabilityError(alert)
         if action in ("cut_lr", "rollback") and self.lr_cut is not None:
