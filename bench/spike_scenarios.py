@@ -17,7 +17,7 @@ changes one thing at step `trigger`:
   gradual   beta2-high        β2 = 0.9999 at lr 0.03, no clipping         } warm-up of 40 steps to a
   gradual   no-clip           no gradient clipping at lr 0.04             } learning rate the run
   gradual   linear-lr0.05     linear injection at lr 0.05 (ρ(Ā) > 1), 0.03 } does not survive
-  gradual   no-qknorm         no QK-norm, lr 0.04: attention logits grow  } (trigger 1)
+  gradual   no-qknorm         no QK-norm, lr 0.04: attention logits grow  } (trigger 1, 241 steps)
 
 Stable runs: Parcae (diagonal) and linear injections at lr 1e-2 for `--stable-steps` (400).
 
@@ -83,6 +83,7 @@ class Scenario:
     qk_norm: bool = True
     burst: int = 0  # batches of random bytes from the trigger on
     seed: int = 0  # added to the --seeds index
+    after: int | None = None  # steps after the trigger (None: --after)
 
 
 BREAKING = [
@@ -93,16 +94,16 @@ BREAKING = [
     Scenario("lr-x10-linear@70", "abrupt", 70, injection="linear", jump=10.0),
     Scenario("inj-lr-x20@60", "abrupt", 60, injection="linear", jump=20.0, jump_groups="injection"),
     Scenario("inj-lr-x7@90", "abrupt", 90, injection="linear", jump=7.0, jump_groups="injection"),
-    Scenario("short-warmup", "abrupt", 1, lr=0.06, warmup=1),
+    Scenario("short-warmup", "abrupt", 1, lr=0.06, warmup=1, after=240),
     Scenario("data-burst@70", "abrupt", 70, burst=4),
     Scenario("data-burst-linear@90", "abrupt", 90, injection="linear", burst=4),
     Scenario("lr-ramp@60", "gradual", 60, ramp=1.06),
     Scenario("lr-ramp-linear@80", "gradual", 80, injection="linear", ramp=1.06),
-    Scenario("beta2-high", "gradual", 1, lr=0.03, warmup=40, betas=(0.9, 0.9999), clip=None),
-    Scenario("no-clip", "gradual", 1, lr=0.04, warmup=40, clip=None),
-    Scenario("linear-lr0.05", "gradual", 1, injection="linear", lr=0.05, warmup=40),
-    Scenario("linear-lr0.03", "gradual", 1, injection="linear", lr=0.03, warmup=40),
-    Scenario("no-qknorm", "gradual", 1, lr=0.04, warmup=40, qk_norm=False),
+    Scenario("beta2-high", "gradual", 1, lr=0.03, warmup=40, betas=(0.9, 0.9999), clip=None, after=240),
+    Scenario("no-clip", "gradual", 1, lr=0.04, warmup=40, clip=None, after=240),
+    Scenario("linear-lr0.05", "gradual", 1, injection="linear", lr=0.05, warmup=40, after=240),
+    Scenario("linear-lr0.03", "gradual", 1, injection="linear", lr=0.03, warmup=40, after=240),
+    Scenario("no-qknorm", "gradual", 1, lr=0.04, warmup=40, qk_norm=False, after=240),
 ]
 STABLE = [
     Scenario("parcae", "stable"), Scenario("linear", "stable", injection="linear"),
@@ -390,7 +391,8 @@ def main(argv=None) -> int:
     ap.add_argument("--scenarios", default=None, help="comma-separated names (default: all, or the quick set)")
     ap.add_argument("--out", default=None, help="also write every run's alerts and the table as JSON")
     ap.add_argument("--from", dest="source", default=None,
-                    help="re-summarise the runs stored by an earlier --out FILE (no training)")
+                    help="re-summarise the runs stored by earlier --out FILE[,FILE...] (no training; later "
+                         "files replace runs of the same scenario and seed)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.source:
@@ -407,7 +409,7 @@ def main(argv=None) -> int:
     for sc in chosen:
         for seed in range(args.seeds):
             seed_ = seed + sc.seed
-            steps = args.stable_steps if sc.kind == "stable" else sc.trigger + args.after
+            steps = args.stable_steps if sc.kind == "stable" else sc.trigger + (sc.after or args.after)
             run = run_scenario(sc, seed_, steps)
             runs.append(run)
             ours = detections(run)["loopdyn"]
@@ -426,8 +428,12 @@ def load_runs(path) -> list[Run]:
     from loopdyn.probes import Alert
 
     by_name = {s.name: s for s in BREAKING + STABLE}
+    records = {}
+    for one in str(path).split(","):  # later files replace earlier runs of the same scenario and seed
+        for rec in json.loads(Path(one).read_text())["runs"]:
+            records[rec["scenario"], rec["seed"]] = rec
     runs = []
-    for rec in json.loads(Path(path).read_text())["runs"]:
+    for rec in records.values():
         alerts = [Alert(a["step"], a["kind"], a["severity"], a["signal"], a["value"], a["threshold"], a["message"],
                         score=a.get("score"), detected_step=a.get("detected_step")) for a in rec["alerts"]]
         runs.append(Run(by_name[rec["scenario"]], rec["seed"], rec["losses"],

@@ -132,7 +132,7 @@ class MonitorConfig:
     on_spike: str = "warn"  # loss spikes (and gradient-norm anomalies in skip mode)
     on_nonfinite: str | None = None  # None: as on_spike
     on_warning: str = "warn"  # spike warnings
-    on_loop: str | None = None  # loop_instability; None: as on_trend
+    on_loop: str | None = None  # loop_instability; None: as on_trend if given, else as on_warning
     on_trend: str = "warn"  # old name of on_loop
     lr_cut: float = 0.5  # cut_lr factor
     rollback_lr_cut: float = 0.5  # also applied after a rollback
@@ -202,8 +202,8 @@ class StabilityMonitor:
             setattr(cfg, key, value)
         if cfg.on_nonfinite is None:
             cfg.on_nonfinite = cfg.on_spike
-        if cfg.on_loop is None:
-            cfg.on_loop = cfg.on_trend
+        if cfg.on_loop is None:  # the old on_trend when set, else as on_warning
+            cfg.on_loop = cfg.on_trend if cfg.on_trend != "warn" else cfg.on_warning
         cfg.validate()
         self.config = cfg
         self.rank, self.world_size = world()

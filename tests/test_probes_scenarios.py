@@ -10,7 +10,6 @@ import importlib.util
 import sys
 from pathlib import Path
 
-import pytest
 
 _path = Path(__file__).resolve().parents[1] / "bench" / "spike_scenarios.py"
 _spec = importlib.util.spec_from_file_location("spike_scenarios", _path)
