@@ -21,10 +21,13 @@ changes one thing at step `trigger`:
 
 Stable runs: Parcae (diagonal) and linear injections at lr 1e-2 for `--stable-steps` (400).
 
-Ground truth, from the loss alone: the spike step of a breaking run is the first step t ≥ trigger
-whose loss exceeds the median of the 20 losses before it by more than BREAK_NATS (0.3), either
-by more than 1 nat (a burst) or for good (the median of the 5 losses from t on is 0.3 above too:
-one hard batch is not a spike); a non-finite loss is a spike at once. A run with no such step did not break and is reported apart.
+Ground truth, from the loss alone: the loss of a breaking run minus the loss of its healthy twin
+(the stable run with the same injection and seed: the same initialisation and the same batches,
+so hard stretches of text cancel). The spike step is the first step t ≥ trigger where that excess
+rises above the median of its 20 values before t by more than BREAK_NATS (0.3), either by more
+than 1 nat (a burst) or for good (the median of the 5 values from t on is 0.3 above too: one
+hard batch is not a spike); a non-finite loss is a spike at once. Without a twin in the run set
+(--scenarios subsets), the raw loss is used. A run with no such step did not break and is reported apart.
 The lead of a detector = spike step − the step of its first warning at or after the trigger
 (for loopdyn: the first spike_warning / spike / nonfinite alert, by the step at which it was
 reported; a warning taken before an update counts at that step; "loopdyn+loop" also counts its
@@ -124,18 +127,23 @@ class Run:
     alerts: list = field(default_factory=list)
     seconds: float = 0.0
 
+    twin: list | None = None  # losses of the healthy run on the same batches (same injection and seed)
+
     @property
     def spike_step(self) -> int | None:
-        return spike_step(self.losses, self.scenario.trigger)
+        return spike_step(self.losses, self.scenario.trigger, reference=self.twin)
 
 
 def spike_step(losses, trigger: int, window: int = 20, nats: float = BREAK_NATS, ahead: int = 5,
-               big: float = 1.0) -> int | None:
+               big: float = 1.0, reference=None) -> int | None:
     """First (1-based) step t ≥ trigger whose loss exceeds the median of the `window` losses before
     it by more than `nats`, and either by more than `big` nats (a burst) or for good (the median
     of the `ahead` losses from t on is also `nats` above): one hard batch is not a spike. A
     non-finite loss is a spike at once."""
     x = np.asarray(losses, dtype=np.float64)
+    if reference is not None:  # excess over a healthy twin on the same batches: hard stretches of text cancel
+        ref = np.asarray(reference, dtype=np.float64)[: len(x)]
+        x = np.concatenate([x[: len(ref)] - ref, x[len(ref):]]) if len(ref) < len(x) else x - ref
     for t in range(max(trigger - 1, 0), len(x)):
         if not math.isfinite(x[t]):
             return t + 1
@@ -334,7 +342,17 @@ def detections(run: Run) -> dict[str, list[int]]:
 DETECTORS = ("loopdyn", "loopdyn+loop", "zclip", "olmo-core", "lightning", "csd(loss)")
 
 
+def attach_twins(runs: list[Run]) -> None:
+    """Give every breaking run the losses of the stable run with its injection and seed (the
+    same batches, the same initialisation): its spike is measured as excess over that twin."""
+    stable = {(r.scenario.injection, r.seed): r.losses for r in runs if r.scenario.kind == "stable"}
+    for r in runs:
+        if r.scenario.kind != "stable":
+            r.twin = stable.get((r.scenario.injection, r.seed))
+
+
 def summarise(runs: list[Run]) -> dict:
+    attach_twins(runs)
     stats = {d: {"leads": [], "abrupt_in_time": 0, "abrupt": 0, "gradual5": 0, "gradual": 0, "fa": 0}
              for d in DETECTORS}
     stable_steps = sum(len(r.losses) for r in runs if r.scenario.kind == "stable")
