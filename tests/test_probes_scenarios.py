@@ -28,6 +28,12 @@ def test_ground_truth_rules():
     assert scenarios.spike_step(flat[:40] + [2.7] * 10, 1) == 41  # a rise that stays
     assert scenarios.spike_step(flat[:40] + [3.2] + flat[:10], 45) is None  # before the trigger: not this run's
     assert scenarios.spike_step(flat[:30] + [float("nan")], 1) == 31
+    # A hard stretch of text raises the loss of every run on those batches: the healthy twin's
+    # loss cancels it, the run's own excess does not.
+    hard = flat[:40] + [2.7] * 10
+    assert scenarios.spike_step(hard, 1) == 41
+    assert scenarios.spike_step(hard, 1, reference=hard) is None
+    assert scenarios.spike_step([v + 0.5 * (i >= 45) for i, v in enumerate(hard)], 1, reference=hard) == 46
     assert scenarios.loss_break(flat[:40] + [2.0, 2.1] + [2.6, 2.7] * 8) == 43  # a sustained rise
     assert scenarios.loss_break(flat[:40] + [4.0] + flat[:19]) is None  # one hard batch is not a break
 
