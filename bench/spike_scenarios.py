@@ -408,6 +408,8 @@ def main(argv=None) -> int:
     ap.add_argument("--stable-steps", type=int, default=400)
     ap.add_argument("--scenarios", default=None, help="comma-separated names (default: all, or the quick set)")
     ap.add_argument("--out", default=None, help="also write every run's alerts and the table as JSON")
+    ap.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                    help="a StabilityMonitor option for every run (repeatable), e.g. --set warning_warmup=15")
     ap.add_argument("--from", dest="source", default=None,
                     help="re-summarise the runs stored by earlier --out FILE[,FILE...] (no training; later "
                          "files replace runs of the same scenario and seed)")
@@ -415,6 +417,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     if args.source:
         return report(load_runs(args.source), None)
+    options = {}
+    for item in args.options:
+        key, _, value = item.partition("=")
+        options[key] = json.loads(value) if value not in ("None", "") else None
     chosen = [*BREAKING, *STABLE]
     if args.scenarios:
         names = set(args.scenarios.split(","))
@@ -428,7 +434,7 @@ def main(argv=None) -> int:
         for seed in range(args.seeds):
             seed_ = seed + sc.seed
             steps = args.stable_steps if sc.kind == "stable" else sc.trigger + (sc.after or args.after)
-            run = run_scenario(sc, seed_, steps)
+            run = run_scenario(sc, seed_, steps, monitor_options=options)
             runs.append(run)
             ours = detections(run)["loopdyn"]
             after = [t for t in ours if t >= sc.trigger]
