@@ -7,9 +7,9 @@ The block order flips every round so drifts (machine load, warm-up) cancel. Repo
 the median over rounds of (monitored block time / plain block time), and the ratio of the
 total times (which also carries the every-N-steps probes in proportion).
 
-The monitored model's probe methods are timed individually (a subclass wraps them with
-perf_counter; on the CPU every call is synchronous, so the times are exact), which gives the
-cost of each signal as a fraction of a plain step.
+The monitor's probe methods (on its SignalBus and Policy) are timed individually (subclasses
+wrap them with perf_counter; on the CPU every call is synchronous, so the times are exact),
+which gives the cost of each signal as a fraction of a plain step.
 
     python bench/probe_overhead.py [--steps 200] [--block 10] [--preset small] [--batch 8 --seq 64]
 
@@ -31,60 +31,95 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from loopdyn.models import LoopConfig, LoopedLM  # noqa: E402
 from loopdyn.probes import StabilityMonitor  # noqa: E402
 
-# method → the signal (or piece of machinery) whose cost it is
+import loopdyn.probes.monitor as monitor_module  # noqa: E402
+from loopdyn.probes.bus import SignalBus  # noqa: E402
+from loopdyn.probes.policy import Policy  # noqa: E402
+
+# (class, method) → the signal (or piece of machinery) whose cost it is
 TIMED = {
-    "_record_grad_norm": "grad_norm",
-    "_copy_params": "update_ratio",
-    "_record_update_ratio": "update_ratio",
-    "_record_loop_state": "state_norm / rel_residual",
-    "_tap": "state_norm_max (per loop)",
-    "_record_logz": "logz",
-    "_attn_pre": "attn_logit_max",
-    "_record_attention": "attn_logit_max",
-    "_record_spectral": "injection spectrum",
-    "_record_embedding": "embed_outliers",
-    "_record_jacobian": "jacobian_norm",
-    "_run_detectors": "detectors (host)",
-    "_flush_host": "host transfer",
-    "_commit": "bookkeeping",
-    "_act": "decisions / actions",
+    (SignalBus, "_record_grad_norm"): "grad_norm",
+    (SignalBus, "_copy_params"): "update_ratio",
+    (SignalBus, "_record_update_ratio"): "update_ratio",
+    (SignalBus, "_record_loop_state"): "state_norm / rel_residual / growth",
+    (SignalBus, "_tap"): "state_norm_max (per loop)",
+    (SignalBus, "_record_logz"): "logz",
+    (SignalBus, "_attn_pre"): "attn_logit_max",
+    (SignalBus, "_record_attention"): "attn_logit_max",
+    (SignalBus, "_record_spectral"): "injection spectrum",
+    (SignalBus, "_record_embedding"): "embed_outliers",
+    (SignalBus, "_record_jacobian"): "jacobian_norm",
+    (SignalBus, "_record_loop_probe"): "loop probe unroll",
+    (SignalBus, "optimizer_view"): "lr / optimiser precursors",
+    (Policy, "pre_step"): "lr / optimiser precursors",
+    (Policy, "observe"): "detectors (host)",
+    (SignalBus, "flush"): "host transfer",
+    (SignalBus, "commit"): "bookkeeping",
+    (Policy, "act"): "decisions / actions",
 }
 ENTRY_POINTS = ("_root_pre", "_root_post", "_tap", "_attn_pre", "_head_post", "_opt_pre", "_opt_post")
 
 
-class TimedMonitor(StabilityMonitor):
-    """StabilityMonitor whose probe methods and hook entry points accumulate their wall time."""
+class Timer:
+    """Wall time of the monitor's probe methods and of its hook entry points (the total)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self):
         self.costs = defaultdict(float)
         self.calls = defaultdict(int)
         self.total = 0.0
-        self._depth_timer = 0
-        super().__init__(*args, **kwargs)
+        self.depth = 0
+
+    def clear(self):
+        self.costs.clear()
+        self.calls.clear()
+        self.total = 0.0
 
 
-def _timed(name, method, entry):
-    def wrapper(self, *args, **kwargs):
+TIMER = Timer()
+
+
+def _timed(label, method, entry):
+    def wrapper(*args, **kwargs):
         t0 = time.perf_counter()
         if entry:
-            self._depth_timer += 1
+            TIMER.depth += 1
         try:
-            return method(self, *args, **kwargs)
+            return method(*args, **kwargs)
         finally:
             dt = time.perf_counter() - t0
-            if name in TIMED:
-                self.costs[TIMED[name]] += dt
-                self.calls[TIMED[name]] += 1
+            if label is not None:
+                TIMER.costs[label] += dt
+                TIMER.calls[label] += 1
             if entry:
-                self._depth_timer -= 1
-                if self._depth_timer == 0:
-                    self.total += dt
-    wrapper.__name__ = name
+                TIMER.depth -= 1
+                if TIMER.depth == 0:
+                    TIMER.total += dt
+    wrapper.__name__ = method.__name__
     return wrapper
 
 
-for _name in set(TIMED) | set(ENTRY_POINTS):
-    setattr(TimedMonitor, _name, _timed(_name, getattr(StabilityMonitor, _name), _name in ENTRY_POINTS))
+class TimedBus(SignalBus):
+    pass
+
+
+class TimedPolicy(Policy):
+    pass
+
+
+for (_cls, _name), _label in TIMED.items():
+    _target = TimedBus if _cls is SignalBus else TimedPolicy
+    setattr(_target, _name, _timed(_label, getattr(_cls, _name), _name in ENTRY_POINTS))
+for _name in ENTRY_POINTS:
+    if (SignalBus, _name) not in TIMED:
+        setattr(TimedBus, _name, _timed(None, getattr(SignalBus, _name), True))
+
+
+def TimedMonitor(*args, **kwargs):
+    """A StabilityMonitor whose bus and policy time their methods (into TIMER)."""
+    monitor_module.SignalBus, monitor_module.Policy = TimedBus, TimedPolicy
+    try:
+        return StabilityMonitor(*args, **kwargs)
+    finally:
+        monitor_module.SignalBus, monitor_module.Policy = SignalBus, Policy
 
 
 def make(preset: str, seed: int):
@@ -130,9 +165,7 @@ def main(argv=None) -> int:
     warm = batches(3)  # warm-up (allocator, first-call costs), not timed
     run_block(plain, plain_opt, warm)
     run_block(watched, watched_opt, warm, monitor)
-    monitor.costs.clear()
-    monitor.calls.clear()
-    monitor.total = 0.0
+    TIMER.clear()
 
     ratios, t_plain, t_watched = [], 0.0, 0.0
     rounds = args.steps // args.block
@@ -156,14 +189,14 @@ def main(argv=None) -> int:
           f"{args.threads} thread(s), {n} steps per model in {rounds} interleaved blocks of {args.block}")
     print(f"plain step {step_ms:.1f} ms; monitored/plain: median over blocks {ratio:.4f}, "
           f"total {ratio_total:.4f} (blocks: min {min(ratios):.3f}, max {max(ratios):.3f})")
-    print(f"time inside the monitor: {1e3 * monitor.total / n:.3f} ms/step = "
-          f"{100 * monitor.total / t_plain:.2f} % of a plain step")
+    print(f"time inside the monitor: {1e3 * TIMER.total / n:.3f} ms/step = "
+          f"{100 * TIMER.total / t_plain:.2f} % of a plain step")
     print(f"{'signal':28} {'calls':>6} {'ms/call':>9} {'ms/step':>9} {'% of step':>9}")
-    for name, cost in sorted(monitor.costs.items(), key=lambda kv: -kv[1]):
-        calls = monitor.calls[name]
+    for name, cost in sorted(TIMER.costs.items(), key=lambda kv: -kv[1]):
+        calls = TIMER.calls[name]
         print(f"{name:28} {calls:>6} {1e3 * cost / calls:>9.3f} {1e3 * cost / n:>9.3f} {100 * cost / t_plain:>9.3f}")
     print(f"RESULT probe_overhead ratio={ratio:.4f} ratio_total={ratio_total:.4f} step_ms={step_ms:.1f} "
-          f"monitor_pct={100 * monitor.total / t_plain:.2f}")
+          f"monitor_pct={100 * TIMER.total / t_plain:.2f}")
     return 0
 
 

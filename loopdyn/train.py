@@ -66,6 +66,7 @@ class TrainResult:
     val: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
     diverged: bool = False
     stop_reason: str | None = None
+    verdict: str | None = None  # one line about the run (run_verdict)
 
     @property
     def final_val_loss(self) -> float | None:
@@ -173,6 +174,9 @@ def train(model: LoopedLM, data: TextData, cfg: TrainConfig,
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)  # a probe may cut lr_scale
             x, y = data.batch(cfg.batch_size, cfg.seq_len, generator)
+            if monitor is not None and hasattr(monitor, "record_batch"):
+                # replay: re-seed a generator with `seed` and draw `batch` + 1 batches
+                monitor.record_batch({"batch": step, "seed": cfg.seed * 1000 + dist.rank})
             loss = net(x.to(device), y.to(device)).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -216,11 +220,33 @@ def train(model: LoopedLM, data: TextData, cfg: TrainConfig,
             log.close()
         if monitor is not None:
             monitor.close()
+    result.verdict = run_verdict(result, data.unigram_loss(), monitor)
     # provenance, read back by `loopdyn sweep-loops` for the scaling-law CSV
     model.config.extra["train_tokens"] = model.config.extra.get("train_tokens", 0) + result.tokens
     if cfg.save_dir and dist.is_main:
         save(model, cfg.save_dir)
     return result
+
+
+def run_verdict(result: TrainResult, baseline: float | None, monitor=None) -> str:
+    """One line about the whole run, e.g. "run failed: validation loss 5.61 above the unigram
+    baseline 4.86; loop unstable since step 9 (injection_radius = 4.9 at step 71)".
+
+    failed: the loss diverged, the monitor stopped the run, or the final validation loss is not
+    below the unigram baseline; warned: the monitor saw spikes, spike warnings or loop
+    instability (or acted) but the run ended well; ok: nothing of the kind."""
+    diverged = "loss became non-finite" if result.diverged else None
+    if monitor is not None and hasattr(monitor, "verdict"):
+        return monitor.verdict(result.final_val_loss, baseline, diverged=diverged).line()
+    failed = [diverged] if diverged else []
+    val = result.final_val_loss
+    if val is not None and baseline is not None and not (val < baseline):
+        failed.append(f"validation loss {val:.3f} above the unigram baseline {baseline:.3f}")
+    if failed:
+        return "run failed: " + "; ".join(failed)
+    if val is not None and baseline is not None:
+        return f"run ok: validation loss {val:.3f} below the unigram baseline {baseline:.3f} (no monitor attached)"
+    return "run ok (no validation, no monitor attached)"
 
 
 def _progress(cfg: TrainConfig, dist: Distributed):

@@ -1,24 +1,40 @@
-"""Alerts and where they go: the console, a JSON Lines file, TensorBoard.
+"""Alerts: what the monitor found, in two families, and the actions it took.
 
-An `Alert` is one finding of a detector (or one action the monitor took). The JSON Lines
-sink writes exactly the contract fields of shared/DESIGN.md §7 — step, kind, severity,
-signal, value, threshold, message — one alert per line, each line written with a single
-unbuffered write() (models.fileio.JsonlWriter), so a killed run leaves only whole lines.
+An `Alert` is one finding of a detector, or one action the monitor took. Kinds:
+
+    family             kind               meaning
+    loop instability   loop_instability   the loop will explode at more loops (ρ(Ā) > 1, the state
+                                          growing geometrically with depth, Jacobian σ_max > 1 with
+                                          growth) — even while the loss is fine
+    spike              spike_warning      a loss spike is coming (fused precursors: a learning-rate
+                                          jump seen before the step, ρ(Ā) climbing, state or
+                                          attention-logit growth, confirmed gradient spikes, …)
+                       spike              it is here: the loss is far above its recent level
+                       nonfinite          it is here: NaN or ±Inf in a signal
+    —                  action             what the monitor did (skip, rollback, cut the LR, stop)
+    —                  probe_error        a probe failed and was disabled (training continues)
+
+Fields: `value` is the signal's own value (ρ(Ā) = 1.31, the loss, the learning-rate ratio),
+`score` the detector's statistic (a robust z, a fused precursor score, a growth factor) and
+`threshold` the level `score` crossed. The JSON Lines record holds ALERT_FIELDS in that order,
+then `lead_time`, `detected_step`, `data_position` and `escalation` when known.
+
+Sinks (console, JSON Lines, TensorBoard, Python logging, framework loggers) are in
+loopdyn.probes.sinks; they are re-exported here.
 """
 from __future__ import annotations
 
 import math
-import sys
-import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable, TextIO
-
-from loopdyn.models.fileio import JsonlWriter
+from dataclasses import dataclass
+from typing import Any
 
 # Ordered: a larger index is more severe (the distributed reduction takes the MAX).
 SEVERITIES = ("info", "warning", "critical")
-KINDS = ("spike", "nonfinite", "trend", "early_warning", "action", "probe_error")
-ALERT_FIELDS = ("step", "kind", "severity", "signal", "value", "threshold", "message")
+KINDS = ("loop_instability", "spike_warning", "spike", "nonfinite", "action", "probe_error")
+FAMILIES = {"loop_instability": "loop_instability", "spike_warning": "spike", "spike": "spike",
+            "nonfinite": "spike"}
+ALERT_FIELDS = ("step", "kind", "severity", "signal", "value", "threshold", "score", "message")
+_OPTIONAL = ("lead_time", "detected_step", "data_position", "escalation")
 
 
 class InstabilityError(RuntimeError):
@@ -29,19 +45,25 @@ class InstabilityError(RuntimeError):
         self.alert = alert
 
 
+def _num(v):
+    if v is None:
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
 @dataclass
 class Alert:
-    """One detector finding.
+    """One detector finding (see the module docstring for kinds and field meanings).
 
-    step: the optimiser step the evidence belongs to (1-based, as in `loopdyn train --log`).
-    kind: spike | nonfinite | trend | early_warning | action | probe_error.
-    severity: info | warning | critical.  signal: the signal name (e.g. "loss", "grad_norm").
-    value / threshold: the detector's statistic and the level it crossed (units depend on
-    the detector: a robust z-score, a ratio, a growth factor, the fused early-warning score).
-    lead_time: early warnings only, the estimated steps until the instability breaks out
-    (0 = imminent; None = no estimate). detected_step: the step at which the monitor saw the
-    evidence (≥ step; the host reads device values every few steps). Neither of the last two
-    is written to the JSON Lines file, whose fields are fixed by the contract.
+    step: the optimiser step the evidence belongs to (1-based, as in `loopdyn train --log`);
+    for a warning taken before the update (a learning-rate jump), the step about to be taken.
+    lead_time: warnings only, the estimated steps until the instability breaks out (0 =
+    imminent; None = no estimate). detected_step: the step at which the monitor saw the
+    evidence (≥ step on CUDA, where the host reads device values every few steps).
+    data_position: where the step's batch came from (`record_batch()`, else the count of
+    training forward passes before it), so the batch can be replayed. escalation: 0 for a
+    first report, k for the k-th "still worsening" report of the same episode.
     """
 
     step: int
@@ -51,125 +73,58 @@ class Alert:
     value: float
     threshold: float
     message: str
+    score: float | None = None
     lead_time: float | None = None
     detected_step: int | None = None
+    data_position: Any = None
+    escalation: int = 0
 
     @property
     def level(self) -> int:
         return SEVERITIES.index(self.severity)
 
+    @property
+    def family(self) -> str | None:
+        """"loop_instability", "spike" or None (actions, probe errors)."""
+        return FAMILIES.get(self.kind)
+
     def record(self) -> dict[str, Any]:
-        """The contract fields, JSON-ready (non-finite numbers become null)."""
+        """The contract fields, JSON-ready (non-finite numbers become null), then the optional
+        ones that are known."""
         rec = {name: getattr(self, name) for name in ALERT_FIELDS}
-        for key in ("value", "threshold"):
-            v = rec[key]
-            rec[key] = float(v) if v is not None and math.isfinite(float(v)) else None
+        for key in ("value", "threshold", "score"):
+            rec[key] = _num(rec[key])
         rec["step"] = int(rec["step"])
+        for key in _OPTIONAL:
+            v = getattr(self, key)
+            if v is not None and not (key == "escalation" and v == 0):
+                rec[key] = _num(v) if key == "lead_time" else v
         return rec
 
     def line(self) -> str:
         """One human-readable line."""
-        return (f"step {self.step}: {self.severity.upper()} {self.kind} on {self.signal}: {self.message}")
+        return f"step {self.step}: {self.severity.upper()} {self.kind} on {self.signal}: {self.message}"
 
     def to_state(self) -> dict[str, Any]:
         return {"step": int(self.step), "kind": self.kind, "severity": self.severity, "signal": self.signal,
-                "value": float(self.value), "threshold": float(self.threshold), "message": self.message,
-                "lead_time": None if self.lead_time is None else float(self.lead_time),
-                "detected_step": None if self.detected_step is None else int(self.detected_step)}
+                "value": _num(self.value), "threshold": _num(self.threshold), "message": self.message,
+                "score": _num(self.score), "lead_time": _num(self.lead_time),
+                "detected_step": None if self.detected_step is None else int(self.detected_step),
+                "data_position": self.data_position, "escalation": int(self.escalation)}
 
     @classmethod
     def from_state(cls, d: dict[str, Any]) -> "Alert":
-        return cls(**{k: d.get(k) for k in ("step", "kind", "severity", "signal", "value", "threshold",
-                                              "message", "lead_time", "detected_step")})
+        a = cls(**{k: d.get(k) for k in ("step", "kind", "severity", "signal", "value", "threshold", "message",
+                                         "score", "lead_time", "detected_step", "data_position")})
+        a.escalation = int(d.get("escalation") or 0)
+        for key in ("value", "threshold"):
+            if getattr(a, key) is None:
+                setattr(a, key, math.nan)
+        return a
 
 
-# ---- sinks ---------------------------------------------------------------------------------
+from loopdyn.probes.sinks import (ConsoleSink, JsonlSink, ListSink, LoggingSink, Sink,  # noqa: E402
+                                  TensorBoardSink)
 
-class Sink:
-    """Receives alerts (and, at sync points, the latest signal values)."""
-
-    def emit(self, alert: Alert) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def signals(self, step: int, values: dict[str, float]) -> None:
-        """Latest values of every signal, called at each host sync point (optional)."""
-
-    def close(self) -> None:
-        pass
-
-
-@dataclass
-class ConsoleSink(Sink):
-    """One line per alert, on stderr by default (`write` may be e.g. tqdm.write)."""
-
-    stream: TextIO | None = None
-    write: Callable[[str], None] | None = None
-    prefix: str = "loopdyn probe"
-
-    def emit(self, alert: Alert) -> None:
-        text = f"{self.prefix}: {alert.line()}"
-        if self.write is not None:
-            self.write(text)
-            return
-        stream = self.stream if self.stream is not None else sys.stderr
-        stream.write(text + "\n")
-        stream.flush()
-
-
-class JsonlSink(Sink):
-    """One JSON object per alert (the contract fields), complete on disk when emit() returns."""
-
-    def __init__(self, path, fresh: bool = True):
-        self.path = path
-        self._writer = JsonlWriter(path, fresh=fresh)
-
-    def emit(self, alert: Alert) -> None:
-        self._writer.write(alert.record())
-
-    def close(self) -> None:
-        self._writer.close()
-
-
-class TensorBoardSink(Sink):
-    """Signals as scalars under `probes/<signal>` and alerts as text, via
-    torch.utils.tensorboard (needs the optional `tensorboard` package; without it this sink
-    warns once and does nothing)."""
-
-    def __init__(self, log_dir):
-        self._writer = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except Exception as err:  # ImportError, or tensorboard's own import-time errors
-            warnings.warn(f"TensorBoard sink disabled: {err} (pip install tensorboard)", RuntimeWarning, stacklevel=3)
-            return
-        self._writer = SummaryWriter(log_dir=str(log_dir))
-
-    @property
-    def enabled(self) -> bool:
-        return self._writer is not None
-
-    def emit(self, alert: Alert) -> None:
-        if self._writer is not None:
-            self._writer.add_text(f"alerts/{alert.kind}", alert.line(), global_step=alert.step)
-            self._writer.flush()
-
-    def signals(self, step: int, values: dict[str, float]) -> None:
-        if self._writer is not None:
-            for name, value in values.items():
-                if math.isfinite(value):
-                    self._writer.add_scalar(f"probes/{name}", value, global_step=step)
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-
-@dataclass
-class ListSink(Sink):
-    """Keeps alerts in memory (handy in tests and notebooks)."""
-
-    alerts: list = field(default_factory=list)
-
-    def emit(self, alert: Alert) -> None:
-        self.alerts.append(alert)
+__all__ = ["Alert", "ALERT_FIELDS", "KINDS", "FAMILIES", "SEVERITIES", "InstabilityError", "Sink", "ConsoleSink",
+           "JsonlSink", "ListSink", "LoggingSink", "TensorBoardSink"]

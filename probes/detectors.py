@@ -12,8 +12,13 @@
 - `TrendDetector`: a positive signal that keeps growing: Theil–Sen slope of log x over the
   last `window` observations and Kendall's τ (monotonicity); alert when the fitted growth
   over the window reaches `min_growth` and τ ≥ `min_tau`.
-- `EarlyWarningDetector`: fuses the precursors of loop instability into one score (see its
-  docstring) and estimates the lead time.
+- `EarlyWarningDetector`: fuses the precursors of a loss spike (a learning-rate jump seen before
+  the step, ρ(Ā) climbing, state / attention-logit / Jacobian growth, gradient-norm spikes
+  that something else confirms) into one `spike_warning` with a lead time.
+- `LoopInstabilityDetector`: the loop itself will explode at more loops (ρ(Ā) > 1, geometric
+  state growth with depth, Jacobian σ_max > 1 with growth): `loop_instability`.
+- `Escalation`: after a first report, report again (rate-limited, severity critical) each time
+  the evidence has worsened by a factor, so the monitor is never silent while things get worse.
 """
 from __future__ import annotations
 
@@ -83,6 +88,7 @@ class SpikeDetector:
         self._var = 0.0
         self._count = 0
         self._episode = 0  # steps spent in the current spike episode (0: none)
+        self.anomalous = False  # the last value was above the threshold (also inside an episode)
 
     # the statistic
     def baseline(self) -> tuple[float, float] | None:
@@ -108,6 +114,9 @@ class SpikeDetector:
         return (value - level) / scale
 
     def update(self, step: int, value: float) -> Alert | None:
+        """Returns an alert at the first value of a spike episode only; `anomalous` tells, for
+        every value, whether it is above the threshold (a run of bad steps is bad at each one)."""
+        self.anomalous = False
         if not math.isfinite(value):
             return None  # NonFiniteDetector's business; keep it out of the statistics
         base = self.baseline()
@@ -115,6 +124,7 @@ class SpikeDetector:
         alert = None
         fired = (score is not None and score > self.threshold
                  and value > base[0] + self.min_rel * abs(base[0]))
+        self.anomalous = bool(fired)
         if self._episode:
             if score is None or score < self.release * self.threshold:
                 self._episode = 0
@@ -129,9 +139,9 @@ class SpikeDetector:
             self._episode = 1
             level, scale = base
             unit = "×" if self.method == "ratio" else "σ"
-            alert = Alert(step, self.kind, self.severity, self.signal, float(score), float(self.threshold),
+            alert = Alert(step, self.kind, self.severity, self.signal, float(value), float(self.threshold),
                           f"{self.signal} = {value:.4g} is {score:.1f}{unit} above its recent level "
-                          f"{level:.4g} ({self.method}, threshold {self.threshold:g}{unit})")
+                          f"{level:.4g} ({self.method}, threshold {self.threshold:g}{unit})", score=float(score))
             self._absorb(value, clipped=True)
             return alert
         self._absorb(value, clipped=False)
@@ -177,16 +187,18 @@ class NonFiniteDetector:
 
     def __post_init__(self) -> None:
         self._bad = False
+        self.anomalous = False  # the last value was not finite
 
     def update(self, step: int, value: float) -> Alert | None:
+        self.anomalous = not math.isfinite(value)
         if math.isfinite(value):
             self._bad = False
             return None
         if self._bad:
             return None
         self._bad = True
-        return Alert(step, "nonfinite", self.severity, self.signal, value, 0.0,
-                     f"{self.signal} is {value} (not finite)")
+        return Alert(step, "nonfinite", self.severity, self.signal, value, math.nan,
+                     f"{self.signal} is {value} (not finite)", score=math.nan)
 
     def state_dict(self) -> dict:
         return {"bad": self._bad}
@@ -210,6 +222,7 @@ class TrendDetector:
     min_tau: float = 0.5
     warmup: int = 30  # observations seen before the first alert
     severity: str = "warning"
+    kind: str = "spike_warning"
 
     def __post_init__(self) -> None:
         self._points: deque = deque(maxlen=self.window)
@@ -241,9 +254,9 @@ class TrendDetector:
         if growth >= self.min_growth and tau >= self.min_tau:
             self._active = True
             doubling = math.log(2) / slope if slope > 0 else math.inf
-            return Alert(step, "trend", self.severity, self.signal, growth, self.min_growth,
+            return Alert(step, self.kind, self.severity, self.signal, math.exp(self._points[-1][1]), self.min_growth,
                          f"{self.signal} keeps growing: ×{growth:.3g} over the last {len(self._points)} "
-                         f"observations (τ = {tau:.2f}, doubling every {doubling:.0f} steps)")
+                         f"observations (τ = {tau:.2f}, doubling every {doubling:.0f} steps)", score=growth)
         return None
 
     def state_dict(self) -> dict:
@@ -256,29 +269,172 @@ class TrendDetector:
 
 @dataclass
 class Precursor:
-    """One piece of evidence the early-warning detector found at a step."""
+    """One piece of evidence a warning detector found at a step."""
 
     signal: str
     score: float  # 0.5 = moderate, 1.0 = strong on its own
     text: str
     lead: float | None = None  # steps until this precursor reaches its critical level
+    value: float = math.nan  # the signal's own value (ρ, the learning rate, the state norm, …)
+    magnitude: float = 1.0  # positive, grows as the evidence worsens (for escalation)
+
+
+@dataclass
+class Escalation:
+    """Report once, then again while the evidence keeps worsening (see the module docstring).
+
+    update(step, active, magnitudes) → None (stay quiet), 0 (first report) or k ≥ 1 (the k-th
+    escalation). An escalation needs `every` steps since the last report and some evidence
+    (by signal) at ≥ `factor` × its magnitude at that report, or a signal that was not there.
+    The episode ends after `rearm` evaluations without the condition.
+    """
+
+    factor: float = 1.5
+    every: int = 10
+    rearm: int = 10
+
+    def __post_init__(self) -> None:
+        self.active = False
+        self.count = 0
+        self.quiet = 0
+        self.last_step: int | None = None
+        self.last: dict[str, float] = {}
+
+    def update(self, step: int, condition: bool, magnitudes: dict[str, float]) -> int | None:
+        if not condition:
+            if self.active:
+                self.quiet += 1
+                if self.quiet >= self.rearm:
+                    self.active, self.count, self.last = False, 0, {}
+            return None
+        self.quiet = 0
+        if not self.active:
+            self.active, self.count, self.last_step, self.last = True, 0, step, dict(magnitudes)
+            return 0
+        if step - self.last_step < self.every:
+            return None
+        worse = any(m >= self.factor * self.last[k] if k in self.last else True for k, m in magnitudes.items())
+        if not worse:
+            return None
+        self.count += 1
+        self.last_step = step
+        self.last = {k: max(m, self.last.get(k, 0.0)) for k, m in magnitudes.items()}
+        return self.count
+
+    def state_dict(self) -> dict:
+        return {"active": self.active, "count": self.count, "quiet": self.quiet, "last_step": self.last_step,
+                "last": dict(self.last)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.active, self.count, self.quiet = bool(state["active"]), int(state["count"]), int(state["quiet"])
+        self.last_step, self.last = state["last_step"], dict(state["last"])
+
+
+def _escalated_message(escalation: int, text: str) -> str:
+    return text if escalation == 0 else f"still worsening (report {escalation + 1}): {text}"
+
+
+@dataclass
+class OptimizerWatch:
+    """Learning-rate and optimiser-setting changes, read in the optimiser's step pre-hook, i.e.
+    BEFORE the update they will drive (host values of param_groups: no device sync).
+
+    jump    lr ≥ `jump` × the previous step's lr in any group (after 3 steps; a linear warm-up
+            rises by (k+1)/k ≤ 2 per step): strong on its own.
+    climb   after the lr has not risen for `settle` steps (warm-up over), it rises to
+            ≥ 1.5× (moderate) / ≥ 3× (strong) that plateau: a ramp.
+    setting any other hyper-parameter of a group changes (betas, eps, weight decay, …), or the
+            optimiser state is reset (fewer parameters with state): moderate.
+    A precursor counts for the step it was seen on and `hold` steps after.
+    """
+
+    jump: float = 3.0
+    settle: int = 10
+    hold: int = 5
+
+    def __post_init__(self) -> None:
+        self._groups: list[dict] = []
+        self._n_state = 0
+        self._found: list[tuple[int, Precursor]] = []
+
+    def observe(self, step: int, groups: list[dict], n_state: int) -> list[Precursor]:
+        """groups: per param group a dict with "lr" and the other scalar settings."""
+        new: list[Precursor] = []
+        if len(groups) != len(self._groups):
+            self._groups = [{"prev": None, "peak": 0.0, "since": 0, "base": None, "seen": 0, "settings": None}
+                            for _ in groups]
+        for gi, (g, st) in enumerate(zip(groups, self._groups)):
+            lr = g.get("lr")
+            if isinstance(lr, (int, float)) and math.isfinite(lr):
+                prev = st["prev"]
+                if prev and st["seen"] >= 2 and lr >= self.jump * prev:
+                    new.append(Precursor("lr", 1.0, f"learning rate of group {gi} jumped ×{lr / prev:.3g} "
+                                         f"({prev:.3g} → {lr:.3g}) at this step", lead=0.0, value=lr,
+                                         magnitude=lr / prev))
+                if lr > st["peak"] * (1 + 1e-9):
+                    if st["base"] is None and st["since"] >= self.settle:
+                        st["base"] = st["peak"]
+                    st["peak"], st["since"] = lr, 0
+                else:
+                    st["since"] += 1
+                    if st["since"] >= self.settle:
+                        st["base"] = None
+                if st["base"]:
+                    ratio = lr / st["base"]
+                    if ratio >= 1.5:
+                        new.append(Precursor("lr", 1.0 if ratio >= 3 else 0.5,
+                                             f"learning rate of group {gi} climbing: ×{ratio:.3g} its plateau "
+                                             f"{st['base']:.3g}", value=lr, magnitude=ratio))
+                st["prev"], st["seen"] = lr, st["seen"] + 1
+            settings = {k: v for k, v in g.items() if k != "lr"}
+            if st["settings"] is not None:
+                changed = [k for k, v in settings.items() if st["settings"].get(k) != v]
+                if changed:
+                    what = ", ".join(f"{k} {st['settings'].get(k)!r} → {settings[k]!r}" for k in changed)
+                    new.append(Precursor("optimizer", 0.5, f"optimiser setting changed in group {gi}: {what}",
+                                         value=math.nan, magnitude=1.0))
+            st["settings"] = settings
+        if n_state < self._n_state:
+            new.append(Precursor("optimizer", 0.5, f"optimiser state reset ({self._n_state} → {n_state} "
+                                 "parameters with state)", value=float(n_state), magnitude=1.0))
+        self._n_state = n_state
+        self._found = [(s, p) for s, p in self._found if step - s <= self.hold] + [(step, p) for p in new]
+        return new
+
+    def precursors(self, step: int) -> list[Precursor]:
+        """Those seen within the last `hold` steps; the strongest per signal."""
+        best: dict[str, Precursor] = {}
+        for s, p in self._found:
+            if step - s <= self.hold and (p.signal not in best or p.score > best[p.signal].score):
+                best[p.signal] = p
+        return list(best.values())
+
+    def state_dict(self) -> dict:
+        return {"groups": [dict(g) for g in self._groups], "n_state": self._n_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._groups = [dict(g) for g in state["groups"]]
+        self._n_state = int(state["n_state"])
 
 
 @dataclass
 class EarlyWarningDetector:
-    """Fuses the precursors of a loss spike in a looped model into one alert with a lead time.
+    """Fuses the precursors of a loss spike into one `spike_warning` with a lead time.
 
-    Each precursor scores 0 (quiet), 0.5 (moderate) or up to 1 (strong); the alert fires when
-    the sum reaches `threshold` (1 by default: one strong precursor or two moderate ones).
-    Levels are relative to each signal's own reference: the median of the `reference`
-    observations before the latest `recent` ones, so a model's normal scale never alarms.
+    Each precursor scores 0 (quiet), 0.5 (moderate) or 1 (strong); the warning fires when the
+    sum reaches `threshold` (1: one strong precursor or two moderate ones), so a single
+    gradient-norm spike on a hard batch never warns alone — another precursor (or the loss
+    itself, as a `spike`) must confirm it. Levels are relative to each signal's own reference:
+    the median of the `reference` observations before the latest `recent` ones.
 
     precursor                 moderate (0.5)                   strong (1.0)
-    ρ(Ā) (injection_radius)   ρ ≥ 0.9, climbing steadily over  ρ > 1 + 1e-3
-                              the last 5 values (Kendall τ ≥
-                              0.8) and projected (Theil–Sen
-                              slope) to reach 1 within
-                              `horizon` (30) steps
+    learning rate (pre-step)  climbs ≥ 1.5× a settled plateau  jumps ≥ 3× in one step, or ≥ 3×
+                                                               the plateau (OptimizerWatch)
+    optimiser settings        a setting changes / state reset  —
+    ρ(Ā) (injection_radius)   > 1, or ≥ 0.9 and climbing       —  (ρ > 1 alone is the
+                              steadily (Kendall τ ≥ 0.8),          loop_instability family)
+                              projected to reach 1 within
+                              `horizon` steps
     state norm ‖h_T‖          recent/reference ≥ 2.5           ≥ 5
     loop Jacobian σ_max       > 1 and ≥ 1.5× reference         > 1 and ≥ 3× reference
     relative residual         ≥ 0.5 and ≥ 2× reference         —
@@ -286,9 +442,11 @@ class EarlyWarningDetector:
                               within the last `spike_hold` steps
     attention max logit       ≥ 1.5× reference                 ≥ 3× reference
     output log Z              ≥ reference + 5 nats             —
+    loss                      recent median ≥ reference        —
+                              + `loss_rise` nats
 
-    A diagonal (Parcae) injection has ρ(Ā) < 1 by construction and an additive one has
-    ρ = 1 exactly; the ρ precursor only watches injections that can cross 1 (`watch_radius`).
+    Relative precursors wait `warmup` steps; the learning-rate ones and ρ(Ā) are absolute.
+    After the first report the detector escalates (`Escalation`) instead of going silent.
 
     Lead time: for precursors with a measurable trend, the steps until they reach their
     critical level (ρ = 1; ‖h_T‖ = `critical_growth` × reference at the current log-growth
@@ -296,25 +454,29 @@ class EarlyWarningDetector:
     """
 
     threshold: float = 1.0
-    warmup: int = 30  # steps before the first evaluation that may fire
+    warmup: int = 30
     reference: int = 20
     recent: int = 3
     horizon: float = 30.0
-    radius_watch: float = 0.9  # ρ below this is not projected
+    radius_watch: float = 0.9
     critical_growth: float = 10.0
     watch_radius: bool = True
-    rearm: int = 10  # quiet evaluations (score < threshold/2) before it may fire again
-    spike_hold: int = 5  # steps a fresh gradient/update spike counts as a precursor
-    state_growth: tuple = (2.5, 5.0)  # moderate, strong ‖h_T‖ ratio to its reference
+    spike_hold: int = 5
+    state_growth: tuple = (2.5, 5.0)
+    loss_rise: float | None = None
     severity: str = "warning"
+    escalation: Escalation = field(default_factory=Escalation)
+    optimizer: OptimizerWatch = field(default_factory=OptimizerWatch)
     _series: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        self._armed = True
-        self._quiet = 0
         self._first_step: int | None = None
         self.last_score = 0.0
         self.last_precursors: list[Precursor] = []
+        self._last_z: dict[str, float] = {}
+        self._fresh: dict[str, tuple] = {}  # signal → (step, z, value) of its latest fresh spike
+
+    SPIKY = ("grad_norm", "update_ratio")  # signals whose fresh spikes are precursors
 
     def observe(self, step: int, signal: str, value: float) -> None:
         if self._first_step is None:
@@ -324,6 +486,13 @@ class EarlyWarningDetector:
             buf = self._series[signal] = deque(maxlen=self.reference + self.recent + 10)
         if math.isfinite(value):
             buf.append((step, value))
+            if signal in self.SPIKY and len(buf) >= self.reference // 2 + 2:
+                # z of the new value against the ones before it, computed once per value
+                z = self._spike_z(list(buf), len(buf) - 1)
+                prev_z = self._last_z.get(signal, 0.0)
+                self._last_z[signal] = z
+                if z >= 6 and prev_z < 6:  # a fresh spike, not a lasting level shift
+                    self._fresh[signal] = (step, z, value)
 
     # helpers over one signal's buffer
     def _split(self, signal: str, recent: int | None = None):
@@ -346,9 +515,11 @@ class EarlyWarningDetector:
             return None
         ratio = rec / ref
         if strong is not None and ratio >= strong:
-            return Precursor(signal, 1.0, f"{label} ×{ratio:.2g} its reference", lead=0.0)
+            return Precursor(signal, 1.0, f"{label} ×{ratio:.2g} its reference", lead=0.0, value=pts[-1][1],
+                             magnitude=ratio)
         if ratio >= moderate:
-            return Precursor(signal, 0.5, f"{label} ×{ratio:.2g} its reference", lead=self._growth_lead(pts, ref))
+            return Precursor(signal, 0.5, f"{label} ×{ratio:.2g} its reference", lead=self._growth_lead(pts, ref),
+                             value=pts[-1][1], magnitude=ratio)
         return None
 
     def _growth_lead(self, pts, ref: float) -> float | None:
@@ -369,8 +540,8 @@ class EarlyWarningDetector:
             return None
         step, rho = buf[-1]
         if rho > 1 + 1e-3:
-            return Precursor("injection_radius", 1.0, f"ρ(Ā) = {rho:.3f} > 1 (the loop's linear part is unstable)",
-                             lead=0.0)
+            return Precursor("injection_radius", 0.5, f"ρ(Ā) = {rho:.3f} > 1 (the loop's linear part is unstable)",
+                             lead=0.0, value=rho, magnitude=rho)
         pts = list(buf)[-5:]
         if len(pts) < 5 or rho < self.radius_watch:
             return None
@@ -381,7 +552,7 @@ class EarlyWarningDetector:
         if t_cross > self.horizon:
             return None
         return Precursor("injection_radius", 0.5, f"ρ(Ā) = {rho:.3f} rising {slope:.2g}/step, reaches 1 in "
-                         f"~{t_cross:.0f} steps", lead=t_cross)
+                         f"~{t_cross:.0f} steps", lead=t_cross, value=rho, magnitude=rho)
 
     def _jacobian_precursor(self) -> Precursor | None:
         buf = self._series.get("jacobian_norm")
@@ -392,10 +563,10 @@ class EarlyWarningDetector:
         if last <= 1 or ref <= 0:
             return None
         ratio = last / ref
-        if ratio >= 3:
-            return Precursor("jacobian_norm", 1.0, f"loop Jacobian σ_max = {last:.3g} (×{ratio:.2g})", lead=0.0)
         if ratio >= 1.5:
-            return Precursor("jacobian_norm", 0.5, f"loop Jacobian σ_max = {last:.3g} (×{ratio:.2g})")
+            return Precursor("jacobian_norm", 1.0 if ratio >= 3 else 0.5,
+                             f"loop Jacobian σ_max = {last:.3g} (×{ratio:.2g})", lead=0.0 if ratio >= 3 else None,
+                             value=last, magnitude=ratio)
         return None
 
     def _spike_z(self, pts, i: int) -> float:
@@ -408,18 +579,13 @@ class EarlyWarningDetector:
     def _spike_precursor(self, signal: str, label: str) -> Precursor | None:
         """A fresh spike (robust z ≥ 6 after a value that was not one) counts for `spike_hold`
         steps; a lasting level shift (a learning-rate change) is not a spike."""
-        buf = self._series.get(signal)
-        if buf is None or len(buf) < self.reference // 2 + 2:
+        fresh, buf = self._fresh.get(signal), self._series.get(signal)
+        if fresh is None or not buf:
             return None
-        pts = list(buf)
-        last_step = pts[-1][0]
-        for i in range(len(pts) - 1, max(self.reference // 2, len(pts) - 1 - 20), -1):
-            if last_step - pts[i][0] >= self.spike_hold:
-                break
-            z = self._spike_z(pts, i)
-            if z >= 6 and self._spike_z(pts, i - 1) < 6:
-                return Precursor(signal, 0.5, f"{label} spike ({z:.0f}σ at step {pts[i][0]})")
-        return None
+        step, z, value = fresh
+        if buf[-1][0] - step >= self.spike_hold:
+            return None
+        return Precursor(signal, 0.5, f"{label} spike ({z:.0f}σ at step {step})", value=value, magnitude=z)
 
     def _residual_precursor(self) -> Precursor | None:
         """The relative residual is noisy batch to batch; it counts only when the loop moves the
@@ -427,21 +593,35 @@ class EarlyWarningDetector:
         split = self._split("rel_residual")
         if split is None:
             return None
-        ref, rec, _ = split
+        ref, rec, pts = split
         if rec >= 0.5 and ref > 0 and rec / ref >= 2:
-            return Precursor("rel_residual", 0.5, f"relative residual {rec:.2f} (×{rec / ref:.2g} its reference)")
+            return Precursor("rel_residual", 0.5, f"relative residual {rec:.2f} (×{rec / ref:.2g} its reference)",
+                             value=pts[-1][1], magnitude=rec / ref)
         return None
 
     def _logz_precursor(self) -> Precursor | None:
         split = self._split("logz")
         if split is None:
             return None
-        ref, rec, _ = split
+        ref, rec, pts = split
         if rec - ref >= 5:
-            return Precursor("logz", 0.5, f"output log Z drifted +{rec - ref:.1f} nats")
+            return Precursor("logz", 0.5, f"output log Z drifted +{rec - ref:.1f} nats", value=pts[-1][1],
+                             magnitude=math.exp((rec - ref) / 5))
         return None
 
-    def precursors(self) -> list[Precursor]:
+    def _loss_precursor(self) -> Precursor | None:
+        if self.loss_rise is None:
+            return None
+        split = self._split("loss")
+        if split is None:
+            return None
+        ref, rec, pts = split
+        if rec - ref >= self.loss_rise:
+            return Precursor("loss", 0.5, f"loss rising: recent median {rec:.3f} is +{rec - ref:.2f} nats above "
+                             f"its reference {ref:.3f}", value=pts[-1][1], magnitude=math.exp(rec - ref))
+        return None
+
+    def precursors(self, step: int | None = None) -> list[Precursor]:
         found = [
             self._radius_precursor(),
             self._growth_precursor("state_norm", *self.state_growth, "state norm ‖h_T‖"),
@@ -451,37 +631,125 @@ class EarlyWarningDetector:
             self._spike_precursor("update_ratio", "update/parameter ratio"),
             self._growth_precursor("attn_logit_max", 1.5, 3.0, "max attention logit", recent=1),
             self._logz_precursor(),
+            self._loss_precursor(),
         ]
-        return [p for p in found if p is not None]
+        found = [p for p in found if p is not None]
+        if step is not None:
+            found += self.optimizer.precursors(step)
+        return found
 
-    def evaluate(self, step: int) -> Alert | None:
-        found = self.precursors()
+    def evaluate(self, step: int, pre_step: bool = False) -> Alert | None:
+        """The fused score at `step` (pre_step: evaluated in the optimiser's pre-hook, before the
+        update of `step`); an alert at the first report and at each escalation."""
+        found = self.precursors(step)
+        # Relative precursors need a reference, hence the warm-up; the learning-rate ones and
+        # ρ(Ā) are absolute and may fire at once.
+        warming = self._first_step is None or step - self._first_step < self.warmup
+        if warming:
+            found = [p for p in found if p.signal in ("lr", "optimizer", "injection_radius")]
         score = sum(p.score for p in found)
         self.last_score, self.last_precursors = score, found
-        if not self._armed:
-            self._quiet = self._quiet + 1 if score < self.threshold / 2 else 0
-            if self._quiet >= self.rearm:
-                self._armed, self._quiet = True, 0
+        fire = score >= self.threshold
+        escalation = self.escalation.update(step, fire, {p.signal: p.magnitude for p in found})
+        if escalation is None:
             return None
-        # Relative precursors need a reference, hence the warm-up; ρ(Ā) > 1 is absolute and may
-        # fire at once (an injection can go unstable in the first steps at a high learning rate).
-        absolute = any(p.signal == "injection_radius" and p.score >= 1 for p in found)
-        warming = self._first_step is None or step - self._first_step < self.warmup
-        if score < self.threshold or (warming and not absolute):
-            return None
-        self._armed, self._quiet = False, 0
         leads = [p.lead for p in found if p.lead is not None]
         lead = min(leads) if leads else None
-        top = max(found, key=lambda p: p.score)
+        top = max(found, key=lambda p: (p.score, p.signal == "lr"))
         when = ("imminent" if lead == 0 else f"in ~{lead:.0f} steps") if lead is not None else "lead time unknown"
-        message = f"instability ahead ({when}): " + "; ".join(p.text for p in found)
-        return Alert(step, "early_warning", self.severity, top.signal, score, self.threshold, message, lead_time=lead)
+        before = " (seen before the update)" if pre_step else ""
+        message = _escalated_message(escalation, f"loss spike ahead ({when}){before}: "
+                                     + "; ".join(p.text for p in found))
+        return Alert(step, "spike_warning", "critical" if escalation else self.severity, top.signal, top.value,
+                     self.threshold, message, score=score, lead_time=lead, escalation=escalation)
 
     def state_dict(self) -> dict:
-        return {"series": {k: [list(p) for p in v] for k, v in self._series.items()}, "armed": self._armed,
-                "quiet": self._quiet, "first_step": self._first_step}
+        return {"series": {k: [list(p) for p in v] for k, v in self._series.items()}, "first_step": self._first_step,
+                "escalation": self.escalation.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "last_z": dict(self._last_z), "fresh": {k: list(v) for k, v in self._fresh.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         n = self.reference + self.recent + 10
         self._series = {k: deque((tuple(p) for p in v), maxlen=n) for k, v in state["series"].items()}
-        self._armed, self._quiet, self._first_step = bool(state["armed"]), int(state["quiet"]), state["first_step"]
+        self._first_step = state["first_step"]
+        self._last_z = dict(state.get("last_z", {}))
+        self._fresh = {k: tuple(v) for k, v in state.get("fresh", {}).items()}
+        self.escalation.load_state_dict(state["escalation"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+@dataclass
+class LoopInstabilityDetector:
+    """The loop will explode at more loops, whatever the loss does: `loop_instability`.
+
+    evidence (any one)                                          value / score / threshold
+    ρ(Ā) > 1 + `radius_tol` (the LTI part is unstable)          ρ / ρ / 1
+    the state grows with depth: ‖h_T‖/‖h_{T−1}‖ ≥ `growth`      ratio / ratio / growth
+      in `persist` (5) consecutive observations (a loop converging
+      from a small h_0 still grows ×1.1–1.2 per loop at the
+      trained depth of the tiny preset; ×1.5 is explosive); the
+      loop Jacobian's σ_max is quoted when it exceeds 1 (σ_max > 1
+      alone is common in stable loops: the bench's stable linear
+      runs have it with no explosion, so it is not evidence alone)
+
+    After the first report it escalates while the evidence worsens (×1.5, at most every 10
+    steps), so a loop whose ρ climbs from 1.3 to 5 is reported again at 1.95, 2.9, 4.4.
+    """
+
+    radius_tol: float = 1e-3
+    growth: float = 1.5
+    persist: int = 5
+    severity: str = "warning"
+    escalation: Escalation = field(default_factory=Escalation)
+
+    def __post_init__(self) -> None:
+        self._latest: dict[str, tuple[int, float]] = {}
+        self._growth_run = 0
+        self.since: int | None = None  # first step of the current episode
+        self.first_step: int | None = None  # first report of the run
+
+    def observe(self, step: int, signal: str, value: float) -> None:
+        if signal in ("injection_radius", "state_growth", "jacobian_norm") and math.isfinite(value):
+            self._latest[signal] = (step, value)
+            if signal == "state_growth":
+                self._growth_run = self._growth_run + 1 if value >= self.growth else 0
+
+    def evidence(self) -> list[Precursor]:
+        out = []
+        rho = self._latest.get("injection_radius")
+        if rho and rho[1] > 1 + self.radius_tol:
+            out.append(Precursor("injection_radius", 1.0, f"ρ(Ā) = {rho[1]:.3f} > 1: the loop's linear part "
+                                 "amplifies the state every loop", value=rho[1], magnitude=rho[1]))
+        g = self._latest.get("state_growth")
+        if g and self._growth_run >= self.persist:
+            j = self._latest.get("jacobian_norm")
+            jac = f"; loop Jacobian σ_max = {j[1]:.3g} > 1" if j and j[1] > 1 else ""
+            out.append(Precursor("state_growth", 1.0, f"the state grows ×{g[1]:.3g} per loop at the trained depth "
+                                 f"({self._growth_run} observations in a row){jac}", value=g[1], magnitude=g[1]))
+        return out
+
+    def evaluate(self, step: int) -> Alert | None:
+        found = self.evidence()
+        escalation = self.escalation.update(step, bool(found), {p.signal: p.magnitude for p in found})
+        if not found and not self.escalation.active:
+            self.since = None
+        if escalation is None:
+            return None
+        if escalation == 0:
+            self.since = step
+            self.first_step = self.first_step or step
+        top = found[0]
+        message = _escalated_message(escalation, "; ".join(p.text for p in found)
+                                     + " — the loop will explode at more loops, even if the loss looks fine")
+        threshold = self.growth if top.signal == "state_growth" else 1.0
+        return Alert(step, "loop_instability", "critical" if escalation else self.severity, top.signal, top.value,
+                     threshold, message, score=top.value, escalation=escalation)
+
+    def state_dict(self) -> dict:
+        return {"latest": {k: list(v) for k, v in self._latest.items()}, "growth_run": self._growth_run,
+                "since": self.since, "first_step": self.first_step, "escalation": self.escalation.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._latest = {k: tuple(v) for k, v in state["latest"].items()}
+        self._growth_run, self.since, self.first_step = int(state["growth_run"]), state["since"], state["first_step"]
+        self.escalation.load_state_dict(state["escalation"])

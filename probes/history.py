@@ -43,7 +43,8 @@ class Series:
 
 
 class History(Mapping):
-    """Read-only view: `history["loss"]` → Series; `history.as_dict()` → {signal: [(step, value), ...]}."""
+    """Read-only view: `history["loss"]` → Series; `history.as_dict()` → {signal: [(step, value), ...]};
+    `history.to_pandas()` → a DataFrame indexed by step (when pandas is installed)."""
 
     def __init__(self, store: dict[str, tuple[array, array]]):
         self._store = store
@@ -60,6 +61,17 @@ class History(Mapping):
 
     def as_dict(self) -> dict[str, list[tuple[int, float]]]:
         return {name: list(self[name]) for name in self}
+
+    def to_pandas(self):
+        """A pandas DataFrame: one row per step (index "step"), one column per signal, NaN where
+        a signal was not recorded at that step. Needs pandas (`pip install pandas`)."""
+        try:
+            import pandas as pd
+        except ImportError as err:
+            raise ImportError("History.to_pandas needs pandas (pip install pandas)") from err
+        frame = pd.DataFrame({name: pd.Series(self[name].values, index=self[name].steps) for name in self})
+        frame.index.name = "step"
+        return frame.sort_index()
 
 
 class SignalBuffer:
@@ -143,3 +155,4 @@ class SignalBuffer:
 
     def load_state_dict(self, state: dict) -> None:
         self.store = {name: (array("q", d["steps"]), array("d", d["values"])) for name, d in state.items()}
+

@@ -1,12 +1,17 @@
-"""Cheap spectral checks for live training (device tensors in, device tensors out, no syncs).
+"""Cheap spectral checks for live training, through the LoopedModel protocol.
 
-- The injection's Ā (`model.injection.linear_part()` / `A_bar()`):
-    diagonal  exact: ρ(Ā) = ‖Ā‖₂ = max |Ā_ii|, from the parameters, every step;
-    dense     ‖Ā‖₂ by power iteration on ĀᵀĀ, warm-started from the previous step's vector
-              (one iteration per step tracks a slowly moving Ā); ρ(Ā) exactly with
-              torch.linalg.eigvals every `spectral_every` steps (d_state ≤ 2048), else by
-              a few power iterations on Ā;
-    identity  ρ = ‖Ā‖ = 1.
+- The loop's LTI part Ā (`linear_part(model).A`, an `loopdyn.models.operator.Operator`): ‖Ā‖₂
+  and ρ(Ā) come from the operator itself (`Operator.norm()`, `Operator.radius()`: closed form
+  for identity and diagonal operators, SVD / eigvals for dense ones), so nothing here depends
+  on how Ā is structured. Cadence (`InjectionSpectrum.values`):
+    every step      when the parameters live on the CPU and the exact values are cheap (a
+                    normal operator, or a dense one up to EIG_EVERY_STEP_MAX wide);
+    every N steps   otherwise (the exact values are host floats: one device sync each), with
+                    ‖Ā‖₂ tracked in between by one warm-started power iteration on ĀᵀĀ per
+                    step (`Operator.apply` / `apply_adjoint`, a device tensor, no sync).
+  Under FSDP2 the operator holds a shard (a DTensor): it is gathered to the full parameter
+  first (`DTensor.full_tensor()`, a collective every rank reaches at the same step), so every
+  rank sees the same ρ and ‖Ā‖ and takes the same decision.
 - The loop Jacobian J = ∂ step(h, ctx)/∂h at a fixed probe input: σ_max(J) by power
   iteration on JᵀJ (matrix-free: 1 J·v + 1 Jᵀ·w per iteration, the products of
   `loopdyn.dynamics.loopmap.Linearisation`), warm-started from the previous call's vector, every
@@ -18,7 +23,9 @@ from __future__ import annotations
 
 import torch
 
-EIG_MAX_DIM = 2048  # dense eigvals up to this width; power iteration above
+from loopdyn.models.operator import Operator, as_operator
+from loopdyn.models.protocol import linear_part
+
 # Exact ρ of a dense Ā every step up to this width: eigvals costs ~1 ms at 64 (under 1 % of a
 # CPU training step of a model that narrow) but ~15-30 ms at 256, so wider ones get it every
 # `spectral_every` steps and the per-step ‖Ā‖₂ in between.
@@ -29,64 +36,57 @@ def _normalise(v: torch.Tensor) -> torch.Tensor:
     return v / v.norm().clamp_min(1e-30)
 
 
-class InjectionSpectrum:
-    """Tracks ρ(Ā) and ‖Ā‖₂ of `model.injection` across steps (warm-started state inside)."""
+def full_operator(op: Operator) -> Operator:
+    """The operator on the full parameter: a sharded (DTensor) one is gathered (a collective)."""
+    values = op.values
+    if values is not None and hasattr(values, "full_tensor"):
+        return as_operator(values.full_tensor())
+    return op
 
-    def __init__(self, injection, seed: int = 0):
-        self.injection = injection
-        self.kind = getattr(injection, "kind", None)
-        self._v: torch.Tensor | None = None  # right singular vector estimate (dense)
+
+class InjectionSpectrum:
+    """Tracks ρ(Ā) and ‖Ā‖₂ of a LoopedModel's linear part across steps (warm start inside)."""
+
+    def __init__(self, model, seed: int = 0):
+        self.model = model
+        self._v: torch.Tensor | None = None  # right singular vector estimate (non-normal Ā)
         self._seed = seed
 
+    def operator(self) -> Operator | None:
+        part = linear_part(self.model)
+        return None if part is None else full_operator(part.A)
+
     @property
-    def guaranteed_stable(self) -> bool:
-        """Diagonal (ρ < 1 by construction) and additive (ρ = 1 exactly): ρ cannot cross 1."""
-        return self.kind in ("diagonal", "additive")
+    def present(self) -> bool:
+        return getattr(self.model, "linear_part", None) is not None
 
     @torch.no_grad()
-    def cheap(self) -> dict[str, torch.Tensor]:
-        """Per-step values: ‖Ā‖₂, and ρ(Ā) when that is cheap (diagonal; dense up to EIG_EVERY_STEP_MAX)."""
-        inj = self.injection
-        if hasattr(inj, "A_bar"):
-            a = inj.A_bar().detach().abs().max()
-            return {"injection_norm": a, "injection_radius": a}
-        A = self._dense()
+    def values(self, step: int, every: int, on_host: bool) -> dict:
+        """The spectral signals due at `step` (floats when exact, a device tensor when estimated)."""
+        A = self.operator()
         if A is None:
             return {}
-        if A.shape[0] <= EIG_EVERY_STEP_MAX:
-            return self.full()
+        cheap = A.normal or A.n_out <= EIG_EVERY_STEP_MAX
+        if step % every == 0 or (cheap and on_host):
+            return self.exact(A)
+        if A.normal:  # ‖Ā‖ = ρ, both exact at the cadence above
+            return {}
         return {"injection_norm": self._norm_step(A, iters=1)}
 
-    @torch.no_grad()
-    def full(self) -> dict[str, torch.Tensor]:
-        """Every `spectral_every` steps: exact ρ for dense Ā (eigvals), and the norm."""
-        A = self._dense()
-        if A is None:
-            return {}
-        if A.shape[0] <= EIG_MAX_DIM:
-            rho = torch.linalg.eigvals(A.float()).abs().max().to(A.dtype)
-        else:
-            rho = power_radius(A, iters=30)
-        return {"injection_radius": rho, "injection_norm": self._norm_step(A, iters=3)}
+    @staticmethod
+    def exact(A: Operator) -> dict[str, float]:
+        return {"injection_norm": A.norm(), "injection_radius": A.radius()}
 
-    def _dense(self) -> torch.Tensor | None:
-        A, _ = self.injection.linear_part()
-        if A.kind == "identity":
-            return None
-        return A.values if A.kind == "dense" else torch.diag(A.values)
-
-    def identity_values(self) -> dict[str, float]:
-        return {"injection_norm": 1.0, "injection_radius": 1.0}
-
-    def _norm_step(self, A: torch.Tensor, iters: int) -> torch.Tensor:
+    def _norm_step(self, A: Operator, iters: int) -> torch.Tensor:
+        M = A.values if A.values is not None else A.dense()
         v = self._v
-        if v is None or v.shape[0] != A.shape[1] or v.device != A.device:
+        if v is None or v.shape[0] != A.n_in or v.device != M.device:
             g = torch.Generator().manual_seed(self._seed)
-            v = _normalise(torch.randn(A.shape[1], generator=g).to(A.device, A.dtype))
+            v = _normalise(torch.randn(A.n_in, generator=g).to(M.device, M.dtype))
         for _ in range(iters):
-            v = _normalise(A.T @ (A @ v))
+            v = _normalise(A.apply_adjoint(A.apply(v)))
         self._v = v
-        return (A @ v).norm()
+        return A.apply(v).norm()
 
     def state_dict(self) -> dict:
         return {"v": None if self._v is None else self._v.detach().cpu()}

@@ -92,3 +92,66 @@ def test_a_fault_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert stop0 == stop1 == 10  # the first agreed sync point after step 7 (every 5 steps)
     assert "nonfinite" in kinds1 and "nonfinite" not in kinds0  # rank 0 saw nothing itself...
     assert "action" in kinds0  # ...but took the same decision
+
+
+def _fsdp_worker(rank, world, init_file, results):
+    """FSDP2 (fully_shard) on gloo: every rank holds half of each parameter (a DTensor)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        import numpy as np
+        from torch.distributed.fsdp import fully_shard
+
+        from loopdyn.models import LoopConfig, LoopedLM
+        from loopdyn.probes import StabilityMonitor
+
+        torch.manual_seed(0)
+        model = LoopedLM(LoopConfig.preset("tiny", injection="linear", value_embeds=False)).train()
+        fully_shard(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        monitor = StabilityMonitor(model, opt, console=False, on_loop="stop", sync_every=5)
+        d = model.config.d_state
+        W = model.injection.W.weight
+        g = torch.Generator().manual_seed(rank)  # each rank its own batches
+        rho_full, stopped = {}, None
+        for step in range(1, 16):
+            x = torch.randint(0, 256, (2, 17), generator=g)
+            loss = model(x[:, :-1], x[:, 1:]).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            full = W.full_tensor().detach().double().numpy()[:, :d]  # a collective: every rank, same step
+            rho_full[step] = float(np.abs(np.linalg.eigvals(full)).max())
+            if step == 6:
+                with torch.no_grad():
+                    W.mul_(2.0)  # ρ(2A) = 2ρ(A) > 1 from step 7 on
+            if monitor.stop_requested:
+                stopped = step
+                break
+        hist = dict(monitor.history["injection_radius"])
+        loop = [a for a in monitor.alerts if a.kind == "loop_instability"]
+        monitor.close()
+        results[rank] = (stopped, [(a.step, a.value) for a in loop], hist, rho_full,
+                         tuple(W.to_local().shape), tuple(W.shape), type(W).__name__)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_spectral_signals_come_from_the_full_parameter_and_ranks_agree(tmp_path):
+    ctx = mp.get_context("fork")
+    queue = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_fsdp_worker, args=(rank, 2, str(tmp_path / "init"), _QueueDict(queue)))
+             for rank in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    results = dict(queue.get() for _ in procs)
+    (stop0, loop0, hist0, rho0, local0, shape0, kind0), (stop1, loop1, hist1, _, local1, _, _) = results[0], results[1]
+    assert kind0 == "DTensor" and local0 != shape0 and local0 == local1  # really sharded
+    assert hist0 == hist1  # the same ρ(Ā) on both ranks, every step
+    for step, rho in hist0.items():  # ... and it is ρ of the full Ā (numpy on the gathered matrix)
+        assert abs(rho - rho0[step]) <= 1e-5 * rho0[step], step
+    assert loop0 == loop1 and loop0[0][0] == 7 and loop0[0][1] > 1  # the same finding on both ranks
+    assert stop0 == stop1 == 10  # stop agreed at the first sync point after it (every 5 steps)

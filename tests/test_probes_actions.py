@@ -150,7 +150,10 @@ def test_jsonl_sink_writes_whole_lines_with_the_contract_fields(tmp_path, capsys
     raw = path.read_bytes()
     assert raw.endswith(b"\n")
     records = [json.loads(line) for line in raw.decode().splitlines()]
-    assert records and all(list(r) == list(ALERT_FIELDS) for r in records)
+    assert records and all(list(r)[: len(ALERT_FIELDS)] == list(ALERT_FIELDS) for r in records)
+    assert all(set(list(r)[len(ALERT_FIELDS):]) <= {"lead_time", "detected_step", "data_position", "escalation"}
+               for r in records)
+    assert {r["data_position"]["batch_index"] for r in records} == {21, 23}  # 0-based: the 22nd and 24th batch
     nonfinite = [r for r in records if r["kind"] == "nonfinite" and r["signal"] == "grad_norm"]
     assert {r["step"] for r in nonfinite} == {22, 24} and all(r["value"] is None for r in nonfinite)
     err = capsys.readouterr().err.splitlines()

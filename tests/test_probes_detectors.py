@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from loopdyn.probes import Alert, EarlyWarningDetector, NonFiniteDetector, SpikeDetector, TrendDetector
+from loopdyn.probes import (Alert, EarlyWarningDetector, Escalation, LoopInstabilityDetector, NonFiniteDetector,
+                            OptimizerWatch, SpikeDetector, TrendDetector)
 
 
 def loss_stream(n=2000, n_spikes=12, seed=0, noise=0.05):
@@ -152,7 +153,9 @@ def test_early_warning_precedes_a_state_explosion_with_a_lead_estimate():
     spike_step = 100 + int(math.ceil(math.log(30) / math.log(1.15)))
     loss = 2.5 + 0.05 * rng.standard_normal(n)
     alert = _feed(EarlyWarningDetector(), {"state_norm": state, "loss": loss}, range(n))
-    assert alert is not None and alert.kind == "early_warning"
+    assert alert is not None and alert.kind == "spike_warning" and alert.family == "spike"
+    assert alert.signal == "state_norm" and alert.value == pytest.approx(state[alert.step])  # the signal's value
+    assert alert.score >= alert.threshold == 1.0  # the fused score against its threshold
     lead = spike_step - alert.step
     assert lead >= 5, lead
     assert alert.lead_time is not None and alert.lead_time >= 0
@@ -168,14 +171,25 @@ def test_early_warning_projects_the_spectral_radius_crossing():
     assert _feed(ew, {"injection_radius": rho}, range(76)) is None
     (p,) = ew.last_precursors
     assert p.signal == "injection_radius" and p.score == 0.5 and p.lead == pytest.approx(80 - 75, abs=0.5)
-    alone = _feed(ew, {"injection_radius": rho}, range(76, n))
-    assert alone.step == 81 and alone.lead_time == 0  # past 1: strong on its own, "imminent"
+    # Past 1, ρ alone is a moderate spike precursor only; on its own it is the other family:
+    # the loop will explode at more loops, whatever the loss does.
+    assert _feed(ew, {"injection_radius": rho}, range(76, n)) is None
+    loop = LoopInstabilityDetector()
+    found = []
+    for i in range(n):
+        loop.observe(i, "injection_radius", rho[i])
+        a = loop.evaluate(i)
+        if a is not None:
+            found.append(a)
+    assert found[0].step == 81 and found[0].kind == "loop_instability" and found[0].family == "loop_instability"
+    assert found[0].value == pytest.approx(rho[81]) and found[0].threshold == 1.0
 
     rng = np.random.default_rng(5)
     u = 0.005 * (1 + 0.05 * rng.standard_normal(n))
     u[74] = 0.05
     fused = _feed(EarlyWarningDetector(warmup=10), {"injection_radius": rho, "update_ratio": u}, range(n))
     assert fused.step == 74 and fused.lead_time == pytest.approx(80 - 74, abs=1)
+    assert fused.score == pytest.approx(1.0) and fused.value in (pytest.approx(u[74]), pytest.approx(rho[74]))
 
 
 def test_early_warning_needs_fused_evidence_and_ignores_guaranteed_stable_injections():
@@ -187,7 +201,8 @@ def test_early_warning_needs_fused_evidence_and_ignores_guaranteed_stable_inject
     u = 0.005 * (1 + 0.05 * rng.standard_normal(n))
     u[60] = 0.05  # with an update spike at the same time: two moderate precursors fire
     alert = _feed(EarlyWarningDetector(), {"grad_norm": g, "update_ratio": u}, range(n))
-    assert alert is not None and alert.step == 60 and alert.value == pytest.approx(1.0)
+    assert alert is not None and alert.step == 60 and alert.score == pytest.approx(1.0)
+    assert alert.value in (pytest.approx(10.0), pytest.approx(0.05))  # a spiking signal's own value
     # ρ above 1 for an injection that cannot cross 1 (e.g. additive: ρ = 1 exactly) is ignored.
     rho = np.full(n, 1.0)
     assert _feed(EarlyWarningDetector(watch_radius=False), {"injection_radius": rho * 1.01}, range(n)) is None
@@ -206,6 +221,81 @@ def test_early_warning_lasting_update_ratio_shift_is_not_a_spike():
 def test_alert_record_has_exactly_the_contract_fields():
     a = Alert(3, "spike", "warning", "loss", math.inf, 6.0, "m", lead_time=2.0, detected_step=4)
     rec = a.record()
-    assert list(rec) == ["step", "kind", "severity", "signal", "value", "threshold", "message"]
-    assert rec["value"] is None and rec["threshold"] == 6.0
-    assert Alert.from_state(a.to_state()) == a
+    assert list(rec) == ["step", "kind", "severity", "signal", "value", "threshold", "score", "message",
+                         "lead_time", "detected_step"]
+    assert rec["value"] is None and rec["threshold"] == 6.0 and rec["score"] is None
+    assert Alert.from_state(a.to_state()).record() == rec
+
+
+def test_spike_alert_value_is_the_signal_and_score_the_statistic():
+    x = [2.0 + 0.01 * ((i * 7) % 5 - 2) for i in range(40)] + [3.0]
+    (alert,) = run(SpikeDetector("loss"), x)
+    assert alert.value == pytest.approx(3.0) and alert.threshold == 6.0
+    med = float(np.median(x[:40]))
+    mad = float(np.median(np.abs(np.array(x[:40]) - med)))
+    assert alert.score == pytest.approx((3.0 - med) / (1.4826 * mad), rel=1e-6)
+
+
+def test_optimizer_watch_flags_jumps_and_ramps_but_not_warm_up():
+    w = OptimizerWatch()
+    found = {}
+    lrs = [1e-3 * (k + 1) / 10 for k in range(10)] + [1e-3] * 20 + [2e-2] * 5  # warm-up, plateau, ×20
+    for step, lr in enumerate(lrs, start=1):
+        new = w.observe(step, [{"lr": lr, "betas": (0.9, 0.95)}], 4)
+        if new:
+            found[step] = new
+    assert min(found) == 31  # nothing during warm-up (×2 at most per step), the jump at once
+    jump = next(p for p in found[31] if "jumped" in p.text)
+    assert jump.score == 1.0 and jump.value == pytest.approx(2e-2) and "×20" in jump.text
+    assert all("jumped" not in p.text for s in range(32, 36) for p in found[s])  # then it is a plateau ×20
+    # A ramp after a plateau: moderate at ×1.5, strong at ×3.
+    w = OptimizerWatch()
+    scores = []
+    for step in range(1, 60):
+        lr = 1e-3 if step <= 30 else 1e-3 * 1.1 ** (step - 30)
+        w.observe(step, [{"lr": lr}], 4)
+        scores.append(max((p.score for p in w.precursors(step) if p.signal == "lr"), default=0.0))
+    first_mod = 1 + next(i for i, s in enumerate(scores) if s >= 0.5)
+    first_strong = 1 + next(i for i, s in enumerate(scores) if s >= 1.0)
+    assert 1.1 ** (first_mod - 30) >= 1.5 > 1.1 ** (first_mod - 31)
+    assert 1.1 ** (first_strong - 30) >= 3 > 1.1 ** (first_strong - 31)
+    # A changed setting or a state reset: moderate.
+    w = OptimizerWatch()
+    w.observe(1, [{"lr": 1e-3, "betas": (0.9, 0.95)}], 4)
+    (p,) = w.observe(2, [{"lr": 1e-3, "betas": (0.9, 0.999)}], 4)
+    assert p.signal == "optimizer" and p.score == 0.5 and "betas" in p.text
+    (p,) = w.observe(3, [{"lr": 1e-3, "betas": (0.9, 0.999)}], 0)
+    assert "reset" in p.text
+
+
+def test_escalation_reports_again_only_as_things_worsen_and_rate_limited():
+    esc = Escalation(factor=1.5, every=10, rearm=10)
+    reports = []
+    rho = [1.2 * 1.02 ** i for i in range(100)]  # worsening 2 %/step
+    for step, r in enumerate(rho):
+        k = esc.update(step, True, {"injection_radius": r})
+        if k is not None:
+            reports.append((step, k))
+    steps = [s for s, _ in reports]
+    assert [k for _, k in reports] == list(range(len(reports)))
+    assert all(b - a >= 10 for a, b in zip(steps, steps[1:]))  # rate-limited
+    for a, b in zip(steps, steps[1:]):  # each report after the evidence grew ×1.5 since the last
+        assert rho[b] >= 1.5 * rho[a] > rho[b - 1]
+    esc2 = Escalation()
+    assert [esc2.update(s, True, {"x": 2.0}) for s in range(30)].count(None) == 29  # flat: one report only
+    for s in range(30, 40):
+        esc2.update(s, False, {})
+    assert esc2.update(41, True, {"x": 2.0}) == 0  # a new episode after `rearm` quiet steps
+
+
+def test_loop_instability_needs_persistent_state_growth():
+    det = LoopInstabilityDetector()
+    growth = [1.2] * 20 + [1.6, 1.7, 1.2] + [1.6] * 10
+    fired = []
+    for step, g in enumerate(growth):
+        det.observe(step, "state_growth", g)
+        a = det.evaluate(step)
+        if a is not None:
+            fired.append(a)
+    assert fired[0].step == 23 + 4 and fired[0].signal == "state_growth" and fired[0].threshold == 1.5
+    assert det.first_step == 27

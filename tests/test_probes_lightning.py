@@ -35,8 +35,8 @@ def loader(n=8):
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data[:, :-1], data[:, 1:]), batch_size=4)
 
 
-def fit(module, callback, steps):
-    trainer = pl.Trainer(max_steps=steps, callbacks=[callback], accelerator="cpu", logger=False,
+def fit(module, callback, steps, logger=False):
+    trainer = pl.Trainer(max_steps=steps, callbacks=[callback], accelerator="cpu", logger=logger, log_every_n_steps=1,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, loader())
     return trainer
@@ -52,7 +52,7 @@ def test_lightning_callback_records_the_run_and_detaches():
     assert len(hist["loss"]) == 6 and len(hist["grad_norm"]) == 6 and len(hist["state_norm"]) == 6
     assert all_hook_dicts_empty(module, monitor.optimizer)
     state = callback.state_dict()
-    assert state["step"] == 6 and "detectors" in state
+    assert state["step"] == 6 and "detectors" in state["policy"]
 
 
 def test_lightning_skip_prevents_the_bad_update():
@@ -64,3 +64,26 @@ def test_lightning_skip_prevents_the_bad_update():
     assert callback.monitor.skipped_steps == 1
     assert all(torch.isfinite(p).all() for p in module.parameters())
     assert not all(torch.equal(a, b) for a, b in zip(module.params_at[4], before5))  # others do change
+
+
+def test_lightning_callback_reports_through_the_trainers_loggers(tmp_path):
+    """Signals and alert counts reach a logger configured on the Trainer (here CSV): the
+    values written are the monitor's own history at those steps."""
+    import csv
+
+    from pytorch_lightning.loggers import CSVLogger
+
+    module = TinyLM(nan_at=5)
+    callback = StabilityCallback(console=False, on_spike="skip", sync_every=2)
+    logger = CSVLogger(str(tmp_path), name="run")
+    fit(module, callback, 7, logger=logger)
+    rows = list(csv.DictReader(open(logger.experiment.metrics_file_path)))
+    loss_rows = [(int(r["step"]), float(r["loopdyn/loss"])) for r in rows if r.get("loopdyn/loss")]
+    assert len(loss_rows) >= 3
+    hist = dict(callback.monitor.history["loss"])
+    finite = {s: v for s, v in hist.items() if v == v}
+    logged = [v for _, v in loss_rows]
+    assert all(any(v == pytest.approx(h, rel=1e-5) for h in finite.values()) for v in logged)
+    counts = [float(r["loopdyn/alerts/nonfinite"]) for r in rows if r.get("loopdyn/alerts/nonfinite")]
+    assert counts and max(counts) >= 1  # the NaN step's alert was counted
+    assert "loopdyn/grad_norm" in rows[0] and "loopdyn/state_norm" in rows[0]

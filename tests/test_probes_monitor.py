@@ -184,7 +184,7 @@ def test_monitor_jacobian_estimate_is_a_tight_lower_bound():
     monitor = StabilityMonitor(model, opt, console=False, jacobian_every=1, jacobian_tokens=6)
     train_steps(model, opt, 6)
     monitor.close()
-    idx = monitor._probe_idx
+    idx = monitor.bus.probe_idx
     with torch.no_grad():
         ctx = model.encode(idx)
         h = model.init_state(ctx, generator=torch.Generator().manual_seed(0))
@@ -214,7 +214,7 @@ def test_eval_functorch_and_paused_forwards_are_not_recorded():
     # A whole training-mode forward inside a torch.func transform (grad enabled) is not a step either.
     params = {k: v.detach() for k, v in model.named_parameters()}
     torch.func.grad(lambda p: torch.func.functional_call(model, p, (x, y)).loss)(params)
-    assert monitor._acc == {} and monitor._forwards_since_step == 0
+    assert monitor.bus.acc == {} and monitor.bus.forwards_since_step == 0
     train_steps(model, opt, 1)
     assert len(monitor.history["loss"]) == 1
     monitor.close()
@@ -261,7 +261,7 @@ def test_a_probe_that_raises_is_disabled_with_one_warning(monkeypatch):
 
     def boom():
         raise RuntimeError("probe bug")
-    monkeypatch.setattr(monitor._spectrum, "cheap", boom)
+    monkeypatch.setattr(monitor.bus.spectrum, "values", boom)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train_steps(model, opt, 4)

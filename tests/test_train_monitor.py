@@ -16,8 +16,30 @@ def test_train_with_alerts_file_uses_the_monitor(tmp_path, capsys):
     assert "monitor: alerts" in out and str(alerts) in out
     assert alerts.exists()
     for line in alerts.read_text().splitlines():
-        assert list(json.loads(line)) == ["step", "kind", "severity", "signal", "value", "threshold", "message"]
+        assert list(json.loads(line))[:8] == ["step", "kind", "severity", "signal", "value", "threshold", "score",
+                                               "message"]
     assert len(log.read_text().splitlines()) == 12
+    assert out.strip().splitlines()[-1].startswith("run ")  # the one-line verdict ends the output
+
+
+def test_train_ends_with_a_verdict_naming_the_loop_instability(tmp_path, capsys):
+    """The issue's new-user run, shortened: a linear injection at lr 0.05 with --on-warning
+    cut-lr. ρ(Ā) crosses 1 within a few steps; the monitor says so, cuts the learning rate, keeps
+    reporting (and cutting) while it worsens, and the last line is the verdict."""
+    alerts = tmp_path / "alerts.jsonl"
+    code = main(["train", "--injection", "linear", "--lr", "0.05", "--steps", "24", "--batch-size", "4",
+                 "--seq-len", "32", "--eval-every", "0", "--no-progress", "--alerts", str(alerts),
+                 "--on-warning", "cut-lr"])
+    assert code == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    records = [json.loads(line) for line in alerts.read_text().splitlines()]
+    loop = [r for r in records if r["kind"] == "loop_instability"]
+    assert loop and loop[0]["signal"] == "injection_radius" and loop[0]["value"] > 1 == loop[0]["threshold"]
+    assert len(loop) >= 2 and loop[1]["severity"] == "critical" and loop[1]["escalation"] == 1
+    assert out[-1].startswith("run ") and f"loop unstable since step {loop[0]['step']}" in out[-1]
+    # --on-warning applies to the loop family too, and the cut is repeated at each escalation
+    cuts = [r for r in records if r["kind"] == "action" and "learning rate cut" in r["message"]]
+    assert len(cuts) >= len(loop) >= 2 and "learning-rate cut" in out[-1]
 
 
 def test_train_prints_alerts_as_they_happen(tmp_path, capsys):

@@ -136,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"wrote {path}: {caption}")
         if args.save:
             print(f"saved to {args.save}")
+        print(result.verdict)
     return 0
 
 

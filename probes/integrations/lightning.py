@@ -4,11 +4,16 @@
 
 The monitor hooks the LightningModule (and the looped model inside it, if any) and the first
 optimiser. Lightning runs forward and backward inside optimizer.step(closure), so the
-gradient signals and the skip decision are taken in `on_before_optimizer_step` (after the
-backward pass, before the update and before Lightning's gradient clipping: the norm is the
-unclipped one). The loss comes from the model output's `.loss` when it has one, else from
-`on_before_backward`. `stop` sets `trainer.should_stop`. The monitor's statistics are saved
-in Lightning checkpoints (callback state) and restored on resume.
+gradient signals, the learning-rate precursors and the skip decision are taken in
+`on_before_optimizer_step` (after the backward pass, before the update and before Lightning's
+gradient clipping: the norm is the unclipped one). The loss comes from the model output's
+`.loss` when it has one, else from `on_before_backward`. `stop` sets `trainer.should_stop`.
+
+Framework loggers: at each of the monitor's sync points the latest signals and running alert
+counts are logged through `pl_module.log` (names `loopdyn/<signal>`, `loopdyn/alerts/<kind>`),
+so every logger configured on the Trainer (CSV, TensorBoard, W&B, MLflow, …) receives them;
+`log_signals=False` turns that off. The batch index is the data position named in alerts. The
+monitor's statistics are saved in Lightning checkpoints (callback state) and restored on resume.
 
 Needs `pytorch_lightning` (pip install "loopdyn[lightning]"); the `lightning` package
 (`lightning.pytorch`) works as well.
@@ -21,14 +26,17 @@ except ImportError:  # the unified package
     import lightning.pytorch as pl
 
 from loopdyn.probes.monitor import StabilityMonitor
+from loopdyn.probes.sinks import MetricsSink
 
 
 class StabilityCallback(pl.Callback):
     """A Lightning callback around probes.StabilityMonitor (keyword arguments = monitor options)."""
 
-    def __init__(self, **monitor_options):
+    def __init__(self, log_signals: bool = True, **monitor_options):
         super().__init__()
         self.options = monitor_options
+        self.log_signals = log_signals
+        self.metrics = MetricsSink()
         self.monitor: StabilityMonitor | None = None
         self._restored: dict | None = None
 
@@ -40,10 +48,15 @@ class StabilityCallback(pl.Callback):
         if self.monitor is not None:
             self.monitor.close()
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        self.monitor = StabilityMonitor(pl_module, optimizer, **self.options)
+        self.monitor = StabilityMonitor(pl_module, optimizer, sinks=[self.metrics] if self.log_signals else (),
+                                        **self.options)
         if self._restored:
             self.monitor.load_state_dict(self._restored)
             self._restored = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.monitor is not None:
+            self.monitor.record_batch({"epoch": trainer.current_epoch, "batch_idx": batch_idx})
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
         if self.monitor is not None:
@@ -54,7 +67,13 @@ class StabilityCallback(pl.Callback):
             self.monitor.before_optimizer_step()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.monitor is not None and self.monitor.stop_requested:
+        if self.monitor is None:
+            return
+        if self.log_signals:
+            metrics = self.metrics.pop()
+            if metrics and trainer.loggers:
+                pl_module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, logger=True)
+        if self.monitor.stop_requested:
             trainer.should_stop = True
 
     def on_fit_end(self, trainer, pl_module) -> None:
