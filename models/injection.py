@@ -119,10 +119,8 @@ class LinearInjection(nn.Module):
         return LinearPart(DenseOperator(W[:, : self.d_state].clone()), DenseOperator(W[:, self.d_state:].clone()), bias)
 
 
-class AdditiveInjection(nn.Module):
-    """u = h + e; Ā = B̄ = I, spectral radius exactly 1 (marginal)."""
-
-    kind = "additive"
+class _ParameterFree(nn.Module):
+    """An injection without parameters (additive, autonomous)."""
 
     def __init__(self, d_state: int, d_model: int):
         super().__init__()
@@ -130,6 +128,12 @@ class AdditiveInjection(nn.Module):
 
     def reset_parameters(self) -> None:
         pass
+
+
+class AdditiveInjection(_ParameterFree):
+    """u = h + e; Ā = B̄ = I, spectral radius exactly 1 (marginal)."""
+
+    kind = "additive"
 
     def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         return h + e
@@ -138,18 +142,11 @@ class AdditiveInjection(nn.Module):
         return LinearPart(IdentityOperator(self.d_state), IdentityOperator(self.d_state, self.d_model))
 
 
-class AutonomousInjection(nn.Module):
+class AutonomousInjection(_ParameterFree):
     """No injection, u = h: the loop h_{t+1} = Norm(core(h_t)) never sees e again (Ouro-style;
     LoopedLM adds the state norm and starts from h_0 = e). It has no LTI part: linear_part() is None."""
 
     kind = "autonomous"
-
-    def __init__(self, d_state: int, d_model: int):
-        super().__init__()
-        self.d_state, self.d_model = d_state, d_model
-
-    def reset_parameters(self) -> None:
-        pass
 
     def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         return h
