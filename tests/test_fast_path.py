@@ -310,3 +310,19 @@ def test_cross_entropy_unchanged_by_reordering():
     out, _ = train_pass(model, idx, targets, fast=True)
     expected = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten())
     torch.testing.assert_close(out.loss, expected)
+
+
+def test_rmsnorm_fused_no_grad_path_equals_definition():
+    from loopdyn.models.layers import RMSNorm
+
+    norm = RMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_(generator=torch.Generator().manual_seed(5))
+    x = torch.randn(4, 9, 48, generator=torch.Generator().manual_seed(6)) * 3
+    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
+    with torch.no_grad():
+        fast = norm(x)
+        with fast_paths(False):
+            plain = norm(x)
+    torch.testing.assert_close(fast, expected, **TOL)
+    torch.testing.assert_close(fast, plain, rtol=1e-6, atol=1e-6)
