@@ -186,11 +186,12 @@ def fe(r: dict) -> float:
 
 def print_table(rows: list[dict]) -> None:
     rows = sorted(rows, key=lambda r: (r["params"], r["seq_len"], r["variant"]))
-    print(f"{'size':>12} {'params':>14} {'weights':>8} {'S':>5} {'variant':>9} {'load s':>7} {'load GiB':>8} "
+    print(f"{'size':>12} {'params':>14} {'file':>5} {'weights':>8} {'S':>5} {'variant':>9} {'load s':>7} {'load GiB':>8} "
           f"{'forward s':>9} {'audit s':>8} {'fwd eq.':>7} {'peak GiB':>8}  verdict")
     for r in rows:
         peak = max(r["load_peak_gib"], r["audit_peak_gib"])
-        print(f"{r['size']:>12} {r['params']:>14,} {r['dtype']:>8} {r['seq_len']:>5} {r['variant']:>9} "
+        disk = "f32" if r["size"] in FLOAT32_SIZES else "bf16"
+        print(f"{r['size']:>12} {r['params']:>14,} {disk:>5} {r['dtype']:>8} {r['seq_len']:>5} {r['variant']:>9} "
               f"{r['load_s']:>7.1f} {r['load_peak_gib']:>8.2f} {r['forward_s']:>9.3f} {r['audit_s']:>8.1f} "
               f"{fe(r):>7.1f} {peak:>8.2f}  {r['verdict']}")
     print()
@@ -199,10 +200,12 @@ def print_table(rows: list[dict]) -> None:
         by_s: dict = {}
         for r in sub:
             by_s.setdefault(r["seq_len"], []).append(r)
-        for S, rs in sorted(by_s.items()):
-            if len({r["params"] for r in rs}) >= 2:
+        for (S, rs), big in [(item, big) for item in sorted(by_s.items()) for big in (False, True)]:
+            if big:  # the paper sizes alone: the audit's fixed costs do not dominate
+                rs = [r for r in rs if r["params"] >= 1e8]
+            if len({r["params"] for r in rs}) >= 2 and (not big or len(rs) < len(by_s[S])):
                 xs = [r["params"] for r in rs]
-                print(f"[{variant}] S = {S}, over {len(rs)} sizes: audit time ∝ params^{fit_exponent(xs, [r['audit_s'] for r in rs]):.2f}, "
+                print(f"[{variant}] S = {S}, over {len(rs)} sizes{' ≥ 100M' if big else ''}: audit time ∝ params^{fit_exponent(xs, [r['audit_s'] for r in rs]):.2f}, "
                       f"forward time ∝ params^{fit_exponent(xs, [r['forward_s'] for r in rs]):.2f}, "
                       f"forward equivalents ∝ params^{fit_exponent(xs, [fe(r) for r in rs]):.2f}, "
                       f"peak memory ∝ params^{fit_exponent(xs, [r['audit_peak_gib'] for r in rs]):.2f}")
@@ -234,6 +237,8 @@ def main() -> None:
     ap.add_argument("--table", nargs="+", default=None, metavar="FILE", help="only print the table of these files")
     args = ap.parse_args()
 
+    from loopdyn.models import LoopConfig
+
     rows: list[dict] = []
     if args.table:
         for name in args.table:
@@ -247,9 +252,15 @@ def main() -> None:
                 t = time.perf_counter()
                 write_checkpoint(size, path)
                 print(f"{size}: checkpoint written in {time.perf_counter() - t:.0f} s", flush=True)
+                block_size = LoopConfig.preset(size).block_size
                 for S in seq_lens:
+                    if S > block_size:
+                        print(f"  S={S}: skipped (longer than the model's context, {block_size})")
+                        continue
                     t = time.perf_counter()
                     r = run_child(path, S, args.variant, args.threads, args.forwards)
+                    if "audit_s" not in r:
+                        raise SystemExit(f"{size}, S={S}: the audit exited with {r.get('exit')}")
                     r.update(size=size, seq_len=S, variant=args.variant, threads=args.threads,
                              wall_s=time.perf_counter() - t)
                     rows.append(r)
