@@ -253,6 +253,12 @@ class MLP(nn.Module):
         if self.gated:
             p, q = self.fc(x).chunk(2, dim=-1)
             return self.proj(self.act(p) * q)
+        if (self.act is relu2 and _FAST and not torch.is_grad_enabled() and self.proj.bias is None
+                and not (self.proj._forward_hooks or self.proj._forward_pre_hooks) and not _under_function_transform(x)):
+            # proj(0.5·relu(z)²) = 0.5·proj(relu(z)²) bit for bit (proj is linear, 0.5 a power of
+            # two): halve the narrow output instead of the wide hidden, square in place
+            z = self.fc(x).relu_()
+            return self.proj(z.mul_(z)).mul_(0.5)
         return self.proj(self.act(self.fc(x)))
 
 

@@ -326,3 +326,17 @@ def test_rmsnorm_fused_no_grad_path_equals_definition():
             plain = norm(x)
     torch.testing.assert_close(fast, expected, **TOL)
     torch.testing.assert_close(fast, plain, rtol=1e-6, atol=1e-6)
+
+
+def test_relu2_mlp_no_grad_path_is_bit_identical():
+    from loopdyn.models.layers import MLP
+
+    torch.manual_seed(8)
+    mlp = MLP(24, 96, "relu2")
+    x = torch.randn(3, 7, 24)
+    with torch.no_grad():
+        fast = mlp(x)
+        with fast_paths(False):
+            plain = mlp(x)
+    assert torch.equal(fast, plain)
+    torch.testing.assert_close(fast, mlp.proj(0.5 * torch.relu(mlp.fc(x)) ** 2).detach())
