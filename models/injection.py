@@ -86,6 +86,12 @@ class DiagonalInjection(nn.Module):
     def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         return self.A_bar() * h + self.input_gains() * (e @ self.B.T)
 
+    def split(self, e: torch.Tensor):
+        """(h ↦ Ā h, B̄ e): forward(h, e) = the first applied to h + the second, with the parts
+        that do not depend on h computed once (the loop reuses them); bit-identical to forward."""
+        A = self.A_bar()
+        return (lambda h: A * h), self.input_gains() * (e @ self.B.T)
+
     @torch.no_grad()
     def linear_part(self) -> LinearPart:
         return LinearPart(DiagonalOperator(self.A_bar().detach().clone()),
@@ -137,6 +143,10 @@ class AdditiveInjection(_ParameterFree):
 
     def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         return h + e
+
+    def split(self, e: torch.Tensor):
+        """(h ↦ h, e)."""
+        return (lambda h: h), e
 
     def linear_part(self) -> LinearPart:
         return LinearPart(IdentityOperator(self.d_state), IdentityOperator(self.d_state, self.d_model))

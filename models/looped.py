@@ -24,7 +24,7 @@ from torch import nn
 from loopdyn.models.config import LoopConfig
 from loopdyn.models.errors import ConfigError, InputError
 from loopdyn.models.injection import make_injection
-from loopdyn.models.layers import Block, make_norm, rope_table
+from loopdyn.models.layers import Block, fast_paths_enabled, make_norm, rope_table
 from loopdyn.models.operator import DenseOperator
 from loopdyn.models.protocol import LinearPart, Sublayer
 
@@ -365,11 +365,53 @@ class LoopedLM(nn.Module):
         k = total.clamp_max(cfg.backprop_loops)
         return total - k, k
 
+    def _loop_fn(self, ctx: LoopContext):
+        """F(h) = step(h, ctx) for the loops of one forward pass.
+
+        Fast path: the injection's h-independent part B̄e is computed once per forward pass
+        instead of once per loop (`injection.split`, where it exists), and F also accepts the first m
+        sequences h[:m] of the batch (it then uses the first m rows of e and of the value
+        embeddings), which the per-sequence depth loop uses to run only the sequences still
+        active. Plain path (`fast_paths(False)`): `step`. Both give the same
+        numbers as `step` bit for bit on the full batch.
+        """
+        inj = self.injection
+        if not fast_paths_enabled():
+            return lambda h: self.step(h, ctx)
+        B, e, rope, core = ctx.e.shape[0], ctx.e, ctx.rope, list(zip(self.core, ctx.core_ve))
+        if hasattr(inj, "split") and not (inj._forward_hooks or inj._forward_pre_hooks):
+            state_map, drive = inj.split(e)  # inj(h, e) = state_map(h) + drive, bit for bit
+
+            def inject(h, m):
+                return state_map(h) + (drive if m == B else drive[:m])
+        else:  # e.g. the linear injection: its one matmul over [h, e] cannot be split bit for bit
+            def inject(h, m):
+                return inj(h, e if m == B else e[:m])
+
+        def loop_fn(h: torch.Tensor) -> torch.Tensor:  # (m, S, ds) -> (m, S, ds), m ≤ B
+            m = h.shape[0]
+            u = inject(h, m)
+            for blk, ve in core:
+                u = blk(u, rope, ve if ve is None or m == B else ve[:m])
+            if self.state_norm is not None:  # the autonomous loop renormalises its state (see `step`)
+                u = self.state_norm(u)
+            return self.state_tap(u)
+        return loop_fn
+
     def _run_sampled(self, h: torch.Tensor, ctx: LoopContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training loop with per-sequence depths: max(n) loops without gradients, then max(k)
         with; sequence b is updated in its first n_b and first k_b of them and held otherwise
         (the same as running it alone for n_b + k_b loops)."""
         n, k = self.sample_depths(h.shape[0])
+        if fast_paths_enabled():
+            out = self._run_sorted(h, ctx, n, k)
+            if out is not None:
+                return out
+        return self._run_masked(h, ctx, n, k)
+
+    def _run_masked(self, h: torch.Tensor, ctx: LoopContext, n: torch.Tensor, k: torch.Tensor):
+        """The plain per-sequence loop (the official scheme): every loop steps the whole batch
+        and torch.where keeps the held sequences' states."""
         n_max, k_max = int(n.max()), int(k.max())
         n, k = n.to(h.device), k.to(h.device)
         prev = h
@@ -384,6 +426,44 @@ class LoopedLM(nn.Module):
             prev, h = torch.where(active, h, prev), torch.where(active, self.step(h, ctx), h)
         return h, prev, n + k
 
+    def _run_sorted(self, h: torch.Tensor, ctx: LoopContext, n: torch.Tensor, k: torch.Tensor):
+        """The same loop, stepping only the sequences that are active.
+
+        Sequences are ordered by (n, k) descending, so that at every loop the active ones are a
+        prefix h[:m] of the batch: a loop steps h[:m] and leaves h[m:] as it is (no masks, no
+        work for held sequences; with equal depths, m = B and nothing is copied). Returns None
+        when the two phases' active sets are not nested this way (the caller then masks).
+        """
+        B = h.shape[0]
+        order = torch.argsort(n * (int(k.max()) + 1) + k, descending=True, stable=True)
+        n_sorted, k_sorted = n[order], k[order]
+        if B > 1 and not bool((k_sorted[1:] <= k_sorted[:-1]).all()):
+            return None
+        permuted = not bool((order == torch.arange(B)).all())
+        if permuted:
+            o = order.to(h.device)
+            h = h.index_select(0, o)
+            ctx = LoopContext(idx=ctx.idx.index_select(0, o), e=ctx.e.index_select(0, o), rope=ctx.rope,
+                              core_ve=[None if ve is None else ve.index_select(0, o) for ve in ctx.core_ve])
+        loop_fn = self._loop_fn(ctx)
+
+        def advance(h, prev, m):  # active sequences h[:m]: prev ← h, h ← F(h); the rest held
+            if m == B:
+                return h, loop_fn(h)
+            return torch.cat([h[:m], prev[m:]]), torch.cat([loop_fn(h[:m]), h[m:]])
+
+        prev = h
+        with torch.no_grad():
+            for i in range(int(n.max())):
+                prev, h = advance(h, prev, int((n_sorted > i).sum()))
+        h = h.detach()
+        for i in range(int(k.max())):
+            prev, h = advance(h, prev, int((k_sorted > i).sum()))
+        if permuted:
+            inverse = torch.argsort(order).to(h.device)
+            h, prev = h.index_select(0, inverse), prev.index_select(0, inverse)
+        return h, prev, (n + k).to(h.device)
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, n_loops: int | None = None) -> LMOutput:
         ctx = self.encode(idx)
         if not self.config.looped:
@@ -395,8 +475,9 @@ class LoopedLM(nn.Module):
         else:
             T = self._loop_count(n_loops)
             state = prev = self.init_state(ctx)
+            loop_fn = self._loop_fn(ctx)
             for _ in range(T):
-                prev, state = state, self.step(state, ctx)
+                prev, state = state, loop_fn(state)
             logits = self.decode(state, ctx)
             loops = torch.full((idx.shape[0],), T, dtype=torch.long, device=idx.device)
         loss = None

@@ -25,13 +25,16 @@ from torch.utils.flop_counter import FlopCounterMode
 from loopdyn.dynamics import flops
 from loopdyn.models import LoopConfig, LoopedLM
 from loopdyn.models.errors import InputError
+from loopdyn.models.layers import fast_paths
 
 B, S = 2, 16
 
 
 def measured_flops(model, idx, *, train: bool, n_loops=None) -> int:
-    """Total FLOPs FlopCounterMode sees for one forward (eval) or forward+backward (train)."""
-    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+    """Total FLOPs FlopCounterMode sees for one forward (eval) or forward+backward (train), on
+    the plain path (the architecture as the official code computes it: the injection's B̄e on
+    every loop; the fast path computes it once per forward)."""
+    with fast_paths(False), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
         if train:
             model.train()
             model(idx, idx).loss.backward()
