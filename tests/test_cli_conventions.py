@@ -196,12 +196,20 @@ def test_the_console_entry_imports_nothing_heavy():
     assert result.stdout.strip() == "False", result.stderr
 
 
+def _default_sigint() -> None:
+    """In the child: SIGINT's default disposition, as in a terminal. A test runner started in the
+    background by a non-interactive shell has SIGINT ignored, the children inherit that, and
+    loopdyn (rightly) never overrides an ignored SIGINT; the test must not depend on how it ran."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("delay", [0.5, 1.5, 3.0])
 def test_ctrl_c_at_any_moment_of_a_real_run(tmp_path, corpus, delay):
     """SIGINT to `python -m loopdyn train` while it starts, imports torch, or trains."""
     proc = subprocess.Popen([sys.executable, "-m", "loopdyn", "train", "--data", str(corpus), *FAST,
                              "--steps", "100000", "--log", str(tmp_path / "log.jsonl"), "--save", str(tmp_path / "m")],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=_default_sigint)
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
