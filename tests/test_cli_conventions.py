@@ -210,9 +210,12 @@ def test_ctrl_c_at_any_moment_of_a_real_run(tmp_path, corpus, delay):
                              "--steps", "100000", "--log", str(tmp_path / "log.jsonl"), "--save", str(tmp_path / "m")],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
                             preexec_fn=_default_sigint)
-    time.sleep(delay)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=300)
+    try:
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()  # a test that fails never leaves a training run behind
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == "loopdyn train: interrupted" and "Traceback" not in err, err
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
@@ -228,5 +231,8 @@ def test_sigterm_unwinds_like_ctrl_c(tmp_path, corpus):
     while not (tmp_path / "log.jsonl").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     proc.terminate()
-    _, err = proc.communicate(timeout=300)
+    try:
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
     assert proc.returncode == 130 and "Traceback" not in err, err
