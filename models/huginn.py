@@ -50,7 +50,7 @@ from loopdyn.models.formats import (ConfigReader, cast_in_place, check_h0, check
 from loopdyn.models.layers import Block, RMSNorm, rope_table
 from loopdyn.models.looped import LMOutput, StateTap, block_sublayers
 from loopdyn.models.operator import DenseOperator
-from loopdyn.models.protocol import LinearPart, Sublayer
+from loopdyn.models.protocol import LinearPart, Sublayer, config_field
 
 INIT_MODES = ("random", "zero")
 TRAINING_PREFIX = "_orig_mod._original_module."
@@ -191,23 +191,11 @@ class HuginnLM(nn.Module):
         self.init_scale = 1.0
 
     # ---- the LoopedModel protocol ------------------------------------------------------------
-    @property
-    def mean_loops(self) -> int:
-        return self.config.mean_recurrence
-
+    mean_loops = config_field("mean_recurrence", "the trained depth (RavenConfig.mean_recurrence)")
     checkpoint_format = "huginn"  # report label (also in checkpoint_info.format once loaded)
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.config.block_size
+    name = config_field("name")
+    vocab_size = config_field("vocab_size")
+    max_seq_len = config_field("block_size")
 
     def encode(self, idx: torch.Tensor) -> HuginnContext:
         """Embedding (scaled by √d) and prelude: the injected input e."""

@@ -26,7 +26,7 @@ from loopdyn.models.errors import ConfigError, InputError
 from loopdyn.models.injection import make_injection
 from loopdyn.models.layers import Block, fast_paths_enabled, make_norm, rope_table
 from loopdyn.models.operator import DenseOperator
-from loopdyn.models.protocol import LinearPart, Sublayer
+from loopdyn.models.protocol import LinearPart, Sublayer, config_field
 
 
 @dataclass
@@ -302,21 +302,10 @@ class LoopedLM(nn.Module):
         """μ_rec, the trained depth; 0 for a fixed-depth model (it has no loop)."""
         return self.config.mean_loops if self.config.looped else 0
 
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
-    def injection_name(self) -> str:
-        return self.config.injection
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.config.block_size
+    name = config_field("name")
+    injection_name = config_field("injection")
+    vocab_size = config_field("vocab_size")
+    max_seq_len = config_field("block_size")
 
     def linear_part(self) -> LinearPart | None:
         """(Ā, B̄, bias) of the injection as structured operators; None for the autonomous loop

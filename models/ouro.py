@@ -51,7 +51,7 @@ from loopdyn.models.formats import (ConfigReader, cast_in_place, check_h0, check
                                     stored_dtype_note)
 from loopdyn.models.layers import RMSNorm, _causal_sdpa
 from loopdyn.models.looped import LMOutput, StateTap
-from loopdyn.models.protocol import Sublayer
+from loopdyn.models.protocol import Sublayer, config_field
 
 EXIT_MODES = ("last", "threshold", "weighted")
 
@@ -261,23 +261,11 @@ class OuroLM(nn.Module):
         self.state_tap = StateTap()
 
     # ---- the LoopedModel protocol ------------------------------------------------------------
-    @property
-    def mean_loops(self) -> int:
-        return self.config.total_ut_steps
-
+    mean_loops = config_field("total_ut_steps", "the trained depth (OuroConfig.total_ut_steps)")
     checkpoint_format = "ouro"  # report label (also in checkpoint_info.format once loaded)
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.config.max_position_embeddings
+    name = config_field("name")
+    vocab_size = config_field("vocab_size")
+    max_seq_len = config_field("max_position_embeddings")
 
     def encode(self, idx: torch.Tensor) -> OuroContext:
         check_tokens(idx, self.config.vocab_size, self.config.max_position_embeddings)

@@ -155,6 +155,13 @@ def token_limits(model) -> tuple[int | None, int | None]:
     return as_int(getattr(model, "vocab_size", None)), as_int(getattr(model, "max_seq_len", None))
 
 
+def config_field(field: str, doc: str = "") -> property:
+    """A read-only protocol member that reads `self.config.<field>` (the models' configs name the
+    same facts differently: mean_loops / mean_recurrence / total_ut_steps, block_size /
+    max_position_embeddings)."""
+    return property(lambda self: getattr(self.config, field), doc=doc or f"config.{field}")
+
+
 def _takes_generator(fn) -> bool:
     try:
         return "generator" in inspect.signature(fn).parameters
