@@ -158,7 +158,7 @@ def token_phases(states: list, eigenvalues=None, source: str = "Jacobian", max_t
     """Phases of every token (batch-major, at most max_tokens evenly spaced) from the measured states
     h_0..h_T (tensors (B, S, ds) or arrays), and the crossing from `eigenvalues` (module docstring)."""
     T = len(states) - 1
-    H = torch.stack([torch.as_tensor(s) for s in states]).to(torch.float64)  # (T+1, B, S, ds)
+    H = torch.stack([torch.as_tensor(s).detach().cpu() for s in states]).to(torch.float64)  # (T+1, B, S, ds)
     eps = float(torch.finfo(torch.as_tensor(states[-1]).dtype).eps) if torch.as_tensor(states[-1]).is_floating_point() \
         else 1.2e-7
     H = H.reshape(T + 1, -1, H.shape[-1]).numpy()

@@ -130,3 +130,15 @@ def test_audit_reports_phases_in_json_and_text():
     assert js["labels"] == ["drifting"] * 10 and js["counts"] == {"drifting": 10}
     assert js["crossing"]["type"] == "fold"  # J = I: the eigenvalue +1
     assert "dynamical phase per token" in report.to_text()
+
+
+def test_phases_of_states_that_carry_autograd_history():
+    """`model.unroll` outside no_grad returns states with a graph (as the README's API block does):
+    token_phases labels them exactly as it labels the detached states."""
+    from tests.helpers import small_loop_model
+
+    model = small_loop_model("diagonal", perturb=0.2)
+    idx = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    states, _ = model.unroll(idx, 6)
+    assert states[-1].requires_grad
+    assert token_phases(states).labels == token_phases([s.detach() for s in states]).labels

@@ -43,3 +43,19 @@ def test_bring_your_own_model_example_runs(capsys):
     assert len(monitor.history["state_norm"]) > 0 and len(monitor.history["injection_radius"]) > 0
     _, rho = monitor.history["injection_radius"].last
     assert abs(rho - float(net.A.detach().abs().max())) < 0.05  # ρ(diag A) = max |A_i| (A moved a little)
+
+
+def test_python_api_block_runs(tmp_path, monkeypatch):
+    """The README's "Python API" block runs as written (its checkpoint goes to a temporary folder)
+    and each call gives what the README says it gives."""
+    from loopdyn.models import LoopedLM
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    scope: dict = {}
+    exec(compile(readme_block("## Python API"), "README.md", "exec"), scope)
+    assert (tmp_path / "ckpt" / "model.safetensors").is_file() and isinstance(scope["model"], LoopedLM)
+    assert len(scope["states"]) == 8 + 1                      # h_0 .. h_8
+    assert scope["logits"].shape == (2, 64, 256)
+    assert len(scope["lyap"].exponents) == 4 and len(scope["fc"].state_norm) == 32
+    assert scope["report"].verdict in ("stable", "marginal", "explosive")
