@@ -1173,21 +1173,19 @@ def probe_losses(model, idx: torch.Tensor, traj, max_loops: int, cost: Cost | No
     measured states and the loop continued from h_T; None when decode does not give vocabulary logits."""
     import torch.nn.functional as F
 
+    from loopdyn.dynamics.trajectory import run_loop
+
     T = traj.n_loops
     if not traj.states or idx.shape[1] < 2:
         return None
     targets = idx[:, 1:]
-    out = np.full(max_loops, math.nan)
+    out = np.full(max_loops, math.inf)  # loops after a non-finite state stay infinite
+    # the measured states, then the loop continued from h_T (stops after a non-finite state)
+    states = traj.states[1:] + (run_loop(model, traj.ctx, max_loops - T, h0=traj.states[-1], cost=cost)[1:]
+                                if max_loops > T else [])
     with analysis(model):
-        h = traj.states[-1]
-        for t in range(1, max_loops + 1):
-            if t > T:
-                h = model.step(h, traj.ctx)
-                if cost is not None:
-                    cost.steps += 1
-            state = traj.states[t] if t <= T else h
+        for t, state in enumerate(states[:max_loops], start=1):
             if not bool(torch.isfinite(state).all()):
-                out[t - 1:] = math.inf
                 break
             logits = model.decode(state, traj.ctx)
             if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[-1] <= int(idx.max()):

@@ -42,7 +42,8 @@ import torch
 from torch import nn
 
 from loopdyn.dynamics.jacobian import golub_kahan
-from loopdyn.dynamics.loopmap import MAX_LOOPS, Cost, DynamicsError, Linearisation, quiet_hooks
+from loopdyn.dynamics.loopmap import MAX_LOOPS, Cost, DynamicsError, Linearisation, analysis
+from loopdyn.dynamics.trajectory import run_loop
 from loopdyn.models.protocol import initial_state, require_looped, state_norm_kind
 
 PERIODS = 4  # cycle periods p = 1..PERIODS checked per token
@@ -191,27 +192,20 @@ class NormalisedLoop:
         }
 
 
-def _quiet(model):
-    return quiet_hooks(model if isinstance(model, nn.Module) else None)
-
-
 def run_normalised(model, ctx, n_loops: int, h0: torch.Tensor | None = None, cost: Cost | None = None,
                    seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """States h_0..h_T and pre-norm states r_1..r_T (r_t = pre_norm_state(h_{t−1}); h_t when the
-    model has no pre_norm_state). Stops after the first non-finite state."""
+    """States h_0..h_T (`trajectory.run_loop`) and pre-norm states r_1..r_T (r_t =
+    pre_norm_state(h_{t−1}); h_t when the model has no pre_norm_state). Stops after the first
+    non-finite state."""
+    h0 = initial_state(model, ctx, seed) if h0 is None else h0
+    states = run_loop(model, ctx, n_loops, h0=h0, cost=cost)
     pre_fn = getattr(model, "pre_norm_state", None)
-    with torch.no_grad(), _quiet(model):
-        h = initial_state(model, ctx, seed) if h0 is None else h0
-        states, pre = [h], []
-        for _ in range(n_loops):
-            if not bool(torch.isfinite(h).all()):
-                break
-            nxt = model.step(h, ctx)
-            pre.append(pre_fn(h, ctx) if pre_fn is not None else nxt)
-            if cost is not None:
-                cost.steps += 2 if pre_fn is not None else 1
-            states.append(nxt)
-            h = nxt
+    if pre_fn is None:
+        return states, states[1:]
+    with analysis(model):
+        pre = [pre_fn(h, ctx) for h in states[:-1]]
+    if cost is not None:
+        cost.steps += len(pre)
     return states, pre
 
 
@@ -310,14 +304,14 @@ def normalised_loop(model, idx: torch.Tensor | None = None, loops: int | None = 
     if ctx is None:
         if idx is None:
             raise DynamicsError("normalised_loop needs the probe batch idx (or ctx and states)")
-        with torch.no_grad(), _quiet(model):
+        with analysis(model):
             ctx = model.encode(idx)
     has_pre = callable(getattr(model, "pre_norm_state", None))
     if states is None:
         states, pre = run_normalised(model, ctx, T, h0, cost, seed)
     else:
         states = list(states)[: T + 1]
-        with torch.no_grad(), _quiet(model):
+        with analysis(model):
             pre = [model.pre_norm_state(h, ctx) if has_pre else nxt for h, nxt in zip(states[:-1], states[1:])
                    if bool(torch.isfinite(h).all())]
         cost.steps += len(pre) if has_pre else 0

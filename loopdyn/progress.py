@@ -62,3 +62,27 @@ def progress(total: int, desc: str, unit: str = "step", enabled: bool = True, le
 
         return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=leave, file=sys.stderr)
     return LineProgress(total, desc, unit)
+
+
+def stages(desc: str, enabled: bool = True):
+    """(bar, update) for work reported as update(stage, done, total) (the audit's `progress`
+    callback): a tqdm bar showing the stage on a terminal, one log line per new stage otherwise;
+    (None, None) when progress is switched off. Close the bar when done."""
+    bar = progress(1, desc, enabled=enabled)
+    if bar is None:
+        return None, None
+    seen: list[str] = []
+
+    def update(stage: str, done: int, total: int) -> None:
+        if isinstance(bar, LineProgress):
+            if not seen or seen[-1] != stage:
+                bar.write(f"{desc}: {stage}")
+        else:
+            bar.set_description(f"{desc}: {stage}")
+            if bar.total != total:
+                bar.reset(total=max(total, 1))
+            bar.n = done
+            bar.refresh()
+        seen.append(stage)
+
+    return bar, update

@@ -113,6 +113,18 @@ def test_progress_is_log_lines_when_stderr_is_not_a_terminal(corpus, capsys):
     assert "train: " not in capsys.readouterr().err
 
 
+def test_audit_progress_is_one_line_per_stage_when_stderr_is_not_a_terminal(tmp_path, corpus, capsys):
+    save(make_model(), tmp_path / "m")
+    argv = ["audit", str(tmp_path / "m"), "--data", str(corpus), "--seq-len", "16", "--loops", "2"]
+    assert main(argv) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("audit: ")]
+    # each stage once, in the order the audit runs them
+    assert lines[:3] == ["audit: injection spectrum", "audit: trajectory", "audit: linearised loops"], lines
+    assert "audit: forecast" in lines and len(lines) == len(set(lines))
+    assert main([*argv, "--no-progress"]) == 0
+    assert "audit: " not in capsys.readouterr().err
+
+
 def test_data_split_is_reported(corpus, capsys):
     assert main(["train", "--data", str(corpus), *FAST, "--no-progress"]) == 0
     out = capsys.readouterr().out

@@ -15,7 +15,6 @@ models) the ids are taken modulo the vocabulary size.
 """
 from __future__ import annotations
 
-import sys
 import warnings
 
 import torch
@@ -128,23 +127,6 @@ def user_factory(spec: str):
     return build
 
 
-def _progress_bar(enabled: bool):
-    if not (enabled and sys.stderr.isatty()):
-        return None, None
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=1, desc="audit", unit="loop", leave=False, dynamic_ncols=True, file=sys.stderr)
-
-    def update(stage: str, done: int, total: int) -> None:
-        bar.set_description(f"audit: {stage}")
-        if bar.total != total:
-            bar.reset(total=max(total, 1))
-        bar.n = done
-        bar.refresh()
-
-    return bar, update
-
-
 def run(args) -> int:
     from loopdyn.dynamics.audit_report import MAX_HORIZON, MAX_LOOPS, audit
     from loopdyn.models import load, protocol
@@ -176,7 +158,9 @@ def run(args) -> int:
     if horizon < loops:
         raise InputError(f"--horizon ({horizon}) must be at least --loops ({loops})")
     idx, probe = _probe(args, model)
-    bar, update = _progress_bar(not args.no_progress)
+    from loopdyn.progress import stages
+
+    bar, update = stages("audit", enabled=not args.no_progress)
     try:
         report = audit(model, idx, loops, horizon, lyapunov_k=args.lyapunov_k,
                        explosion_factor=args.explosion_factor, path=str(args.path), probe=probe,

@@ -147,7 +147,9 @@ def sweep_loops(model: LoopedLM, data, max_loops: int | None = None, *, n_batche
     if tokens is None and isinstance(config, LoopConfig):
         tokens = config.extra.get("train_tokens")  # recorded by loopdyn's trainer
     batches = data.val_batches(n_batches, batch_size, seq_len)
-    bar = _progress_bar(n_batches * max_loops) if progress else None
+    from loopdyn.progress import progress as progress_bar
+
+    bar = progress_bar(n_batches * max_loops, "sweep-loops") if progress else None
     try:
         loss = sweep_losses(model, batches, max_loops, on_step=(bar.update if bar else None))
     finally:
@@ -183,12 +185,6 @@ def loop_overthinking(model, sweep: LoopSweep, probe: torch.Tensor | None):
 def _check_positive(name: str, v) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise InputError(f"--{name} must be a positive integer, got {v!r}")
-
-
-def _progress_bar(total: int):
-    from loopdyn.progress import progress
-
-    return progress(total, "sweep-loops", "step")
 
 
 # -- command line ------------------------------------------------------------------------------
