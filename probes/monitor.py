@@ -157,6 +157,9 @@ class MonitorConfig:
                 raise InputError(f"monitor option {name} must be ≥ 1, got {getattr(self, name)}")
         for name in ("on_spike", "on_nonfinite", "on_warning", "on_trend", "on_loop"):
             value = getattr(self, name)
+            if isinstance(value, str):  # the command line's spelling (cut-lr) is accepted too
+                value = value.replace("-", "_")
+                setattr(self, name, value)
             if value is not None and value not in ACTIONS:
                 raise InputError(f"monitor option {name} must be one of {', '.join(ACTIONS)}, got {value!r}")
         for name in ("on_warning", "on_trend", "on_loop"):

@@ -345,4 +345,9 @@ def test_config_validation_and_unknown_options():
         StabilityMonitor(model, None, sync_every=0)
     with pytest.raises(InputError):
         StabilityMonitor(model, None, on_warning="skip")
+    with pytest.raises(InputError):
+        StabilityMonitor(model, None, on_warning="cut-it")
+    # one concept, the command line's spelling accepted too
+    with StabilityMonitor(model, None, on_warning="cut-lr") as monitor:
+        assert monitor.config.on_warning == "cut_lr"
     assert MonitorConfig().on_spike == "warn"
