@@ -178,9 +178,11 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
     sweep.lti_spectral_norm, sweep.lti_spectral_radius = spec.spectral_norm, spec.spectral_radius
     krylov = None
     G = None
+    kept: dict = {}  # the sweep's linearisations at the loops the forecast needs (fc.forecast_loops)
     if not broken:
-        sweep, lyap, krylov = _sweep(model, traj, lyapunov_k, jacobian_steps, arnoldi_steps, krylov_dim,
-                                     _jacobian_loops(T, jacobian_loops), cost, report)
+        sweep, lyap, krylov, kept = _sweep(model, traj, lyapunov_k, jacobian_steps, arnoldi_steps, krylov_dim,
+                                           _jacobian_loops(T, jacobian_loops), cost, report,
+                                           keep=set(fc.forecast_loops(T)))
         sweep.lti_spectral_norm, sweep.lti_spectral_radius = spec.spectral_norm, spec.spectral_radius
         part = protocol.linear_part(model)
         if part is not None and krylov is not None and krylov.H.shape[0] and part.A.is_finite():
@@ -205,10 +207,10 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
         forecast = fc.combine(traj, [], H, explosion_factor, settle_tol, nonfinite_weights=bad)
     else:
         sigma_T = float(sweep.spectral_norm[-1]) if sweep.loops and sweep.loops[-1] == T else None
-        hind = dict(zip(sweep.loops, sweep.hindcast_error)).get(T - 1, math.nan)
         forecast = fc.forecast_from(model, traj, spec, H, krylov=krylov, krylov_dim=krylov_dim,
                                     explosion_factor=explosion_factor, settle_tol=settle_tol,
-                                    extra_evidence=extra, sigma_T=sigma_T, jacobian_hindcast=hind, cost=cost)
+                                    extra_evidence=extra, sigma_T=sigma_T, cost=cost, linearisations=kept)
+        kept.clear()  # free the recorded graphs
     from loopdyn.dynamics.phases import token_phases
     phases = None if broken else token_phases(traj.states, forecast.leading_eigenvalues, forecast.eigenvalue_source)
     losses = None if broken else fc.probe_losses(model, idx, traj, H, cost)
@@ -241,14 +243,16 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
 
 
 def _sweep(model, traj: Trajectory, lyapunov_k: int, gkl_steps: int, arnoldi_steps: int, krylov_dim: int,
-           jac_loops: list[int], cost: Cost, report):
-    """One pass over h_0..h_T: Lyapunov vectors, Jacobian spectra, and the Krylov basis at h_T."""
+           jac_loops: list[int], cost: Cost, report, keep: set = frozenset()):
+    """One pass over h_0..h_T: Lyapunov vectors, Jacobian spectra, the Krylov basis at h_T, and
+    the linearisations at the loops in `keep` (for the forecast, which then linearises nothing twice)."""
     T, states, ctx = traj.n_loops, traj.states, traj.ctx
     acc = LyapunovAccumulator(states[0].shape, lyapunov_k) if lyapunov_k > 0 else None
     sig, rho, hind = [], [], []
     products = 0
     v_warm = None
     krylov = None
+    kept = {}
     for t in range(T + 1):
         report("linearised loops", t, T + 1)
         lin = Linearisation(model, ctx, states[t], cost)
@@ -286,6 +290,8 @@ def _sweep(model, traj: Trajectory, lyapunov_k: int, gkl_steps: int, arnoldi_ste
             if t in jac_loops:
                 sig.append(float(s[0]))
                 rho.append(lam)
+        if t in keep:
+            kept[t] = lin
         del lin
     report("linearised loops", T + 1, T + 1)
     loops = [t for t in jac_loops]
@@ -294,7 +300,7 @@ def _sweep(model, traj: Trajectory, lyapunov_k: int, gkl_steps: int, arnoldi_ste
               f"{arnoldi_steps} Arnoldi steps from r_t ({krylov_dim} at loop {T}; Ritz estimate)")
     sweep = JacobianSweep(loops, np.array(sig), np.array(rho), method, products, np.array(hind))
     lyap = acc.result() if acc is not None else LyapunovResult(np.zeros(0), 0, None)
-    return sweep, lyap, krylov
+    return sweep, lyap, krylov, kept
 
 
 def _fmt(x) -> str:

@@ -272,7 +272,19 @@ class _Data:
         return 100.0 * self.eps * float(self.h[t].norm())
 
     def hindcast_window(self) -> int:
-        return min(3, (self.T - 1) // 2)
+        return hindcast_window(self.T)
+
+
+def hindcast_window(T: int) -> int:
+    """w: every model is built from what was known at loop T − w and scored on loops T − w + 1..T."""
+    return min(3, (T - 1) // 2)
+
+
+def forecast_loops(T: int) -> list[int]:
+    """The measured loops at which `forecast_from` linearises the step: T, and T − w for the
+    Jacobian model's hindcast. An audit that already linearised them passes them in."""
+    w = hindcast_window(T)
+    return [T] + ([T - w] if w >= 1 and T - w >= 1 else [])
 
 
 def _rel_error(pred: torch.Tensor, true: torch.Tensor, floor: float) -> float:
@@ -1044,14 +1056,14 @@ def lyapunov_evidence(lyap) -> str:
 def forecast_from(model, traj, spec, horizon: int, *, krylov: KrylovResult | None = None,
                   krylov_dim: int = 8, explosion_factor: float = 10.0, settle_tol: float = 1e-2,
                   extra_evidence: list[str] | None = None, sigma_T: float | None = None,
-                  jacobian_hindcast: float = math.nan, n_random: int = 2, random_steps: int = 4,
-                  cost: Cost | None = None) -> Forecast:
+                  n_random: int = 2, random_steps: int = 4, cost: Cost | None = None,
+                  linearisations: dict | None = None) -> Forecast:
     """The forecast from a measured trajectory (with its states). `spec` (an InjectionSpectrum, or
     None) only saves recomputing Ā's eigenvalues; `krylov` (the audit's Arnoldi run at h_T from r_T)
-    saves those products; `jacobian_hindcast` (the audit's one-step J_{T−1} r_{T−1} error) is accepted
-    for the call signature but not used: every model is hindcast here the same way. Costs two
-    linearisations (at h_T and h_{T−w}), about 2·(krylov_dim + n_random·random_steps) Jacobian
-    products and two loop steps."""
+    saves those products; `linearisations` ({loop t: Linearisation at h_t}, the audit's own for
+    `forecast_loops(T)`) saves re-linearising those states. Costs the linearisations at h_T and
+    h_{T−w} not given, about 2·(krylov_dim + n_random·random_steps) Jacobian products and two
+    loop steps."""
     T, H = traj.n_loops, int(horizon)
     states = traj.states
     if traj.nonfinite_at is not None:
@@ -1072,7 +1084,8 @@ def forecast_from(model, traj, spec, horizon: int, *, krylov: KrylovResult | Non
     if krylov_dim > 0 and T >= 1:
         r_T = (states[T] - states[T - 1]).to(torch.float64)
         steps = min(krylov_dim, r_T.numel())
-        lin = Linearisation(model, traj.ctx, states[T], cost)
+        given = linearisations or {}
+        lin = given.get(T) or Linearisation(model, traj.ctx, states[T], cost)
         sub = jacobian_subspace(lin, r_T, steps, n_random, random_steps, seed=0,
                                 krylov=krylov if krylov is not None and krylov.basis else None)
         del lin
@@ -1080,7 +1093,7 @@ def forecast_from(model, traj, spec, horizon: int, *, krylov: KrylovResult | Non
         w = data.hindcast_window()
         if w >= 1 and T - w >= 1:
             t0 = T - w
-            lin0 = Linearisation(model, traj.ctx, states[t0], cost)
+            lin0 = given.get(t0) or Linearisation(model, traj.ctx, states[t0], cost)
             sub0 = jacobian_subspace(lin0, (states[t0] - states[t0 - 1]).to(torch.float64), steps, n_random,
                                      random_steps, seed=1)
             del lin0
