@@ -167,7 +167,10 @@ def run_child(path: str, seq_len: int, variant: str, threads: int, forwards: int
     if line is None:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise SystemExit(f"child failed ({path}, S={seq_len}, {variant})")
-    return json.loads(line[len("BENCH_JSON "):])
+    result = json.loads(line[len("BENCH_JSON "):])
+    if "audit_s" not in result:  # the command refused: show its one-line reason
+        sys.stderr.write(proc.stderr[-4000:])
+    return result
 
 
 def fit_exponent(xs, ys) -> float:
