@@ -10,10 +10,11 @@ changes one thing at step `trigger`:
 
   kind      scenario          what changes
   abrupt    lr-x5@80 …        every group's learning rate ×5, ×10, ×20, ×50 from the trigger on
+                              (steps 40–150; Parcae and linear injections)
   abrupt    inj-lr-x20@60 …   only the injection's learning rate (linear injection)
-  abrupt    short-warmup      warm-up of 1 step to lr 0.06 (trigger 1)
-  abrupt    data-burst@70     4 batches of random bytes from the trigger on (a corrupted shard)
-  gradual   lr-ramp@60 …      the learning rate ×1.06 per step from the trigger on
+  abrupt    short-warmup …    warm-up of 1 step to lr 0.06 (0.04 for the linear injection; trigger 1)
+  abrupt    data-burst@70 …   4 (8 at step 120) batches of random bytes from the trigger on (a corrupted shard)
+  gradual   lr-ramp@60 …      the learning rate ×1.04–×1.06 per step from the trigger on
   gradual   beta2-high        β2 = 0.9999 at lr 0.03, no clipping         } warm-up of 40 steps to a
   gradual   no-clip           no gradient clipping at lr 0.04             } learning rate the run
   gradual   linear-lr0.05     linear injection at lr 0.05 (ρ(Ā) > 1), 0.03 } does not survive
@@ -94,14 +95,20 @@ BREAKING = [
     Scenario("lr-x10@60", "abrupt", 60, jump=10.0),
     Scenario("lr-x20@100", "abrupt", 100, jump=20.0),
     Scenario("lr-x50@50", "abrupt", 50, jump=50.0),
+    Scenario("lr-x5@150", "abrupt", 150, jump=5.0),
+    Scenario("lr-x20-linear@40", "abrupt", 40, injection="linear", jump=20.0),
     Scenario("lr-x10-linear@70", "abrupt", 70, injection="linear", jump=10.0),
     Scenario("inj-lr-x20@60", "abrupt", 60, injection="linear", jump=20.0, jump_groups="injection"),
     Scenario("inj-lr-x7@90", "abrupt", 90, injection="linear", jump=7.0, jump_groups="injection"),
     Scenario("short-warmup", "abrupt", 1, lr=0.06, warmup=1, after=240),
+    Scenario("short-warmup-linear", "abrupt", 1, injection="linear", lr=0.04, warmup=1, after=240),
     Scenario("data-burst@70", "abrupt", 70, burst=4),
     Scenario("data-burst-linear@90", "abrupt", 90, injection="linear", burst=4),
+    Scenario("data-burst@120", "abrupt", 120, burst=8),
     Scenario("lr-ramp@60", "gradual", 60, ramp=1.06),
     Scenario("lr-ramp-linear@80", "gradual", 80, injection="linear", ramp=1.06),
+    Scenario("lr-ramp@120", "gradual", 120, ramp=1.04),
+    Scenario("lr-ramp-linear@40", "gradual", 40, injection="linear", ramp=1.05),
     Scenario("beta2-high", "gradual", 1, lr=0.03, warmup=40, betas=(0.9, 0.9999), clip=None, after=240),
     Scenario("no-clip", "gradual", 1, lr=0.04, warmup=40, clip=None, after=240),
     Scenario("linear-lr0.05", "gradual", 1, injection="linear", lr=0.05, warmup=40, after=240),

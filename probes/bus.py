@@ -346,8 +346,9 @@ class SignalBus:
         self._closure_mode = closure is not None
         if not self._closure_mode:
             self.listener.before_optimizer_step()
+        coming = self.step + 1
         if (self.config.update_ratio and self.enabled("update_ratio")
-                and (self.step + 1) % self.config.update_every == 0):
+                and (coming <= self.config.update_dense or coming % self.config.update_every == 0)):
             self._guard("update_ratio", self._copy_params)
         return None
 

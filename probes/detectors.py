@@ -277,6 +277,7 @@ class Precursor:
     lead: float | None = None  # steps until this precursor reaches its critical level
     value: float = math.nan  # the signal's own value (ρ, the learning rate, the state norm, …)
     magnitude: float = 1.0  # positive, grows as the evidence worsens (for escalation)
+    absolute: bool = False  # judged against a fixed level, not the signal's own history: counts from step 1
 
 
 @dataclass
@@ -370,7 +371,7 @@ class OptimizerWatch:
                 if prev and st["seen"] >= 2 and lr >= self.jump * prev:
                     new.append(Precursor("lr", 1.0, f"learning rate of group {gi} jumped ×{lr / prev:.3g} "
                                          f"({prev:.3g} → {lr:.3g}) at this step", lead=0.0, value=lr,
-                                         magnitude=lr / prev))
+                                         magnitude=lr / prev, absolute=True))
                 if lr > st["peak"] * (1 + 1e-9):
                     if st["base"] is None and st["since"] >= self.settle:
                         st["base"] = st["peak"]
@@ -384,7 +385,7 @@ class OptimizerWatch:
                     if ratio >= 1.5:
                         new.append(Precursor("lr", 1.0 if ratio >= 3 else 0.5,
                                              f"learning rate of group {gi} climbing: ×{ratio:.3g} its plateau "
-                                             f"{st['base']:.3g}", value=lr, magnitude=ratio))
+                                             f"{st['base']:.3g}", value=lr, magnitude=ratio, absolute=True))
                 st["prev"], st["seen"] = lr, st["seen"] + 1
             settings = {k: v for k, v in g.items() if k != "lr"}
             if st["settings"] is not None:
@@ -392,11 +393,12 @@ class OptimizerWatch:
                 if changed:
                     what = ", ".join(f"{k} {st['settings'].get(k)!r} → {settings[k]!r}" for k in changed)
                     new.append(Precursor("optimizer", 0.5, f"optimiser setting changed in group {gi}: {what}",
-                                         value=math.nan, magnitude=1.0))
+                                         value=math.nan, magnitude=1.0, absolute=True))
             st["settings"] = settings
         if n_state < self._n_state:
             new.append(Precursor("optimizer", 0.5, f"optimiser state reset ({self._n_state} → {n_state} "
-                                 "parameters with state)", value=float(n_state), magnitude=1.0))
+                                 "parameters with state)", value=float(n_state), magnitude=1.0,
+                                 absolute=True))
         self._n_state = n_state
         self._found = [(s, p) for s, p in self._found if step - s <= self.hold] + [(step, p) for p in new]
         return new
@@ -435,17 +437,26 @@ class EarlyWarningDetector:
                               steadily (Kendall τ ≥ 0.8),          loop_instability family)
                               projected to reach 1 within
                               `horizon` steps
-    state norm ‖h_T‖          recent/reference ≥ 2.5           ≥ 5
+    state norm ‖h_T‖          recent/reference ≥ 2.5           ≥ 5, or growing ≥ ×1.5 per
+                                                               step over each of the last
+                                                               3 observations (absolute)
     loop Jacobian σ_max       > 1 and ≥ 1.5× reference         > 1 and ≥ 3× reference
     relative residual         ≥ 0.5 and ≥ 2× reference         —
     grad norm, update ratio   a fresh spike (robust z ≥ 6)     —
                               within the last `spike_hold` steps
+    update ratio ‖Δθ‖/‖θ‖     ≥ 0.05 (absolute)                ≥ 0.1 (absolute)
     attention max logit       ≥ 1.5× reference                 ≥ 3× reference
     output log Z              ≥ reference + 5 nats             —
     loss                      recent median ≥ reference        —
                               + `loss_rise` nats
 
-    Relative precursors wait `warmup` steps; the learning-rate ones and ρ(Ā) are absolute.
+    Relative precursors wait `warmup` steps; the absolute ones (learning rate, optimiser
+    settings, ρ(Ā), the update ratio's level, the state norm's per-step growth rate) count from
+    the first step — a run with too short a warm-up breaks before any reference exists. The
+    update ratio's levels: one step that moves the weights by 5 % of their norm (10 %) is far
+    above what a healthy run does after warm-up (≈ 1 % on the tiny preset at lr 1e-2; ~1e-3 is
+    the usual rule of thumb for large models); Adam's first steps without warm-up move every
+    weight by ≈ lr, i.e. by lr / rms(θ) of its scale.
     After the first report the detector escalates (`Escalation`) instead of going silent.
 
     Lead time: for precursors with a measurable trend, the steps until they reach their
@@ -463,6 +474,9 @@ class EarlyWarningDetector:
     watch_radius: bool = True
     spike_hold: int = 5
     state_growth: tuple = (2.5, 5.0)
+    state_rate: float = 1.5  # per-step growth of ‖h_T‖ that, kept over `state_rate_steps` observations, is strong
+    state_rate_steps: int = 3
+    update_levels: tuple = (0.05, 0.1)  # update ratio: moderate, strong (absolute)
     loss_rise: float | None = None
     severity: str = "warning"
     escalation: Escalation = field(default_factory=Escalation)
@@ -534,6 +548,40 @@ class EarlyWarningDetector:
             return None
         return max(0.0, (math.log(self.critical_growth * ref) - y[-1]) / slope)
 
+    def _state_rate_precursor(self) -> Precursor | None:
+        """‖h_T‖ growing by ≥ `state_rate` per step (geometric, over gaps between observations)
+        across each of the last `state_rate_steps` observations: an explosion under way, whatever
+        the reference (a healthy run's state grows ≤ ×1.2 per step even at its start)."""
+        buf = self._series.get("state_norm")
+        k = self.state_rate_steps
+        if not buf or len(buf) < k + 1:
+            return None
+        pts = list(buf)[-(k + 1):]
+        rates = []
+        for (s0, v0), (s1, v1) in zip(pts, pts[1:]):
+            if v0 <= 0 or s1 <= s0:
+                return None
+            rates.append((v1 / v0) ** (1.0 / (s1 - s0)))
+        if min(rates) < self.state_rate:
+            return None
+        rate = math.exp(sum(math.log(r) for r in rates) / k)
+        return Precursor("state_norm", 1.0, f"state norm ‖h_T‖ = {pts[-1][1]:.3g} growing ×{rate:.2g} per step "
+                         f"for {k} observations", lead=0.0, value=pts[-1][1], magnitude=pts[-1][1] / pts[0][1],
+                         absolute=True)
+
+    def _update_level_precursor(self) -> Precursor | None:
+        """The update ratio's own level: ≥ update_levels[0] moderate, ≥ update_levels[1] strong."""
+        buf = self._series.get("update_ratio")
+        if not buf:
+            return None
+        value = buf[-1][1]
+        moderate, strong = self.update_levels
+        if value < moderate:
+            return None
+        return Precursor("update_ratio", 1.0 if value >= strong else 0.5,
+                         f"one update moves the weights by {100 * value:.3g} % of their norm", value=value,
+                         magnitude=value / moderate, absolute=True)
+
     def _radius_precursor(self) -> Precursor | None:
         buf = self._series.get("injection_radius")
         if not self.watch_radius or not buf:
@@ -541,7 +589,7 @@ class EarlyWarningDetector:
         step, rho = buf[-1]
         if rho > 1 + 1e-3:
             return Precursor("injection_radius", 0.5, f"ρ(Ā) = {rho:.3f} > 1 (the loop's linear part is unstable)",
-                             lead=0.0, value=rho, magnitude=rho)
+                             lead=0.0, value=rho, magnitude=rho, absolute=True)
         pts = list(buf)[-5:]
         if len(pts) < 5 or rho < self.radius_watch:
             return None
@@ -552,7 +600,8 @@ class EarlyWarningDetector:
         if t_cross > self.horizon:
             return None
         return Precursor("injection_radius", 0.5, f"ρ(Ā) = {rho:.3f} rising {slope:.2g}/step, reaches 1 in "
-                         f"~{t_cross:.0f} steps", lead=t_cross, value=rho, magnitude=rho)
+                         f"~{t_cross:.0f} steps", lead=t_cross, value=rho, magnitude=rho,
+                         absolute=True)
 
     def _jacobian_precursor(self) -> Precursor | None:
         buf = self._series.get("jacobian_norm")
@@ -629,11 +678,17 @@ class EarlyWarningDetector:
             self._residual_precursor(),
             self._spike_precursor("grad_norm", "gradient norm"),
             self._spike_precursor("update_ratio", "update/parameter ratio"),
+            self._update_level_precursor(),
+            self._state_rate_precursor(),
             self._growth_precursor("attn_logit_max", 1.5, 3.0, "max attention logit", recent=1),
             self._logz_precursor(),
             self._loss_precursor(),
         ]
-        found = [p for p in found if p is not None]
+        best: dict[str, Precursor] = {}  # one piece of evidence per signal: the strongest
+        for p in found:
+            if p is not None and (p.signal not in best or p.score > best[p.signal].score):
+                best[p.signal] = p
+        found = list(best.values())
         if step is not None:
             found += self.optimizer.precursors(step)
         return found
@@ -646,7 +701,7 @@ class EarlyWarningDetector:
         # ρ(Ā) are absolute and may fire at once.
         warming = self._first_step is None or step - self._first_step < self.warmup
         if warming:
-            found = [p for p in found if p.signal in ("lr", "optimizer", "injection_radius")]
+            found = [p for p in found if p.absolute]
         score = sum(p.score for p in found)
         self.last_score, self.last_precursors = score, found
         fire = score >= self.threshold

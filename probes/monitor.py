@@ -21,8 +21,10 @@ Signals (name: when, where from)
     loss            every step   model output `.loss` (forward hook), else `record_loss()`
     grad_norm       every step   ‖∇θ‖₂ before the step (`record_grad_norm()` from a trainer
                                  that clips, else computed from .grad in the step pre-hook)
-    update_ratio    every `update_every` steps (default 2): ‖Δθ‖₂/‖θ‖₂ over all parameters, and
-                                 update_ratio/<group>; needs a copy of θ before the step
+    update_ratio    every step of the first `update_dense` (50), then every `update_every` (10):
+                                 ‖Δθ‖₂/‖θ‖₂ over all parameters, and update_ratio/<group>;
+                                 needs a copy of θ before the step (the monitor's largest cost,
+                                 hence the cadence; a too-short warm-up shows in the first ones)
     lr              every step   group 0's learning rate (every group's lr and settings are
                                  also read in the pre-hook, before the update: OptimizerWatch)
     state_norm      every step   mean over batch and tokens of ‖h_T‖₂ (the final state)
@@ -108,7 +110,8 @@ class MonitorConfig:
     loop_every: int = 10  # probe unroll of a loop without a state tap
     loop_batch: int = 2
     update_ratio: bool = True
-    update_every: int = 2
+    update_every: int = 10
+    update_dense: int = 50  # every step until then
     disable: tuple = ()  # signal names (or probe names) not to record
     # detectors
     spike_method: str = "mad"  # loss and gradient-norm spikes: mad | ema | ratio
@@ -155,6 +158,8 @@ class MonitorConfig:
                      "update_every", "loop_every", "loop_batch", "escalate_every"):
             if getattr(self, name) < 1:
                 raise InputError(f"monitor option {name} must be ≥ 1, got {getattr(self, name)}")
+        if self.update_dense < 0:
+            raise InputError(f"monitor option update_dense must be ≥ 0, got {self.update_dense}")
         for name in ("on_spike", "on_nonfinite", "on_warning", "on_trend", "on_loop"):
             value = getattr(self, name)
             if isinstance(value, str):  # the command line's spelling (cut-lr) is accepted too

@@ -218,6 +218,55 @@ def test_early_warning_lasting_update_ratio_shift_is_not_a_spike():
     assert ew.last_score == 0
 
 
+def _at(steps, values):
+    """values observed at `steps` only, as _feed's step-indexed list (None elsewhere)."""
+    out = [None] * (max(steps) + 1)
+    for s, v in zip(steps, values):
+        out[s] = v
+    return out
+
+
+def test_absolute_precursors_warn_from_the_first_steps():
+    """A run with too short a warm-up breaks before any reference exists: the update ratio's own
+    level and the state norm's per-step growth rate count from step 1 (the relative precursors
+    wait `warmup` steps)."""
+    # One update that moves the weights by 12 % of their norm: strong on its own, at step 2.
+    alert = _feed(EarlyWarningDetector(), {"update_ratio": _at(range(1, 4), [0.004, 0.12, 0.06])}, range(1, 4))
+    assert alert is not None and alert.step == 2 and alert.signal == "update_ratio"
+    assert alert.value == pytest.approx(0.12) and alert.score == pytest.approx(1.0)
+    # 6 %: moderate, it needs a second precursor; a healthy 1 % is nothing.
+    assert _feed(EarlyWarningDetector(), {"update_ratio": _at(range(1, 6), [0.06] * 5)}, range(1, 6)) is None
+    ew = EarlyWarningDetector()
+    assert _feed(ew, {"update_ratio": _at(range(1, 6), [0.01] * 5)}, range(1, 6)) is None and ew.last_score == 0
+    # ‖h_T‖ ×1.9–3.9 per step from step 1 (the measured 1-step warm-up run: 11.5, 45, 85, 223):
+    # the third growing interval makes it strong, at step 4; a healthy start (≤ ×1.2) is nothing.
+    alert = _feed(EarlyWarningDetector(), {"state_norm": _at(range(1, 6), [11.5, 45.4, 85.0, 223.0, 523.0])}, range(1, 6))
+    assert alert is not None and alert.step == 4 and alert.signal == "state_norm" and alert.value == 223.0
+    ew = EarlyWarningDetector()
+    assert _feed(ew, {"state_norm": _at(range(1, 8), [11.5, 11.2, 13.6, 16.4, 19.8, 19.0, 20.7])}, range(1, 8)) is None
+    assert ew.last_score == 0
+    # Sparse observations (every 10 steps) are judged per step: ×1.04 per step is no explosion,
+    # ×1.6 per step is.
+    slow = [10 * 1.04 ** (10 * k) for k in range(5)]
+    assert _feed(EarlyWarningDetector(), {"state_norm": _at(range(0, 50, 10), slow)}, range(50)) is None
+    fast = [10 * 1.6 ** (10 * k) for k in range(5)]
+    alert = _feed(EarlyWarningDetector(), {"state_norm": _at(range(0, 50, 10), fast)}, range(50))
+    assert alert is not None and alert.step == 30
+
+
+@given(st.floats(0.3, 3.0), st.floats(1.0, 1.45), st.integers(1, 10))
+@settings(max_examples=40, deadline=None)
+def test_state_rate_is_scale_free_and_silent_below_its_rate(scale, rate, gap):
+    """Any state norm growing slower than ×1.5 per step never triggers the rate precursor,
+    whatever its scale or observation gap; ×1.5 and faster always does, by the 4th observation."""
+    steps = range(0, 8 * gap, gap)
+    ew = EarlyWarningDetector(warmup=10**6)  # the relative precursors (growth vs reference) stay out
+    assert _feed(ew, {"state_norm": _at(steps, [scale * rate ** s for s in steps])}, steps) is None
+    alert = _feed(EarlyWarningDetector(warmup=10**6),
+                  {"state_norm": _at(steps, [scale * (rate + 0.6) ** s for s in steps])}, steps)
+    assert alert is not None and alert.step == 3 * gap
+
+
 def test_alert_record_has_exactly_the_contract_fields():
     a = Alert(3, "spike", "warning", "loss", math.inf, 6.0, "m", lead_time=2.0, detected_step=4)
     rec = a.record()

@@ -85,6 +85,31 @@ def test_default_monitor_leaves_training_bit_identical():
     assert torch.equal(rng_a, rng_b)
 
 
+def test_update_ratio_cadence_dense_first_then_sparse():
+    """The update ratio (the monitor's costliest signal: a copy of θ) is taken every step of the
+    first `update_dense` steps, then every `update_every`; each value is ‖Δθ‖/‖θ_after‖ of its step."""
+    model = tiny()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    monitor = StabilityMonitor(model, opt, console=False, update_dense=4, update_every=5)
+    expected = {}
+
+    def on_step(step, out):
+        expected[step] = [p.detach().clone() for p in model.parameters()]
+
+    train_steps(model, opt, 12, on_step=on_step)
+    hist = monitor.history["update_ratio"]
+    monitor.close()
+    assert [s for s, _ in hist] == [1, 2, 3, 4, 5, 10]
+    # recompute step 10 from the copies: θ after step 10 is θ before step 11
+    model2 = tiny()
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=3e-3)
+    train_steps(model2, opt2, 10)
+    after = [p.detach() for p in model2.parameters()]
+    d = torch.sqrt(sum(((a - b).double() ** 2).sum() for a, b in zip(after, expected[10])))
+    n = torch.sqrt(sum((a.double() ** 2).sum() for a in after))
+    assert hist.at(10) == pytest.approx(float(d / n), rel=1e-4)
+
+
 def test_signals_match_independent_computations():
     model = tiny("linear")
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

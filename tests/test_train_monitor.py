@@ -42,6 +42,28 @@ def test_train_ends_with_a_verdict_naming_the_loop_instability(tmp_path, capsys)
     assert len(cuts) >= len(loop) >= 2 and "learning-rate cut" in out[-1]
 
 
+def test_on_loop_acts_on_the_loop_family_alone(tmp_path, capsys):
+    """--on-loop sets the loop_instability action apart from --on-warning: with `--on-loop
+    cut-lr` every learning-rate cut answers a loop_instability alert (at its step), none a spike
+    warning; with `--on-loop warn` there is no cut at all."""
+    def run(on_loop):
+        alerts = tmp_path / f"alerts-{on_loop}.jsonl"
+        assert main(["train", "--injection", "linear", "--lr", "0.05", "--steps", "24", "--batch-size", "4",
+                     "--seq-len", "32", "--eval-every", "0", "--no-progress", "--alerts", str(alerts),
+                     "--on-warning", "warn", "--on-loop", on_loop]) == 0
+        capsys.readouterr()
+        return [json.loads(line) for line in alerts.read_text().splitlines()]
+
+    records = run("cut-lr")
+    loop_steps = {r["step"] for r in records if r["kind"] == "loop_instability"}
+    cuts = [r for r in records if r["kind"] == "action" and "learning rate cut" in r["message"]]
+    assert loop_steps and cuts and {c["step"] for c in cuts} <= loop_steps
+    assert all(c["signal"] in {r["signal"] for r in records if r["kind"] == "loop_instability"} for c in cuts)
+    records = run("warn")
+    assert [r for r in records if r["kind"] == "loop_instability"]
+    assert not [r for r in records if r["kind"] == "action" and "learning rate cut" in r["message"]]
+
+
 def test_train_prints_alerts_as_they_happen(tmp_path, capsys):
     """A learning rate of 30 wrecks the tiny model at once: the monitor reports it on stderr
     while training, writes the same alerts to the file, and `--on-spike stop` ends the run."""

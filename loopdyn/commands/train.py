@@ -30,7 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--on-spike", choices=["warn", "skip", "rollback", "stop"], type=hyphenated,
                    help="what to do on a loss/gradient spike or a non-finite value (default: warn)")
     m.add_argument("--on-warning", choices=["warn", "stop", "cut-lr", "rollback"], type=hyphenated,
-                   help="what to do on an early warning of instability (default: warn)")
+                   help="what to do on an early warning of a loss spike (default: warn)")
+    m.add_argument("--on-loop", choices=["warn", "stop", "cut-lr", "rollback"], type=hyphenated,
+                   help="what to do when the loop itself turns unstable (loop_instability: rho(A) > 1, "
+                        "state growing with depth) even while the loss is fine (default: as --on-warning)")
     m.add_argument("--probes", action="store_true", help="attach the monitor (alerts on stderr only)")
     m.set_defaults(alerts=None)
     m.add_argument("--sync-every", type=int, metavar="N", help="at most N steps between blocking device→host reads of the probe values, and the "
@@ -47,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def monitor_options(args: argparse.Namespace) -> dict | None:
     """StabilityMonitor keyword arguments from the command line, or None if no monitor is wanted."""
-    wanted = (args.alerts or args.on_spike or args.on_warning or args.probes or args.tensorboard
+    wanted = (args.alerts or args.on_spike or args.on_warning or args.on_loop or args.probes or args.tensorboard
               or getattr(args, "plots", None)
               or args.sync_every is not None or args.jacobian_every is not None)
     if not wanted:
@@ -57,6 +60,8 @@ def monitor_options(args: argparse.Namespace) -> dict | None:
         opts["on_spike"] = args.on_spike
     if args.on_warning:
         opts["on_warning"] = args.on_warning.replace("-", "_")
+    if args.on_loop:
+        opts["on_loop"] = args.on_loop.replace("-", "_")
     if args.sync_every is not None:
         opts["sync_every"] = args.sync_every
     if args.jacobian_every is not None:
