@@ -278,6 +278,7 @@ class Precursor:
     value: float = math.nan  # the signal's own value (ρ, the learning rate, the state norm, …)
     magnitude: float = 1.0  # positive, grows as the evidence worsens (for escalation)
     absolute: bool = False  # judged against a fixed level, not the signal's own history: counts from step 1
+    transient: bool = False  # a one-step event (a gradient or update spike): confirms, never warns alone
 
 
 @dataclass
@@ -443,7 +444,9 @@ class EarlyWarningDetector:
     loop Jacobian σ_max       > 1 and ≥ 1.5× reference         > 1 and ≥ 3× reference
     relative residual         ≥ 0.5 and ≥ 2× reference         —
     grad norm, update ratio   a fresh spike (robust z ≥ 6)     —
-                              within the last `spike_hold` steps
+                              within the last `spike_hold` steps:
+                              one event however many spike; it
+                              does not confirm ρ(Ā)'s drift
     update ratio ‖Δθ‖/‖θ‖     ≥ 0.05 (absolute)                ≥ 0.1 (absolute)
     attention max logit       ≥ 1.5× reference                 ≥ 3× reference
     output log Z              ≥ reference + 5 nats             —
@@ -634,7 +637,8 @@ class EarlyWarningDetector:
         step, z, value = fresh
         if buf[-1][0] - step >= self.spike_hold:
             return None
-        return Precursor(signal, 0.5, f"{label} spike ({z:.0f}σ at step {step})", value=value, magnitude=z)
+        return Precursor(signal, 0.5, f"{label} spike ({z:.0f}σ at step {step})", value=value, magnitude=z,
+                         transient=True)
 
     def _residual_precursor(self) -> Precursor | None:
         """The relative residual is noisy batch to batch; it counts only when the loop moves the
@@ -686,9 +690,20 @@ class EarlyWarningDetector:
         ]
         best: dict[str, Precursor] = {}  # one piece of evidence per signal: the strongest
         for p in found:
-            if p is not None and (p.signal not in best or p.score > best[p.signal].score):
+            if p is not None and (p.signal not in best or (p.score, not p.transient)
+                                  > (best[p.signal].score, not best[p.signal].transient)):
                 best[p.signal] = p
         found = list(best.values())
+        # A hard batch spikes the gradient norm and, through it, the update: one event, one
+        # piece of evidence. It confirms evidence about the step (state, Jacobian, attention,
+        # log Z, loss), not ρ(Ā)'s slow drift towards 1, which a hard batch says nothing about
+        # (that drift is the loop_instability family's finding).
+        transient = [p for p in found if p.transient]
+        if transient:
+            steady = [p for p in found if not p.transient]
+            keep = [] if steady and all(p.signal == "injection_radius" for p in steady) else [
+                max(transient, key=lambda p: p.magnitude)]
+            found = steady + keep
         if step is not None:
             found += self.optimizer.precursors(step)
         return found

@@ -163,8 +163,9 @@ def test_early_warning_precedes_a_state_explosion_with_a_lead_estimate():
 
 def test_early_warning_projects_the_spectral_radius_crossing():
     """ρ rises 0.01/step from 0.7 at step 50: it reaches 1 at step 80. Before that the steady
-    climb is a moderate precursor whose lead estimate matches the true remaining steps; with a
-    fresh update-ratio spike at step 74 the fused warning fires there, 6 steps ahead."""
+    climb is a moderate precursor whose lead estimate matches the true remaining steps; a one-step
+    update spike at step 74 does not confirm it, an update moving the weights by 6 % does: the
+    fused warning fires there, 6 steps ahead."""
     n = 120
     rho = np.array([0.7 if i < 50 else 0.7 + 0.01 * (i - 50) for i in range(n)])
     ew = EarlyWarningDetector(warmup=10)
@@ -186,7 +187,9 @@ def test_early_warning_projects_the_spectral_radius_crossing():
 
     rng = np.random.default_rng(5)
     u = 0.005 * (1 + 0.05 * rng.standard_normal(n))
-    u[74] = 0.05
+    u[74] = 0.03  # a one-step update spike (a hard batch) says nothing about ρ's drift
+    assert _feed(EarlyWarningDetector(warmup=10), {"injection_radius": rho, "update_ratio": u}, range(n)) is None
+    u[74] = 0.06  # an update that moves the weights by 6 % of their norm is evidence of its own
     fused = _feed(EarlyWarningDetector(warmup=10), {"injection_radius": rho, "update_ratio": u}, range(n))
     assert fused.step == 74 and fused.lead_time == pytest.approx(80 - 74, abs=1)
     assert fused.score == pytest.approx(1.0) and fused.value in (pytest.approx(u[74]), pytest.approx(rho[74]))
@@ -199,10 +202,14 @@ def test_early_warning_needs_fused_evidence_and_ignores_guaranteed_stable_inject
     g[60] = 10.0  # one gradient spike alone: a moderate precursor, not an alarm
     assert _feed(EarlyWarningDetector(), {"grad_norm": g}, range(n)) is None
     u = 0.005 * (1 + 0.05 * rng.standard_normal(n))
-    u[60] = 0.05  # with an update spike at the same time: two moderate precursors fire
-    alert = _feed(EarlyWarningDetector(), {"grad_norm": g, "update_ratio": u}, range(n))
+    u[60] = 0.03  # the update spikes with it: the same hard batch, one event, still no alarm
+    assert _feed(EarlyWarningDetector(), {"grad_norm": g, "update_ratio": u}, range(n)) is None
+    # Confirmed by evidence of another kind (the state norm ×3 its reference from step 58), it fires.
+    state = 20 * (1 + 0.02 * rng.standard_normal(n))
+    state[58:] *= 3
+    alert = _feed(EarlyWarningDetector(), {"grad_norm": g, "update_ratio": u, "state_norm": state}, range(n))
     assert alert is not None and alert.step == 60 and alert.score == pytest.approx(1.0)
-    assert alert.value in (pytest.approx(10.0), pytest.approx(0.05))  # a spiking signal's own value
+    assert alert.value in (pytest.approx(10.0), pytest.approx(0.03), pytest.approx(state[60]))
     # ρ above 1 for an injection that cannot cross 1 (e.g. additive: ρ = 1 exactly) is ignored.
     rho = np.full(n, 1.0)
     assert _feed(EarlyWarningDetector(watch_radius=False), {"injection_radius": rho * 1.01}, range(n)) is None

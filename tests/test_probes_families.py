@@ -161,7 +161,7 @@ def test_history_exports_to_pandas():
     pd = pytest.importorskip("pandas")
     model = tiny()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    with StabilityMonitor(model, opt, console=False, spectral_every=2) as monitor:
+    with StabilityMonitor(model, opt, console=False, spectral_every=2, update_dense=0, update_every=2) as monitor:
         for x, y in batches(4):
             opt.zero_grad()
             model(x, y).loss.backward()
