@@ -107,7 +107,7 @@ BREAKING = [
     Scenario("data-burst@120", "abrupt", 120, burst=8),
     Scenario("lr-ramp@60", "gradual", 60, ramp=1.06),
     Scenario("lr-ramp-linear@80", "gradual", 80, injection="linear", ramp=1.06),
-    Scenario("lr-ramp@120", "gradual", 120, ramp=1.04),
+    Scenario("lr-ramp@120", "gradual", 120, ramp=1.04, after=100),
     Scenario("lr-ramp-linear@40", "gradual", 40, injection="linear", ramp=1.05),
     Scenario("beta2-high", "gradual", 1, lr=0.03, warmup=40, betas=(0.9, 0.9999), clip=None, after=240),
     Scenario("no-clip", "gradual", 1, lr=0.04, warmup=40, clip=None, after=240),
