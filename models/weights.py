@@ -23,6 +23,8 @@ Buffers that are computed rather than stored (RoPE tables) are passed to `fill` 
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import pickle
 from pathlib import Path
 from typing import Callable, Mapping
@@ -147,9 +149,35 @@ def _open_pickle(path: Path) -> dict[str, StoredTensor]:
 
 # ---- filling a meta-device model ----------------------------------------------------------------
 
+# The draws modules make in their constructors; on the meta device they do nothing but cost
+# time: torch's first meta-device normal_ imports its Python meta kernels (1–2 s).
+_INIT_DRAWS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+               "xavier_normal_", "orthogonal_", "constant_", "ones_", "zeros_")
+
+
+@contextlib.contextmanager
+def _skip_meta_init_draws():
+    real = {name: getattr(nn.init, name) for name in _INIT_DRAWS}
+
+    def skipping(fn):
+        @functools.wraps(fn)
+        def draw(tensor, *args, **kwargs):
+            return tensor if tensor.is_meta else fn(tensor, *args, **kwargs)
+        return draw
+
+    try:
+        for name, fn in real.items():
+            setattr(nn.init, name, skipping(fn))
+        yield
+    finally:
+        for name, fn in real.items():
+            setattr(nn.init, name, fn)
+
+
 def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
-    """`factory()` under `torch.device("meta")`: shapes only, no memory, no random initialisation."""
-    with torch.device("meta"):
+    """`factory()` under `torch.device("meta")`: shapes only, no memory, no random initialisation
+    (torch.nn.init draws on meta tensors are skipped, not run)."""
+    with torch.device("meta"), _skip_meta_init_draws():
         return factory()
 
 
