@@ -143,7 +143,8 @@ def _open_pickle(path: Path) -> dict[str, StoredTensor]:
     state: dict = obj
     # load() leaves the tensor in the state dict; take() removes it, so that it is freed once
     # the model holds its cast copy
-    return {key: StoredTensor(value.to("meta"), lambda k=key: state[k], lambda k=key: state.pop(k))
+    return {key: StoredTensor(torch.empty(value.shape, dtype=value.dtype, device="meta"), lambda k=key: state[k],
+                              lambda k=key: state.pop(k))
             for key, value in state.items()}
 
 
