@@ -23,6 +23,11 @@ probe length and on log(S) at one size. Targets (issue 15): parcae-1.3b at 256 t
 
     python bench/audit_cost.py [--sizes tiny,small,parcae-140m] [--seq-lens 64,256,1024]
                                [--threads 2] [--out FILE.jsonl] [--table FILE.jsonl ...]
+                               [--store auto|f32|bf16] [--load-only]
+
+`--store` chooses the stored dtype (auto: as above); `--load-only` times only
+`loopdyn.models.load` of the written checkpoint in a fresh child (seconds and peak resident
+memory, VmHWM), e.g. `--sizes parcae-1.3b --store f32 --load-only`.
 
 Each finished case is appended to --out as one JSON line, so slow cases (parcae-770m and
 -1.3b take many minutes each) can run on their own, in the background, and `--table` prints
@@ -120,23 +125,27 @@ DEFAULT_SEQ_LENS = "64,256,1024"
 FLOAT32_SIZES = ("tiny", "small", "parcae-140m")  # official init in float32; larger: bf16 at the official scales
 
 
-def write_checkpoint(size: str, path: str) -> None:
-    """A randomly initialised `size` at `path` (float32 official init, or bf16 official scales)."""
+def write_checkpoint(size: str, path: str, store: str = "auto") -> str:
+    """A randomly initialised `size` at `path`: float32 official init (auto for the small sizes),
+    or the official scales stored in bf16 (auto for parcae-370m and up) or f32. Returns the
+    stored dtype ("f32" | "bf16")."""
     import torch
 
     from loopdyn.models import LoopConfig, LoopedLM, save
 
     torch.manual_seed(0)
     config = LoopConfig.preset(size)
-    if size in FLOAT32_SIZES:
+    if store == "auto" and size in FLOAT32_SIZES:
         save(LoopedLM(config), path)
-        return
+        return "f32"
+    store = "bf16" if store == "auto" else store
     # Built on the meta device (no float32 copy, no orthogonal QR of every matrix), then
-    # materialised in bf16 and filled with the official scales: matrices N(0, 2/(5·width)),
-    # output projections zero, norm gains 1, value embeddings N(0, 1), injection as official.
+    # materialised in the stored dtype and filled with the official scales: matrices
+    # N(0, 2/(5·width)), output projections zero, norm gains 1, value embeddings N(0, 1),
+    # injection as official.
     with torch.device("meta"):
         model = LoopedLM(config)
-    model = model.to(torch.bfloat16).to_empty(device="cpu")
+    model = model.to(torch.bfloat16 if store == "bf16" else torch.float32).to_empty(device="cpu")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -155,6 +164,34 @@ def write_checkpoint(size: str, path: str) -> None:
                 p.normal_(0, math.sqrt(2 / (5 * width)), generator=g)
         model.injection.reset_parameters()
     save(model, path)
+    return store
+
+
+LOAD_CHILD = textwrap.dedent(r"""
+    import json, os, sys, time
+    import torch
+    torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
+    import loopdyn.models as lm
+
+    t = time.perf_counter()
+    model = lm.load(sys.argv[1])
+    seconds = time.perf_counter() - t
+    hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 2 ** 20
+    print("BENCH_JSON " + json.dumps(dict(
+        load_s=seconds, load_peak_gib=hwm, params=model.num_params(),
+        weights_gib=sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 30)))
+""")
+
+
+def run_load_child(path: str, threads: int) -> dict:
+    env = dict(os.environ, BENCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    proc = subprocess.run([sys.executable, "-c", LOAD_CHILD, path], capture_output=True, text=True, env=env,
+                          check=False)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("BENCH_JSON ")), None)
+    if line is None:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"load child failed ({path})")
+    return json.loads(line[len("BENCH_JSON "):])
 
 
 def run_child(path: str, seq_len: int, variant: str, threads: int, forwards: int) -> dict:
@@ -193,7 +230,7 @@ def print_table(rows: list[dict]) -> None:
           f"{'forward s':>9} {'audit s':>8} {'fwd eq.':>7} {'peak GiB':>8}  verdict")
     for r in rows:
         peak = max(r["load_peak_gib"], r["audit_peak_gib"])
-        disk = "f32" if r["size"] in FLOAT32_SIZES else "bf16"
+        disk = r.get("stored") or ("f32" if r["size"] in FLOAT32_SIZES else "bf16")
         print(f"{r['size']:>12} {r['params']:>14,} {disk:>5} {r['dtype']:>8} {r['seq_len']:>5} {r['variant']:>9} "
               f"{r['load_s']:>7.1f} {r['load_peak_gib']:>8.2f} {r['forward_s']:>9.3f} {r['audit_s']:>8.1f} "
               f"{fe(r):>7.1f} {peak:>8.2f}  {r['verdict']}")
@@ -238,7 +275,12 @@ def main() -> None:
     ap.add_argument("--forwards", type=int, default=3, help="timed forward passes before the audit (one fewer after)")
     ap.add_argument("--out", default=None, help="append each case as a JSON line to this file")
     ap.add_argument("--table", nargs="+", default=None, metavar="FILE", help="only print the table of these files")
+    ap.add_argument("--store", default="auto", choices=("auto", "f32", "bf16"),
+                    help="stored dtype of the written checkpoints (auto: f32 up to parcae-140m, bf16 above)")
+    ap.add_argument("--load-only", action="store_true", help="time only loading each written checkpoint")
     args = ap.parse_args()
+    if args.load_only:
+        return load_only(args)
 
     from loopdyn.models import LoopConfig
 
@@ -253,8 +295,8 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 path = os.path.join(tmp, size)
                 t = time.perf_counter()
-                write_checkpoint(size, path)
-                print(f"{size}: checkpoint written in {time.perf_counter() - t:.0f} s", flush=True)
+                stored = write_checkpoint(size, path, args.store)
+                print(f"{size}: {stored} checkpoint written in {time.perf_counter() - t:.0f} s", flush=True)
                 block_size = LoopConfig.preset(size).block_size
                 for S in seq_lens:
                     if S > block_size:
@@ -265,7 +307,7 @@ def main() -> None:
                     if "audit_s" not in r:
                         raise SystemExit(f"{size}, S={S}: the audit exited with {r.get('exit')}")
                     r.update(size=size, seq_len=S, variant=args.variant, threads=args.threads,
-                             wall_s=time.perf_counter() - t)
+                             wall_s=time.perf_counter() - t, stored=stored)
                     rows.append(r)
                     print(f"  S={S}: audit {r['audit_s']:.1f} s = {fe(r):.1f} forward passes (forward "
                           f"{r['forward_s']:.3f} s), load {r['load_s']:.1f} s, peak "
@@ -288,6 +330,27 @@ def main() -> None:
         print(f"\nparcae-1.3b at 256 tokens: {fe(b):.1f} forward passes (≤ 30), peak {peak:.2f} GiB (≤ 10): "
               f"{'OK' if ok else 'OVER BUDGET'}")
     print(f"RESULT audit_cost forward_equivalents={worst_fe:.1f} peak_gib={worst_peak:.2f}{target}")
+
+
+def load_only(args) -> None:
+    """Write each size in the stored dtype and time `loopdyn.models.load` of it in a fresh child."""
+    rows = []
+    for size in args.sizes.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, size)
+            stored = write_checkpoint(size, path, args.store)
+            file_gib = os.path.getsize(os.path.join(path, "model.safetensors")) / 2 ** 30
+            r = run_load_child(path, args.threads)
+            r.update(size=size, stored=stored, file_gib=file_gib, threads=args.threads)
+            rows.append(r)
+            print(f"{size}: load of the {stored} checkpoint ({file_gib:.2f} GiB file, {r['weights_gib']:.2f} GiB "
+                  f"float32 weights): {r['load_s']:.1f} s, peak {r['load_peak_gib']:.2f} GiB", flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(dict(r, load_only=True)) + "\n")
+    worst = max(rows, key=lambda r: r["load_peak_gib"])
+    print(f"RESULT audit_cost_load load_s={worst['load_s']:.1f} load_peak_gib={worst['load_peak_gib']:.2f} "
+          f"weights_gib={worst['weights_gib']:.2f} size={worst['size']} stored={worst['stored']}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,10 @@ implies, and every mismatch is reported.
 Before anything is allocated, the parameter bytes a config implies are checked against the size
 of the weights file and the machine's memory (`LoopConfig.check_fits`), and every official config
 field is type-checked; integer, boolean and complex weights are refused by name.
+
+Every loader builds the model on the `meta` device and fills it tensor by tensor, casting each to
+float32 as it is read (models/weights.py): no random initialisation, no second full copy of the
+weights; a bfloat16 file loads with a peak of the float32 model + one tensor.
 """
 from __future__ import annotations
 
@@ -24,7 +28,6 @@ import contextlib
 import json
 import math
 import os
-import pickle
 import secrets
 import shutil
 import sys
@@ -40,6 +43,7 @@ from loopdyn.models.fileio import (WriteError, check_output, describe_os_error, 
                                    temp_name)
 from loopdyn.models.looped import LoopedLM, value_embedding_layout
 from loopdyn.models.layers import rope_table
+from loopdyn.models.weights import StoredTensor, build_on_meta, fill, open_weights
 
 FORMAT_VERSION = 1
 OFFICIAL_WEIGHT_FILES = ("pytorch_model.bin", "model.pt", "model.safetensors", "model.bin")
@@ -320,19 +324,21 @@ def _load_own(directory: Path, raw: dict) -> tuple[LoopedLM, CheckpointInfo]:
         raise CheckpointError(f"{directory}: config.json and model.safetensors come from different saves "
                               f"(an interrupted save?) and no backup copy is kept")
     bound(config, weights, config_path)
-    state = _read_safetensors(weights)
+    state = open_weights(weights)
     check_float_weights(state, weights)
     model = _build(config, config_path)
-    expected = _own_state_dict(model)
+    expected = model.state_dict()
+    if config.tie_embeddings:
+        expected.pop("lm_head.weight")  # stored once, as wte.weight
     _check_keys_and_shapes(state, {k: tuple(v.shape) for k, v in expected.items()}, weights)
-    model.load_state_dict(state, strict=not config.tie_embeddings)
+    fill(model, {**state, "rope": _rope(config)}, torch.float32, weights)
     return model, CheckpointInfo(str(directory), "loopdyn", str(weights), _nonfinite(model))
 
 
 def bound(config: LoopConfig, weights: Path, source: Path) -> None:
     """Refuse, before reading or allocating anything, a config that implies more parameters
-    than the weights file holds or than the machine's memory takes (reading the weights and
-    building the model need about twice the model's float32 bytes)."""
+    than the weights file holds or than the machine's memory takes (the float32 model, filled
+    one tensor at a time: its bytes plus the largest tensor, bounded by 1.25×)."""
     if not weights.is_file():
         raise CheckpointError(f"{weights}: missing weights file")
     size = weights.stat().st_size
@@ -344,7 +350,7 @@ def bound(config: LoopConfig, weights: Path, source: Path) -> None:
 
     check_file(config.param_count(exact=False), "at least ")
     try:
-        config.check_fits(factor=2.0, what="loading it", source=str(source))
+        config.check_fits(factor=1.25, what="loading it", source=str(source))
     except ConfigError as err:
         raise CheckpointError(str(err)) from None
     check_file(config.param_count(), "")
@@ -362,42 +368,21 @@ def check_float_weights(state: dict, path: Path) -> None:
 
 
 def _build(config: LoopConfig, source: Path) -> LoopedLM:
+    """The LoopedLM of `config` on the meta device (shapes only, no random init): `fill` it."""
     try:
-        return LoopedLM(config)
+        return build_on_meta(lambda: LoopedLM(config))
     except ConfigError as err:
         raise CheckpointError(f"{source}: {err}") from None
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing weights file")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from None
-
-
-def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:  # weights_only refuses anything but tensors and containers
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(f"{path}: refused to unpickle: not a plain tensor state dict "
-                              f"(weights_only=True: {first[:160]})") from None
-    except Exception as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(f"{path}: unreadable weights file, corrupt or truncated? ({first[:160]})") from None
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        obj = obj["model"]  # a Lightning-Fabric training checkpoint
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: expected a state dict mapping names to tensors")
-    return obj
+def _rope(config: LoopConfig) -> torch.Tensor:
+    """The RoPE table LoopedLM computes (a buffer that is not stored), on the CPU."""
+    return rope_table(config.block_size, config.head_dim, config.rope_base, device="cpu")
 
 
 def _check_keys_and_shapes(state: dict, expected: dict[str, tuple], path: Path) -> None:
+    """One line naming the missing and unexpected keys, or the first key whose shape differs
+    (`state` values: tensors or StoredTensors, anything with a `shape`)."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -631,7 +616,7 @@ def _load_official(directory: Path, raw: dict) -> tuple[LoopedLM, CheckpointInfo
     if weights is None:
         raise CheckpointError(f"{directory}: no weights file (looked for {', '.join(OFFICIAL_WEIGHT_FILES)})")
     bound(config, weights, config_path)
-    state = _read_safetensors(weights) if weights.suffix == ".safetensors" else _read_pickle(weights)
+    state: dict[str, StoredTensor] = open_weights(weights)
     check_float_weights(state, weights)
     state = {_strip_prefixes(k): v for k, v in state.items()}
     # A tied head may be stored once under either name.
@@ -641,18 +626,17 @@ def _load_official(directory: Path, raw: dict) -> tuple[LoopedLM, CheckpointInfo
         if "transformer.wte.weight" not in state and "lm_head.weight" in state:
             state["transformer.wte.weight"] = state["lm_head.weight"]
     if _head_is_transposed(config) and "lm_head.weight" in state:
-        state["lm_head.weight"] = state["lm_head.weight"].T  # the Triton head stores (d, V)
+        state["lm_head.weight"] = state["lm_head.weight"].map(lambda t: t.T)  # the Triton head stores (d, V)
     model = _build(config, config_path)
     shapes, to_ours = official_state_dict_shapes(model)
     _check_keys_and_shapes(state, shapes, weights)
     notes = []
-    stored_rope = state["freqs_cis"].float()[0, :, 0]
-    computed = rope_table(config.block_size, config.head_dim, config.rope_base)
+    stored_rope = state["freqs_cis"].load().float()[0, :, 0]
+    computed = _rope(config)
     if not torch.allclose(stored_rope, computed, atol=1e-6, rtol=0):
         notes.append("stored RoPE table differs from the one recomputed from rope_settings; using the stored one")
-    model.rope.copy_(stored_rope)
-    ours = {to_ours[k]: v.float() for k, v in state.items() if k in to_ours}
-    model.load_state_dict(ours, strict=True)
+    ours = {to_ours[k]: v for k, v in state.items() if k in to_ours}
+    fill(model, {**ours, "rope": stored_rope.contiguous()}, torch.float32, weights)
     unused = sorted(set(shapes) - set(to_ours) - {"freqs_cis"})
     if unused:
         notes.append(f"{len(unused)} value-embedding table(s)/gate(s) are never used by the official forward "

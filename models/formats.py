@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from loopdyn.models.errors import CheckpointError, InputError
+from loopdyn.models.weights import StoredTensor, open_weights
 
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -79,24 +80,19 @@ def weight_files(directory: Path) -> tuple[str, list[Path]]:
     return name, [directory / s for s in shards]
 
 
-def read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
-    """All tensors of the checkpoint in `directory` (as stored: dtype untouched) and the name
-    of the file that describes them. For a sharded layout every tensor must sit in the shard
-    the index names, and the index must list every tensor."""
-    from loopdyn.models.checkpoint import _read_pickle, _read_safetensors
-
+def read_weights(directory: Path) -> tuple[dict[str, StoredTensor], str]:
+    """Every tensor of the checkpoint in `directory`, not yet read ({key: StoredTensor}, as
+    stored: dtype untouched; models/weights.py), and the name of the file that describes them.
+    For a sharded layout every tensor must sit in the shard the index names, and the index must
+    list every tensor."""
     name, files = weight_files(directory)
-
-    def read(path: Path) -> dict[str, torch.Tensor]:
-        return _read_safetensors(path) if path.suffix == ".safetensors" else _read_pickle(path)
-
     if name in SINGLE_FILES:
-        return read(files[0]), str(files[0])
+        return open_weights(files[0]), str(files[0])
     index_path = directory / name
     weight_map = json.loads(index_path.read_text())["weight_map"]
-    state: dict[str, torch.Tensor] = {}
+    state: dict[str, StoredTensor] = {}
     for path in files:
-        shard = read(path)
+        shard = open_weights(path)
         for key, tensor in shard.items():
             listed = weight_map.get(key)
             if listed != path.name:
@@ -257,16 +253,7 @@ def load_imported(directory: Path, raw: dict, fmt: str, device: str | torch.devi
     return model.to(device).eval()
 
 
-def cast_in_place(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Cast every tensor of `state` to `dtype`, replacing it in the dict one at a time, so a stored
-    tensor is freed as soon as its cast copy exists (peak ≈ the cast weights plus one tensor, not
-    stored + cast). The caller must hold no other reference to the stored tensors."""
-    for key in list(state):
-        state[key] = state[key].to(dtype)
-    return state
-
-
-def stored_dtype_note(state: dict[str, torch.Tensor], compute: torch.dtype) -> list[str]:
+def stored_dtype_note(state: dict[str, StoredTensor], compute: torch.dtype) -> list[str]:
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in state.values()})
     if dtypes != [str(compute).replace("torch.", "")]:
         return [f"weights stored as {', '.join(dtypes)}; computing in {str(compute).replace('torch.', '')}"]

@@ -44,13 +44,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from loopdyn.models.errors import CheckpointError, ConfigError, InputError
-from loopdyn.models.formats import (ConfigReader, cast_in_place, check_h0, check_layer_count, check_loops,
+from loopdyn.models.formats import (ConfigReader, check_h0, check_layer_count, check_loops,
                                     check_tokens, check_weights, make_embedding, read_weights,
                                     stored_dtype_note)
 from loopdyn.models.layers import Block, RMSNorm, rope_table
 from loopdyn.models.looped import LMOutput, StateTap, block_sublayers
 from loopdyn.models.operator import DenseOperator
 from loopdyn.models.protocol import LinearPart, Sublayer, config_field
+from loopdyn.models.weights import StoredTensor, build_on_meta, fill
 
 INIT_MODES = ("random", "zero")
 TRAINING_PREFIX = "_orig_mod._original_module."
@@ -329,9 +330,9 @@ def official_shapes(cfg: HuginnConfig) -> tuple[dict[str, tuple], dict[str, tupl
     return req, opt
 
 
-def to_loopdyn_state(state: dict[str, torch.Tensor], cfg: HuginnConfig) -> dict[str, torch.Tensor]:
-    """Official keys → HuginnLM parameter names (Wqkv split into q, k, v; norm_2/norm_3 swapped);
-    a tied head is left out (it is the embedding)."""
+def to_loopdyn_state(state: dict[str, StoredTensor], cfg: HuginnConfig) -> dict[str, StoredTensor]:
+    """Official keys → HuginnLM parameter names (Wqkv split into q, k, v rows; norm_2/norm_3
+    swapped); a tied head is left out (it is the embedding). Nothing is read yet."""
     d = cfg.n_embd
     out = {"wte.weight": state["transformer.wte.weight"], "adapter.weight": state["transformer.adapter.weight"],
            "ln_f.weight": state["transformer.ln_f.weight"]}
@@ -344,8 +345,9 @@ def to_loopdyn_state(state: dict[str, torch.Tensor], cfg: HuginnConfig) -> dict[
             p, q = f"transformer.{stage}.{i}", f"{ours}.{i}"
             for theirs, mine in _NORMS.items():
                 out[f"{q}.{mine}.weight"] = state[f"{p}.{theirs}.weight"]
-            Wq, Wk, Wv = state[f"{p}.attn.Wqkv.weight"].split(d, dim=0)
-            out[f"{q}.attn.c_q.weight"], out[f"{q}.attn.c_k.weight"], out[f"{q}.attn.c_v.weight"] = Wq, Wk, Wv
+            Wqkv = state[f"{p}.attn.Wqkv.weight"]
+            for j, part in enumerate(("c_q", "c_k", "c_v")):
+                out[f"{q}.attn.{part}.weight"] = Wqkv.rows(j * d, (j + 1) * d)
             if cfg.qk_bias:
                 out[f"{q}.attn.qk_bias"] = state[f"{p}.attn.qk_bias"]
             out[f"{q}.attn.c_proj.weight"] = state[f"{p}.attn.proj.weight"]
@@ -371,32 +373,22 @@ def from_official(directory: Path, raw: dict, dtype: torch.dtype | None = None) 
         check_layer_count(state, f"transformer.{stage}", getattr(cfg, count), count, source)
     required, optional = official_shapes(cfg)
     check_weights(state, required, optional, source)
-    if cfg.tie_embeddings and "lm_head.weight" in state and not torch.equal(state["lm_head.weight"],
-                                                                             state["transformer.wte.weight"]):
+    if cfg.tie_embeddings and "lm_head.weight" in state and not torch.equal(state["lm_head.weight"].load(),
+                                                                             state["transformer.wte.weight"].load()):
         raise CheckpointError(f"{source}: tie_embeddings is true but lm_head.weight differs from "
                               f"transformer.wte.weight")
     compute = dtype or torch.float32
     notes += stored_dtype_note(state, compute)
     freqs = state.pop("freqs_cis", None)
-    ours = to_loopdyn_state(state, cfg)
-    state.clear()  # from here on `ours` holds the only references: cast one tensor at a time
-    cast_in_place(ours, compute)
-    if cfg.tie_embeddings:
-        ours["lm_head.weight"] = ours["wte.weight"]
-    with torch.device("meta"):
-        model = HuginnLM(cfg)
-    model.load_state_dict(ours, strict=True, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.wte.weight
+    rope = rope_table(cfg.block_size, cfg.head_dim, cfg.rope_base)
     if freqs is not None:
-        stored = freqs.float()[0, :, 0]  # (S, hd/2, 2); bf16-rounded if stored in bf16
-        computed = rope_table(cfg.block_size, cfg.head_dim, cfg.rope_base)
-        if not torch.allclose(stored, computed, atol=1e-6, rtol=0):
+        stored = freqs.load().float()[0, :, 0].contiguous()  # (S, hd/2, 2); bf16-rounded if stored in bf16
+        if not torch.allclose(stored, rope, atol=1e-6, rtol=0):
             notes.append("stored RoPE table (freqs_cis) differs from the recomputed one by "
-                         f"{float((stored - computed).abs().max()):.1e}; using the stored one, as the official "
+                         f"{float((stored - rope).abs().max()):.1e}; using the stored one, as the official "
                          f"model does")
-        model.rope = stored
-    else:
-        model.rope = rope_table(cfg.block_size, cfg.head_dim, cfg.rope_base)
+        rope = stored
+    model = build_on_meta(lambda: HuginnLM(cfg))
+    fill(model, {**to_loopdyn_state(state, cfg), "rope": rope}, compute, source)
     model.checkpoint_info = CheckpointInfo(str(directory), "huginn", source, _nonfinite(model), notes)
     return model

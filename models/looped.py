@@ -141,7 +141,10 @@ class LoopedLM(nn.Module):
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        self.register_buffer("rope", rope_table(cfg.block_size, cfg.head_dim, cfg.rope_base), persistent=False)
+        # built on the meta device (a checkpoint load): the table is computed, never stored, so make it on the CPU
+        meta = torch.empty(0).is_meta
+        self.register_buffer("rope", rope_table(cfg.block_size, cfg.head_dim, cfg.rope_base,
+                                                device="cpu" if meta else None), persistent=False)
         self.reset_parameters()
 
     # ---- initialisation (official "scaled-zero" with orthogonal matrices) --------------

@@ -46,12 +46,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from loopdyn.models.errors import CheckpointError, ConfigError, InputError
-from loopdyn.models.formats import (ConfigReader, cast_in_place, check_h0, check_layer_count, check_loops,
+from loopdyn.models.formats import (ConfigReader, check_h0, check_layer_count, check_loops,
                                     check_tokens, check_weights, make_embedding, read_weights,
                                     stored_dtype_note)
 from loopdyn.models.layers import RMSNorm, _causal_sdpa
 from loopdyn.models.looped import LMOutput, StateTap
 from loopdyn.models.protocol import Sublayer, config_field
+from loopdyn.models.weights import build_on_meta, fill
 
 EXIT_MODES = ("last", "threshold", "weighted")
 
@@ -415,7 +416,7 @@ def from_official(directory: Path, raw: dict, dtype: torch.dtype | None = None) 
     required, optional = official_shapes(cfg)
     check_weights(state, required, optional, source)
     if cfg.tie_word_embeddings and "lm_head.weight" in state and not torch.equal(
-            state["lm_head.weight"], state["model.embed_tokens.weight"]):
+            state["lm_head.weight"].load(), state["model.embed_tokens.weight"].load()):
         raise CheckpointError(f"{source}: tie_word_embeddings is true but lm_head.weight differs from "
                               f"model.embed_tokens.weight")
     compute = dtype or torch.float32
@@ -423,13 +424,7 @@ def from_official(directory: Path, raw: dict, dtype: torch.dtype | None = None) 
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     notes += stored_dtype_note(state, compute)
-    cast_in_place(state, compute)  # `state` holds the only references: one tensor at a time
-    if cfg.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    with torch.device("meta"):
-        model = OuroLM(cfg)
-    model.load_state_dict(state, strict=True, assign=True)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model = build_on_meta(lambda: OuroLM(cfg))
+    fill(model, state, compute, source)  # one tensor at a time, cast as it is read
     model.checkpoint_info = CheckpointInfo(str(directory), "ouro", source, _nonfinite(model), notes)
     return model
