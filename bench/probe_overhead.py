@@ -12,6 +12,11 @@ wrap them with perf_counter; on the CPU every call is synchronous, so the times 
 which gives the cost of each signal as a fraction of a plain step.
 
     python bench/probe_overhead.py [--steps 200] [--block 10] [--preset small] [--batch 8 --seq 64]
+                                   [--warmup-steps 60]
+
+The timed steps are the steady state: the first `--warmup-steps` (60) run untimed on both
+models, past the monitor's dense start (the update ratio every step for its first 50 steps:
++0.3–0.8 % of a step while it lasts).
 
 ends with `RESULT probe_overhead ratio=<median ratio> ratio_total=… step_ms=…`.
 """
@@ -150,6 +155,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--warmup-steps", type=int, default=60,
+                    help="untimed steps first: allocator and first-call costs, and the monitor's dense start "
+                         "(the update ratio every step for its first 50 steps); 3 times that start too")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     plain, plain_opt = make(args.preset, 0)
@@ -162,9 +170,10 @@ def main(argv=None) -> int:
         data = torch.randint(0, V, (n, args.batch, args.seq + 1), generator=gen)
         return [(d[:, :-1], d[:, 1:]) for d in data]
 
-    warm = batches(3)  # warm-up (allocator, first-call costs), not timed
-    run_block(plain, plain_opt, warm)
-    run_block(watched, watched_opt, warm, monitor)
+    for _ in range(0, max(3, args.warmup_steps), 10):  # not timed
+        warm = batches(min(10, max(3, args.warmup_steps)))
+        run_block(plain, plain_opt, warm)
+        run_block(watched, watched_opt, warm, monitor)
     TIMER.clear()
 
     ratios, t_plain, t_watched = [], 0.0, 0.0
