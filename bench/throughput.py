@@ -131,12 +131,32 @@ def official_contestant(parcae_lm, cfg: LoopConfig, sampling: str, loops: int):
     pair = torch.tensor([loops, 0])
 
     def train(x, y):
+        # The official sampler seeds its depth draws with 514229 + model.step; its training
+        # script advances `step`, so fresh depths every step (else the same draw forever).
+        model.step += 1
         return model(x, labels=y)["loss"]
 
     def forward(x):
         return model(x, num_steps_pair=pair, return_logits=True)["logits"]
 
     return Contestant("official", model, train, forward), ours
+
+
+def parity(official: Contestant, ours: LoopedLM, batch: torch.Tensor, loops: int) -> float:
+    """Max |logit difference| between the official model and loopdyn's import of it, in eval
+    mode with `loops` loops, both starting from loopdyn's h_0 (the official draws its random
+    h_0 from the global RNG inside `initialize_state`; the bench hands it ours instead)."""
+    model = official.model
+    model.eval(), ours.eval()
+    with torch.no_grad():
+        ctx = ours.encode(batch)
+        h0 = ours.init_state(ctx)
+        model.initialize_state = lambda e: h0.clone()
+        try:
+            theirs = model(batch, num_steps_pair=torch.tensor([loops, 0]), return_logits=True)["logits"]
+        finally:
+            del model.initialize_state
+        return float((ours(batch, n_loops=loops).logits - theirs).abs().max())
 
 
 def perturb_projections(named_parameters) -> None:
@@ -226,6 +246,10 @@ def main() -> None:
                        loopdyn_contestant("plain", plain_model, False, loops)]
         if official is not None:
             contestants.append(official)
+            diff = parity(official, model, batches[0][0], loops)
+            print(f"[{sampling}] parity: max |logit(loopdyn) − logit(official)| = {diff:.2e} "
+                  f"({loops} loops, eval, same h_0)")
+            fields.append(f"parity_{sampling}={diff:.1e}")
         for kind, label in (("train_step", "train"), ("forward", "forward")):
             times = interleaved(contestants, kind, batches, args.repeats, args.steps)
             tokens = args.batch * args.seq
