@@ -65,6 +65,9 @@ class RMSNorm(nn.Module):
         return y.to(x.dtype) * self.weight
 
 
+_FUSED_RMS_NORM = getattr(torch.ops.aten, "_fused_rms_norm", None)  # (y, 1/rms) in one CPU kernel
+
+
 class _RMSNormFunction(torch.autograd.Function):
     """y = x·r ⊙ w, r = (mean(x²) + eps)^(−1/2) over the last axis, with the closed-form
     backward dx = r·(ĝ − n·mean(ĝ ⊙ n)), ĝ = g ⊙ w, n = x·r; dw = Σ g ⊙ n. Forward: PyTorch's
@@ -74,14 +77,19 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        ctx.save_for_backward(x, weight)
+        if _FUSED_RMS_NORM is not None:  # the kernel F.rms_norm runs, which also returns r
+            y, r = _FUSED_RMS_NORM(x, [x.shape[-1]], weight, eps)
+        else:
+            y, r = F.rms_norm(x, (x.shape[-1],), weight, eps), None
+        ctx.save_for_backward(x, weight, r)
         ctx.eps = eps
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        r = torch.rsqrt(x.square().mean(-1, keepdim=True) + ctx.eps)
+        x, weight, r = ctx.saved_tensors
+        if r is None or torch.is_grad_enabled():  # double backward needs r as a function of x
+            r = torch.rsqrt(x.square().mean(-1, keepdim=True) + ctx.eps)
         n = x * r
         g_hat = grad if weight is None else grad * weight
         dx = (g_hat - n * (g_hat * n).mean(-1, keepdim=True)) * r if ctx.needs_input_grad[0] else None
