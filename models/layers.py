@@ -93,7 +93,9 @@ class _RMSNormFunction(torch.autograd.Function):
         n = x * r
         g_hat = grad if weight is None else grad * weight
         dx = (g_hat - n * (g_hat * n).mean(-1, keepdim=True)) * r if ctx.needs_input_grad[0] else None
-        dw = (grad * n).flatten(0, -2).sum(0) if weight is not None and ctx.needs_input_grad[1] else None
+        dw = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            dw = (grad * n).sum(dim=tuple(range(grad.dim() - 1)))  # over every axis but the last
         return dx, dw, None
 
 
