@@ -113,6 +113,88 @@ def fast_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float | Non
     return F.rms_norm(x, (x.shape[-1],), weight, eps)  # one fused kernel, same float ops
 
 
+def _find_onednn_linear():
+    """oneDNN's float32 linear (torch.ops.mkldnn._linear_pointwise), when this build has it
+    and it runs. It picks its kernels from the CPU's actual instruction set; MKL, which F.linear
+    calls, runs a generic path on AMD CPUs: on this machine (AMD EPYC, 2 threads) a
+    1024×256 · 256×1024 product takes 2.1 ms in oneDNN and 4.8 ms in MKL, and the transposed
+    products of the backward pass likewise (2.1 vs 4.8, 2.6 vs 5.2 ms)."""
+    op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    if op is None or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        x, w = torch.ones(2, 3), torch.ones(4, 3)
+        if not torch.equal(op(x, w, None, "none", [], ""), F.linear(x, w)):
+            return None
+    except Exception:  # noqa: BLE001 - any failure: keep F.linear
+        return None
+    return op
+
+
+_ONEDNN_LINEAR = _find_onednn_linear()
+
+
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x·Wᵀ + b with oneDNN forward and backward products (dx = g·W, dW = gᵀ·x). Inside a
+    differentiable backward (create_graph) or a batched-gradient backward the products are
+    taken with ordinary matmuls, which autograd and vmap understand."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+        plain = torch.is_grad_enabled() or _under_function_transform(grad) or _is_legacy_batched(grad)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = (grad @ weight) if plain else _onednn(g2, weight.t()).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            dw = (g2.t() @ x2) if plain else _onednn(g2.t(), x2.t())
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = g2.sum(0)
+        return dx, dw, db
+
+
+def _is_legacy_batched(t: torch.Tensor) -> bool:
+    check = getattr(torch._C, "_is_batched", None)  # autograd.grad(..., is_grads_batched=True)
+    try:
+        return bool(check(t)) if check is not None else False
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias); on the fast path for float32 CPU tensors through oneDNN
+    (`_OneDNNLinear` when a gradient is wanted). The same product to float32 round-off."""
+    if (_FAST and _ONEDNN_LINEAR is not None and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.device.type == "cpu" and weight.device.type == "cpu" and x.dim() >= 2
+            and (bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu"))
+            and not _under_function_transform(x) and not _is_legacy_batched(x)):
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad)):
+            return _OneDNNLinear.apply(x, weight, bias)
+        return _onednn(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose product goes through `fast_linear` (oneDNN on the fast path). Same
+    parameters and state-dict keys; hooks fire as for any module, and the kernel does not
+    depend on whether something watches the layer (a probe never changes the numbers)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fast_linear(x, self.weight, self.bias)
+
+
 def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
     if kind == "rmsnorm":
         return RMSNorm(dim, eps)
@@ -161,10 +243,10 @@ class CausalSelfAttention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, width // n_heads
         self.qk_norm, self.clip_qkv = qk_norm, clip_qkv
         kv_width = n_kv_heads * self.head_dim
-        self.c_q = nn.Linear(width, width, bias=bias)
-        self.c_k = nn.Linear(width, kv_width, bias=bias)
-        self.c_v = nn.Linear(width, kv_width, bias=bias)
-        self.c_proj = nn.Linear(width, width, bias=bias)
+        self.c_q = Linear(width, width, bias=bias)
+        self.c_k = Linear(width, kv_width, bias=bias)
+        self.c_v = Linear(width, kv_width, bias=bias)
+        self.c_proj = Linear(width, width, bias=bias)
         self.qk_bias = nn.Parameter(torch.zeros(2, 1, n_heads, self.head_dim)) if qk_bias else None
         self.ve_gate = nn.Linear(32, n_kv_heads, bias=False) if value_gate else None
 
@@ -186,7 +268,7 @@ class CausalSelfAttention(nn.Module):
             H, Hk, s = self.n_heads, self.n_kv_heads, self.head_dim
             w = torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight])
             b = None if self.c_q.bias is None else torch.cat([self.c_q.bias, self.c_k.bias, self.c_v.bias])
-            qkv = F.linear(a, w, b)  # (B, S, (H + 2Hk)·s)
+            qkv = fast_linear(a, w, b)  # (B, S, (H + 2Hk)·s)
             qk, v = qkv.split([(H + Hk) * s, Hk * s], dim=-1)
             v = v.view(B, S, Hk, s)
             if ve is not None and self.ve_gate is not None:
@@ -326,8 +408,8 @@ class MLP(nn.Module):
         super().__init__()
         self.gated = kind in ("swiglu", "geglu")
         self.act = ACTIVATIONS[kind]
-        self.fc = nn.Linear(width, 2 * hidden if self.gated else hidden, bias=bias)
-        self.proj = nn.Linear(hidden, width, bias=bias)
+        self.fc = Linear(width, 2 * hidden if self.gated else hidden, bias=bias)
+        self.proj = Linear(hidden, width, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:

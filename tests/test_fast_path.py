@@ -386,3 +386,38 @@ def test_fused_qkv_falls_back_when_a_projection_is_hooked():
     assert len(calls) == 3  # once per loop
     torch.testing.assert_close(fused, plain, **TOL)
     torch.testing.assert_close(hooked, plain, **TOL)
+
+
+def test_fast_linear_values_and_gradients_match_f_linear():
+    # oneDNN product (when this build has it) vs F.linear: values, first and second derivatives
+    from loopdyn.models.layers import Linear, fast_linear
+
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(3, 7, 40, generator=g).requires_grad_(True)
+    w = torch.randn(24, 40, generator=g).requires_grad_(True)
+    b = torch.randn(24, generator=g).requires_grad_(True)
+    up = torch.randn(3, 7, 24, generator=g)
+    fast = fast_linear(x, w, b)
+    ref = F.linear(x, w, b)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    for a, r in zip(torch.autograd.grad(fast, (x, w, b), up), torch.autograd.grad(ref, (x, w, b), up)):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-4)
+    # double backward (create_graph): d/dx of <up, d(fast)/dw ...> through the plain products
+    (gw_fast,) = torch.autograd.grad(fast_linear(x, w, b), w, up, create_graph=True)
+    (gw_ref,) = torch.autograd.grad(F.linear(x, w, b), w, up, create_graph=True)
+    (gx_fast,) = torch.autograd.grad(gw_fast.square().sum(), x)
+    (gx_ref,) = torch.autograd.grad(gw_ref.square().sum(), x)
+    torch.testing.assert_close(gx_fast, gx_ref, rtol=1e-4, atol=1e-3)
+    x64 = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    w64 = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fast_linear, (x64, w64))  # float64: F.linear itself
+    # the module: same keys as nn.Linear, hooks fire, and a hook does not change the numbers
+    lin = Linear(40, 24)
+    assert set(lin.state_dict()) == {"weight", "bias"}
+    with torch.no_grad():
+        plain_out = lin(x)
+        seen = []
+        h = lin.register_forward_hook(lambda m, i, o: seen.append(o))
+        hooked_out = lin(x)
+        h.remove()
+    assert len(seen) == 1 and torch.equal(plain_out, hooked_out)
