@@ -139,7 +139,7 @@ def official_contestant(parcae_lm, cfg: LoopConfig, sampling: str, loops: int):
     pair = torch.tensor([loops, 0])
 
     def train(x, y):
-        # The official sampler seeds its depth draws with 514229 + model.step; its training
+        # The official sampler seeds its depth draws from a constant + model.step; its training
         # script advances `step`, so fresh depths every step (else the same draw forever).
         model.step += 1
         return model(x, labels=y)["loss"]
