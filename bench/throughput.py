@@ -255,9 +255,12 @@ def main() -> None:
         if official is not None:
             contestants.append(official)
             diff = parity(official, model, batches[0][0], loops)
-            print(f"[{sampling}] parity: max |logit(loopdyn) − logit(official)| = {diff:.2e} "
-                  f"({loops} loops, eval, same h_0)")
+            with fast_paths(False):
+                diff_plain = parity(official, model, batches[0][0], loops)
+            print(f"[{sampling}] parity: max |logit(loopdyn) − logit(official)| = {diff:.2e} fast path, "
+                  f"{diff_plain:.2e} plain path ({loops} loops, eval, same h_0)")
             fields.append(f"parity_{sampling}={diff:.1e}")
+            fields.append(f"parity_plain_{sampling}={diff_plain:.1e}")
         for kind, label in (("train_step", "train"), ("forward", "forward")):
             times = interleaved(contestants, kind, batches, args.repeats, args.steps)
             tokens = args.batch * args.seq
