@@ -10,15 +10,21 @@ gradients: the official per-sequence scheme).
 
 Contestants, all built from the same weights:
 
-* `fast`     loopdyn as shipped (models.layers fast paths on);
+* `fast`     loopdyn as shipped (models.layers fast paths on: linear layers through oneDNN,
+             one QKV product, closed-form RMS-norm backward, explicit attention when a
+             gradient is taken and fused SDPA otherwise, B̄e once per forward, only the active
+             sequences stepped);
 * `plain`    loopdyn with `fast_paths(False)`: the masked per-sequence loop, fused SDPA, the
-             injection on every loop: the code that issue 15 measured at 0.91–0.95× the
-             official training step;
+             injection on every loop, F.linear (MKL): the code that issue 15 measured at
+             0.91–0.95× the official training step;
 * `official` the official implementation (`import parcae_lm`, or --official PATH to its
              source): the same architecture (built with `parcae_lm.create_config`, saved with
              `save_pretrained`, loaded into loopdyn through the official-format importer, so
              both hold the same weights) and the same schedule (`recurrent_iteration_method
-             = per-sequence`, sampling `fixed` / `poisson-truncated-full`). Skipped, with the
+             = per-sequence`, sampling `fixed` / `poisson-truncated-full`; its `step` counter,
+             which seeds its depth draws, advances every training step as in its training
+             script). Before timing, the bench prints the max |logit difference| between the
+             official model and loopdyn's import of it (eval, same h_0). Skipped, with the
              reason, when the package has no code (the PyPI `parcae-lm` 0.1.0 wheel ships
              only metadata).
 
@@ -33,8 +39,10 @@ max of the ratios over the repeats (> 1: `fast` is faster).
 --twin adds the looped-vs-fixed-depth-twin comparison (same forward FLOPs).
 
 torch.compile is not offered: compiling every block (inductor, CPU, torch 2.13) took 137 s on
-this machine and gave a training step of 0.84 s against 0.87 s eager (min of 6) and no gain
-for the forward; the step is matmul-bound (aten::mm is ~70% of its CPU time at ~110 GFLOP/s).
+this machine and gave a training step of 0.84 s against 0.87 s eager (min of 6; measured before
+the oneDNN linear path) and no gain for the forward. The step is matmul-bound: with F.linear
+(MKL, which runs a generic path on this AMD EPYC) aten::mm was ~70% of its CPU time at
+~100 GFLOP/s; oneDNN's products run 2.3× faster, which is most of the fast path's gain.
 Ends with: RESULT throughput train_vs_plain=<median> forward_vs_plain=<median> ...
 """
 from __future__ import annotations
@@ -131,12 +139,32 @@ def official_contestant(parcae_lm, cfg: LoopConfig, sampling: str, loops: int):
     pair = torch.tensor([loops, 0])
 
     def train(x, y):
+        # The official sampler seeds its depth draws from a constant + model.step; its training
+        # script advances `step`, so fresh depths every step (else the same draw forever).
+        model.step += 1
         return model(x, labels=y)["loss"]
 
     def forward(x):
         return model(x, num_steps_pair=pair, return_logits=True)["logits"]
 
     return Contestant("official", model, train, forward), ours
+
+
+def parity(official: Contestant, ours: LoopedLM, batch: torch.Tensor, loops: int) -> float:
+    """Max |logit difference| between the official model and loopdyn's import of it, in eval
+    mode with `loops` loops, both starting from loopdyn's h_0 (the official draws its random
+    h_0 from the global RNG inside `initialize_state`; the bench hands it ours instead)."""
+    model = official.model
+    model.eval(), ours.eval()
+    with torch.no_grad():
+        ctx = ours.encode(batch)
+        h0 = ours.init_state(ctx)
+        model.initialize_state = lambda e: h0.clone()
+        try:
+            theirs = model(batch, num_steps_pair=torch.tensor([loops, 0]), return_logits=True)["logits"]
+        finally:
+            del model.initialize_state
+        return float((ours(batch, n_loops=loops).logits - theirs).abs().max())
 
 
 def perturb_projections(named_parameters) -> None:
@@ -226,6 +254,13 @@ def main() -> None:
                        loopdyn_contestant("plain", plain_model, False, loops)]
         if official is not None:
             contestants.append(official)
+            diff = parity(official, model, batches[0][0], loops)
+            with fast_paths(False):
+                diff_plain = parity(official, model, batches[0][0], loops)
+            print(f"[{sampling}] parity: max |logit(loopdyn) − logit(official)| = {diff:.2e} fast path, "
+                  f"{diff_plain:.2e} plain path ({loops} loops, eval, same h_0)")
+            fields.append(f"parity_{sampling}={diff:.1e}")
+            fields.append(f"parity_plain_{sampling}={diff_plain:.1e}")
         for kind, label in (("train_step", "train"), ("forward", "forward")):
             times = interleaved(contestants, kind, batches, args.repeats, args.steps)
             tokens = args.batch * args.seq

@@ -24,7 +24,7 @@ from torch import nn
 from loopdyn.models.config import LoopConfig
 from loopdyn.models.errors import ConfigError, InputError
 from loopdyn.models.injection import make_injection
-from loopdyn.models.layers import Block, fast_paths_enabled, make_norm, rope_table
+from loopdyn.models.layers import Block, Linear, fast_paths_enabled, make_norm, rope_table
 from loopdyn.models.operator import DenseOperator
 from loopdyn.models.protocol import LinearPart, Sublayer, config_field
 
@@ -126,7 +126,7 @@ class LoopedLM(nn.Module):
             self.core = nn.ModuleList(block(ds, cfg.n_state_heads, cfg.n_state_heads, cfg.d_state_mlp, f"core.{j}")
                                       for j in range(cfg.n_core))
             self.state_tap = StateTap()
-            self.readout = nn.Linear(ds, d, bias=cfg.bias)  # C
+            self.readout = Linear(ds, d, bias=cfg.bias)  # C
         else:
             self.injection, self.core, self.state_tap, self.readout = None, nn.ModuleList(), None, None
         # autonomous loop: the state is renormalised at the end of every step, h ← Norm(core(h))
@@ -138,7 +138,7 @@ class LoopedLM(nn.Module):
         self.ln_f = make_norm(cfg.norm, d, cfg.norm_eps)
         self.value_embeds = nn.ModuleDict({str(k): nn.Embedding(cfg.vocab_size, kv_width)
                                            for k in sorted(set(self.ve_layout.values()))})
-        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(d, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         # built on the meta device (a checkpoint load): the table is computed, never stored, so make it on the CPU

@@ -227,7 +227,10 @@ def test_explicit_attention_matches_definition_and_fused_kernel(dtype):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 9, 8, generator=g, dtype=dtype) for _ in range(3))
     scale = 1 / math.sqrt(8)
-    fast = causal_attention(q, k, v, scale)
+    fast = causal_attention(q.requires_grad_(), k, v, scale).detach()  # a gradient is wanted: explicit
+    q.requires_grad_(False)
+    with torch.no_grad():  # no gradient: the fused kernel, the same numbers
+        torch.testing.assert_close(causal_attention(q, k, v, scale), fast, rtol=1e-5, atol=1e-6)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(fast, reference_attention(q, k, v, scale), **tol)
     torch.testing.assert_close(fast, _causal_sdpa(q, k, v, scale), **tol)
@@ -341,3 +344,80 @@ def test_relu2_mlp_no_grad_path_is_bit_identical():
             plain = mlp(x)
     assert torch.equal(fast, plain)
     torch.testing.assert_close(fast, mlp.proj(0.5 * torch.relu(mlp.fc(x)) ** 2).detach())
+
+
+def test_rmsnorm_function_gradients_match_definition():
+    # closed-form backward of the fast RMS norm vs autograd through the definition (float64),
+    # plus gradcheck / gradgradcheck, with and without a gain
+    from loopdyn.models.layers import fast_rms_norm
+
+    g = torch.Generator().manual_seed(9)
+    x = (torch.randn(3, 5, 12, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
+    w = torch.randn(12, generator=g, dtype=torch.float64).requires_grad_(True)
+    up = torch.randn(3, 5, 12, generator=g, dtype=torch.float64)
+    for weight, eps in ((w, 1e-5), (None, None)):
+        e = torch.finfo(torch.float64).eps if eps is None else eps
+        inputs = (x,) if weight is None else (x, weight)
+        ref = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + e) * (1 if weight is None else weight)
+        fast = fast_rms_norm(x, weight, eps)
+        assert fast.grad_fn is not None and "RMSNormFunction" in type(fast.grad_fn).__name__
+        torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
+        for a, b in zip(torch.autograd.grad(fast, inputs, up), torch.autograd.grad(ref, inputs, up)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        f = (lambda x: fast_rms_norm(x, None, None)) if weight is None else (lambda x, w: fast_rms_norm(x, w, 1e-5))
+        assert torch.autograd.gradcheck(f, inputs)
+        assert torch.autograd.gradgradcheck(f, inputs)
+
+
+def test_fused_qkv_falls_back_when_a_projection_is_hooked():
+    # a hook on c_k must fire (the fused matmul would bypass it) and the numbers stay the same
+    model = make_model().eval()
+    idx = tokens()
+    with torch.no_grad():
+        with fast_paths(False):
+            plain = model(idx, n_loops=3).logits
+        fused = model(idx, n_loops=3).logits
+        calls = []
+        handle = model.core[0].attn.c_k.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+        try:
+            hooked = model(idx, n_loops=3).logits
+        finally:
+            handle.remove()
+    assert len(calls) == 3  # once per loop
+    torch.testing.assert_close(fused, plain, **TOL)
+    torch.testing.assert_close(hooked, plain, **TOL)
+
+
+def test_fast_linear_values_and_gradients_match_f_linear():
+    # oneDNN product (when this build has it) vs F.linear: values, first and second derivatives
+    from loopdyn.models.layers import Linear, fast_linear
+
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(3, 7, 40, generator=g).requires_grad_(True)
+    w = torch.randn(24, 40, generator=g).requires_grad_(True)
+    b = torch.randn(24, generator=g).requires_grad_(True)
+    up = torch.randn(3, 7, 24, generator=g)
+    fast = fast_linear(x, w, b)
+    ref = F.linear(x, w, b)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    for a, r in zip(torch.autograd.grad(fast, (x, w, b), up), torch.autograd.grad(ref, (x, w, b), up)):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-4)
+    # double backward (create_graph): d/dx of <up, d(fast)/dw ...> through the plain products
+    (gw_fast,) = torch.autograd.grad(fast_linear(x, w, b), w, up, create_graph=True)
+    (gw_ref,) = torch.autograd.grad(F.linear(x, w, b), w, up, create_graph=True)
+    (gx_fast,) = torch.autograd.grad(gw_fast.square().sum(), x)
+    (gx_ref,) = torch.autograd.grad(gw_ref.square().sum(), x)
+    torch.testing.assert_close(gx_fast, gx_ref, rtol=1e-4, atol=1e-3)
+    x64 = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    w64 = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fast_linear, (x64, w64))  # float64: F.linear itself
+    # the module: same keys as nn.Linear, hooks fire, and a hook does not change the numbers
+    lin = Linear(40, 24)
+    assert set(lin.state_dict()) == {"weight", "bias"}
+    with torch.no_grad():
+        plain_out = lin(x)
+        seen = []
+        h = lin.register_forward_hook(lambda m, i, o: seen.append(o))
+        hooked_out = lin(x)
+        h.remove()
+    assert len(seen) == 1 and torch.equal(plain_out, hooked_out)

@@ -14,7 +14,7 @@ from loopdyn.models.huginn import HuginnConfig, HuginnLM
 from loopdyn.models.protocol import initial_state, linear_part, state_norm_kind
 from tests import huginn_reference as ref
 
-RTOL = 1e-5
+RTOL = 2e-5  # float32 round-off after 16 loops; loopdyn's fast path multiplies through oneDNN, the reference through MKL
 LOOPS = 16
 
 
