@@ -21,7 +21,7 @@ Signals (name: when, where from)
     loss            every step   model output `.loss` (forward hook), else `record_loss()`
     grad_norm       every step   ‖∇θ‖₂ before the step (`record_grad_norm()` from a trainer
                                  that clips, else computed from .grad in the step pre-hook)
-    update_ratio    every step of the first `update_dense` (50), then every `update_every` (10):
+    update_ratio    every step of the first `update_dense` (50), then every `update_every` (20):
                                  ‖Δθ‖₂/‖θ‖₂ over all parameters, and update_ratio/<group>;
                                  needs a copy of θ before the step (the monitor's largest cost,
                                  hence the cadence; a too-short warm-up shows in the first ones)
@@ -102,15 +102,15 @@ class MonitorConfig:
     # cadence
     sync_every: int = 10
     spectral_every: int = 10
-    attention_every: int = 10
-    jacobian_every: int = 100
+    attention_every: int = 20
+    jacobian_every: int = 200
     jacobian_iters: int = 3
     jacobian_tokens: int = 32
     attention_batch: int = 2  # sequences whose attention logits are recomputed
     loop_every: int = 10  # probe unroll of a loop without a state tap
     loop_batch: int = 2
     update_ratio: bool = True
-    update_every: int = 10
+    update_every: int = 20
     update_dense: int = 50  # every step until then
     disable: tuple = ()  # signal names (or probe names) not to record
     # detectors

@@ -75,7 +75,8 @@ class InjectionSpectrum:
 
     @staticmethod
     def exact(A: Operator) -> dict[str, float]:
-        return {"injection_norm": A.norm(), "injection_radius": A.radius()}
+        norm = A.norm()
+        return {"injection_norm": norm, "injection_radius": norm if A.normal else A.radius()}  # ρ = ‖Ā‖ when normal
 
     def _norm_step(self, A: Operator, iters: int) -> torch.Tensor:
         M = A.values if A.values is not None else A.dense()

@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.set_defaults(alerts=None)
     m.add_argument("--sync-every", type=int, metavar="N", help="at most N steps between blocking device→host reads of the probe values, and the "
                         "cadence of cross-rank decisions under torchrun (default: 10)")
-    m.add_argument("--jacobian-every", type=int, metavar="N", help="loop-Jacobian σ_max every N steps (default: 100)")
+    m.add_argument("--jacobian-every", type=int, metavar="N", help="loop-Jacobian σ_max every N steps (default: 200)")
     m.add_argument("--tensorboard", metavar="DIR",
                    help="also write signals and alerts for TensorBoard, needs tensorboard (default: none)")
     m.add_argument("--plots", metavar="DIR", help="after training, draw the monitor's signals with its alerts marked "
