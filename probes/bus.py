@@ -116,6 +116,7 @@ class SignalBus:
         self._attn_args: dict[nn.Module, tuple] = {}
         self._attn_modules: list[nn.Module] = []
         self._attn_handles: list = []
+        self._loop_norms_due = False
         self._head_out: torch.Tensor | None = None
         self.forwards_since_step = 0
         self.forwards_total = 0  # training forward passes seen (a data position)
@@ -201,6 +202,8 @@ class SignalBus:
             return None
         if self.forwards_since_step == 0:
             self._hook_attention(self._attention_due() and "attention" not in self.disabled)
+            # per-loop norms (state_norm_max, a plotted signal no detector reads) on the probe cadence
+            self._loop_norms_due = (self.step + 1) % self.config.loop_every == 0
             if len(self.positions) > 4096:  # keep the recent ones (alerts and snapshots look back ≤ a few 100)
                 for key in sorted(self.positions)[:2048]:
                     del self.positions[key]
@@ -292,7 +295,8 @@ class SignalBus:
     def _tap(self, module, args, output):
         if self._active and "loop_state" not in self.disabled and isinstance(output, torch.Tensor):
             try:
-                self._loop_norms.append(_mean_norm(output))
+                if self._loop_norms_due:
+                    self._loop_norms.append(_mean_norm(output))
                 self._loop_states = [*self._loop_states[-1:], output.detach()]
             except Exception as err:
                 self._guard("loop_state", _raise, err)

@@ -28,7 +28,7 @@ Signals (name: when, where from)
     lr              every step   group 0's learning rate (every group's lr and settings are
                                  also read in the pre-hook, before the update: OptimizerWatch)
     state_norm      every step   mean over batch and tokens of ‖h_T‖₂ (the final state)
-    state_norm_max  every step   the largest per-loop mean ‖h_t‖₂
+    state_norm_max  every `loop_every` steps (10): the largest per-loop mean ‖h_t‖₂
     rel_residual    every step   mean ‖h_T − h_{T−1}‖₂ / mean ‖h_T‖₂
     state_growth    every step   mean ‖h_T‖ / mean ‖h_{T−1}‖ (per-loop growth at the trained depth)
                     (the four loop-state signals: every step from the LoopedModel's `state_tap`;

@@ -110,17 +110,19 @@ def test_update_ratio_cadence_dense_first_then_sparse():
     assert hist.at(10) == pytest.approx(float(d / n), rel=1e-4)
 
 
-def test_attention_hooks_live_only_on_the_steps_that_read_them():
+def test_attention_hooks_and_per_loop_norms_only_on_the_steps_that_read_them():
     model = tiny()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     attn = [m for m in model.modules() if callable(getattr(m, "max_logit", None))]
     hooked = []
-    monitor = StabilityMonitor(model, opt, console=False, attention_every=3)
+    monitor = StabilityMonitor(model, opt, console=False, attention_every=3, loop_every=2)
     train_steps(model, opt, 7, on_step=lambda step, out: hooked.append(
         (step, all(len(m._forward_pre_hooks) == 1 for m in attn))))
     steps = [s for s, _ in monitor.history["attn_logit_max"]]
+    per_loop = [s for s, _ in monitor.history["state_norm_max"]]  # per-loop norms: the probe cadence
+    every_step = [s for s, _ in monitor.history["state_norm"]]
     monitor.close()
-    assert steps == [3, 6]
+    assert steps == [3, 6] and per_loop == [2, 4, 6] and every_step == list(range(1, 8))
     assert hooked == [(s, s % 3 == 0) for s in range(1, 8)]
     assert all(not m._forward_pre_hooks for m in attn)  # nothing left behind
 

@@ -137,7 +137,7 @@ def test_plain_model_computes_what_the_native_one_does():
 def test_monitor_loop_signals_on_an_adapted_model_equal_the_native_ones():
     native, plain = native_and_plain()
     loop = adapter(plain)
-    opts = dict(console=False, jacobian_every=2, spectral_every=1, jacobian_tokens=8)
+    opts = dict(console=False, jacobian_every=2, spectral_every=1, jacobian_tokens=8, loop_every=2)
     runs = {}
     for name, model in (("native", native), ("plain", plain)):
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
