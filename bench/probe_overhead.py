@@ -12,11 +12,13 @@ wrap them with perf_counter; on the CPU every call is synchronous, so the times 
 which gives the cost of each signal as a fraction of a plain step.
 
     python bench/probe_overhead.py [--steps 200] [--block 10] [--preset small] [--batch 8 --seq 64]
-                                   [--warmup-steps 60]
+                                   [--warmup-steps 210]
 
-The timed steps are the steady state: the first `--warmup-steps` (60) run untimed on both
-models, past the monitor's dense start (the update ratio every step for its first 50 steps:
-+0.3–0.8 % of a step while it lasts).
+The timed steps are the steady state: the first `--warmup-steps` (210) run untimed on both
+models, past the monitor's one-time costs — its dense start (the update ratio every step for
+the first 50 steps: +0.3–0.8 % of a step while it lasts) and the first loop-Jacobian estimate
+at step 200 (cold-started: 5× the iterations of the later, warm-started ones, ~0.1 s on
+`small`). The timed window then holds the warm Jacobian at step 400, as every 200 steps after.
 
 ends with `RESULT probe_overhead ratio=<median ratio> ratio_total=… step_ms=…`.
 """
@@ -155,9 +157,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--warmup-steps", type=int, default=60,
-                    help="untimed steps first: allocator and first-call costs, and the monitor's dense start "
-                         "(the update ratio every step for its first 50 steps); 3 times that start too")
+    ap.add_argument("--warmup-steps", type=int, default=210,
+                    help="untimed steps first: allocator and first-call costs, the monitor's dense start (the "
+                         "update ratio every step for its first 50 steps) and its first, cold-started loop "
+                         "Jacobian (5× the iterations, at step 200); 3 times all of them")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     plain, plain_opt = make(args.preset, 0)

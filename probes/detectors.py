@@ -51,7 +51,7 @@ def theil_sen(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         return 0.0, 0.0
     slopes = dy[keep] / dx[keep]
     tau = float(np.sign(dx[keep] * dy[keep]).mean())
-    return float(np.median(slopes)), tau
+    return _median(slopes), tau
 
 
 @dataclass
@@ -520,7 +520,7 @@ class EarlyWarningDetector:
         pts = list(buf)
         ref = np.array([v for _, v in pts[-(recent + self.reference):-recent]])
         rec = np.array([v for _, v in pts[-recent:]])
-        return float(np.median(ref)), float(np.median(rec)), pts
+        return _median(ref), _median(rec), pts
 
     def _growth_precursor(self, signal: str, moderate: float, strong: float | None, label: str,
                           recent: int | None = None) -> Precursor | None:
@@ -611,7 +611,7 @@ class EarlyWarningDetector:
         if not buf or len(buf) < 3:
             return None
         last = buf[-1][1]
-        ref = float(np.median([v for _, v in list(buf)[:-1][-self.reference:]]))
+        ref = _median(np.array([v for _, v in list(buf)[:-1][-self.reference:]]))
         if last <= 1 or ref <= 0:
             return None
         ratio = last / ref
@@ -624,8 +624,8 @@ class EarlyWarningDetector:
     def _spike_z(self, pts, i: int) -> float:
         """Robust z of pts[i] against the `reference` values before it."""
         ref = np.array([v for _, v in pts[max(0, i - self.reference):i]])
-        med = float(np.median(ref))
-        scale = max(MAD_TO_SIGMA * float(np.median(np.abs(ref - med))), 1e-3 * abs(med), 1e-12)
+        med = _median(ref)  # partitions ref in place: its values, hence the MAD below, are unchanged
+        scale = max(MAD_TO_SIGMA * _median(np.abs(ref - med)), 1e-3 * abs(med), 1e-12)
         return (pts[i][1] - med) / scale
 
     def _spike_precursor(self, signal: str, label: str) -> Precursor | None:
