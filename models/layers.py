@@ -139,9 +139,10 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
 
 
 class _OneDNNLinear(torch.autograd.Function):
-    """y = x·Wᵀ + b with oneDNN forward and backward products (dx = g·W, dW = gᵀ·x). Inside a
-    differentiable backward (create_graph) or a batched-gradient backward the products are
-    taken with ordinary matmuls, which autograd and vmap understand."""
+    """y = x·Wᵀ + b with oneDNN forward and backward products (dx = g·W, dW = gᵀ·x). A
+    differentiable backward (create_graph) takes them through `fast_linear` again, so the
+    reverse-over-reverse products of an audit stay on oneDNN; under function transforms or a
+    batched-gradient backward they are ordinary matmuls, which vmap understands."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -153,12 +154,15 @@ class _OneDNNLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
-        plain = torch.is_grad_enabled() or _under_function_transform(grad) or _is_legacy_batched(grad)
+        # Inside a differentiable backward (create_graph: the audit's reverse-over-reverse J·v)
+        # the products go through fast_linear again, itself differentiable; only transforms and
+        # batched-gradient backwards take ordinary matmuls.
+        plain = _under_function_transform(grad) or _is_legacy_batched(grad)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = (grad @ weight) if plain else _onednn(g2, weight.t()).view(x.shape)
+            dx = (grad @ weight) if plain else fast_linear(g2, weight.t()).view(x.shape)
         if ctx.needs_input_grad[1]:
-            dw = (g2.t() @ x2) if plain else _onednn(g2.t(), x2.t())
+            dw = (g2.t() @ x2) if plain else fast_linear(g2.t(), x2.t())
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = g2.sum(0)
         return dx, dw, db

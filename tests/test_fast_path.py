@@ -408,6 +408,16 @@ def test_fast_linear_values_and_gradients_match_f_linear():
     (gx_fast,) = torch.autograd.grad(gw_fast.square().sum(), x)
     (gx_ref,) = torch.autograd.grad(gw_ref.square().sum(), x)
     torch.testing.assert_close(gx_fast, gx_ref, rtol=1e-4, atol=1e-3)
+    # reverse over reverse, as an audit's Linearisation takes J·v: g(u) = Jᵀu recorded with
+    # create_graph (its products on oneDNN again), then J·v = ∂⟨g(u), v⟩/∂u
+    u = torch.zeros(3, 7, 24, requires_grad=True)
+    v = torch.randn(3, 7, 40, generator=g)
+    jv = {}
+    for name, f in (("fast", fast_linear), ("ref", F.linear)):
+        (gu,) = torch.autograd.grad(f(x, w, b), x, u, create_graph=True)
+        (jv[name],) = torch.autograd.grad(gu, u, v)
+    torch.testing.assert_close(jv["fast"], jv["ref"], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(jv["ref"], F.linear(v, w), rtol=1e-5, atol=1e-4)  # J·v = W·v exactly
     x64 = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
     w64 = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(fast_linear, (x64, w64))  # float64: F.linear itself
