@@ -201,7 +201,7 @@ class SignalBus:
         if not self._active:
             return None
         if self.forwards_since_step == 0:
-            self._hook_attention(self._attention_due() and "attention" not in self.disabled)
+            self._guard("attention", self._hook_attention, self._attention_due() and "attention" not in self.disabled)
             # per-loop norms (state_norm_max, a plotted signal no detector reads) on the probe cadence
             self._loop_norms_due = (self.step + 1) % self.config.loop_every == 0
             if len(self.positions) > 4096:  # keep the recent ones (alerts and snapshots look back ≤ a few 100)
