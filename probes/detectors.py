@@ -572,10 +572,11 @@ class EarlyWarningDetector:
                          f"for {k} observations", lead=0.0, value=pts[-1][1], magnitude=pts[-1][1] / pts[0][1],
                          absolute=True)
 
-    def _update_level_precursor(self) -> Precursor | None:
-        """The update ratio's own level: ≥ update_levels[0] moderate, ≥ update_levels[1] strong."""
+    def _update_level_precursor(self, step: int | None = None) -> Precursor | None:
+        """The update ratio's own level: ≥ update_levels[0] moderate, ≥ update_levels[1] strong;
+        a value counts for `spike_hold` steps (the ratio is measured every `update_every` steps)."""
         buf = self._series.get("update_ratio")
-        if not buf:
+        if not buf or (step is not None and step - buf[-1][0] >= self.spike_hold):
             return None
         value = buf[-1][1]
         moderate, strong = self.update_levels
@@ -682,7 +683,7 @@ class EarlyWarningDetector:
             self._residual_precursor(),
             self._spike_precursor("grad_norm", "gradient norm"),
             self._spike_precursor("update_ratio", "update/parameter ratio"),
-            self._update_level_precursor(),
+            self._update_level_precursor(step),
             self._state_rate_precursor(),
             self._growth_precursor("attn_logit_max", 1.5, 3.0, "max attention logit", recent=1),
             self._logz_precursor(),

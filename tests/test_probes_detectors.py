@@ -241,6 +241,13 @@ def test_absolute_precursors_warn_from_the_first_steps():
     alert = _feed(EarlyWarningDetector(), {"update_ratio": _at(range(1, 4), [0.004, 0.12, 0.06])}, range(1, 4))
     assert alert is not None and alert.step == 2 and alert.signal == "update_ratio"
     assert alert.value == pytest.approx(0.12) and alert.score == pytest.approx(1.0)
+    # A measured level counts for spike_hold (5) steps, not until the next measurement.
+    ew = EarlyWarningDetector()
+    assert _feed(ew, {"update_ratio": _at(range(1, 3), [0.004, 0.12])}, range(1, 20)).step == 2
+    ew.evaluate(6)
+    assert [p.signal for p in ew.last_precursors] == ["update_ratio"]
+    ew.evaluate(7)
+    assert not [p for p in ew.last_precursors if p.signal == "update_ratio"]
     # 6 %: moderate, it needs a second precursor; a healthy 1 % is nothing.
     assert _feed(EarlyWarningDetector(), {"update_ratio": _at(range(1, 6), [0.06] * 5)}, range(1, 6)) is None
     ew = EarlyWarningDetector()
