@@ -171,3 +171,29 @@ def test_products_are_counted():
     est = top_singular_values(J, 1, method="lanczos", steps=5)
     assert (est.matvecs, est.rmatvecs) == (5, 4)
     assert (cost.linearisations, cost.jvps, cost.vjps) == (1, 5, 4)
+
+
+def test_linearisation_differentiates_the_state_only_and_restores_the_weights():
+    """A linearisation records its graph with the weights frozen (no weight-gradient products in
+    any J·v or Jᵀ·w), and gives them back as they were — also when the forward fails."""
+    from loopdyn.dynamics.loopmap import Linearisation
+
+    model = make()
+    model.lm_head.weight.requires_grad_(False)  # a user's frozen weight stays frozen
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    idx = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
+    ctx = model.encode(idx)
+    h = model.init_state(ctx)
+    lin = Linearisation(model, ctx, h)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    w = torch.randn_like(lin.output)
+    with pytest.raises(RuntimeError):  # the weights are not part of the recorded graph
+        torch.autograd.grad(lin._y, next(model.parameters()), w, retain_graph=True)
+    fd = (model.step(h + 1e-3 * w, ctx) - model.step(h - 1e-3 * w, ctx)).detach() / 2e-3
+    torch.testing.assert_close(lin.jvp(w), fd, rtol=2e-2, atol=2e-3)
+
+    def broken(x):
+        raise ValueError("boom")
+    with pytest.raises(ValueError):
+        Linearisation(model, ctx, h, fn=broken)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
