@@ -173,10 +173,12 @@ def main(argv=None) -> int:
         data = torch.randint(0, V, (n, args.batch, args.seq + 1), generator=gen)
         return [(d[:, :-1], d[:, 1:]) for d in data]
 
-    for _ in range(0, max(3, args.warmup_steps), 10):  # not timed
-        warm = batches(min(10, max(3, args.warmup_steps)))
+    left = max(3, args.warmup_steps)  # not timed
+    while left > 0:
+        warm = batches(min(10, left))
         run_block(plain, plain_opt, warm)
         run_block(watched, watched_opt, warm, monitor)
+        left -= len(warm)
     TIMER.clear()
 
     ratios, t_plain, t_watched = [], 0.0, 0.0

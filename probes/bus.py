@@ -116,7 +116,6 @@ class SignalBus:
         self._attn_args: dict[nn.Module, tuple] = {}
         self._attn_modules: list[nn.Module] = []
         self._attn_handles: list = []
-        self._loop_norms_due = False
         self._head_out: torch.Tensor | None = None
         self.forwards_since_step = 0
         self.forwards_total = 0  # training forward passes seen (a data position)
@@ -202,8 +201,6 @@ class SignalBus:
             return None
         if self.forwards_since_step == 0:
             self._guard("attention", self._hook_attention, self._attention_due() and "attention" not in self.disabled)
-            # per-loop norms (state_norm_max, a plotted signal no detector reads) on the probe cadence
-            self._loop_norms_due = (self.step + 1) % self.config.loop_every == 0
             if len(self.positions) > 4096:  # keep the recent ones (alerts and snapshots look back ≤ a few 100)
                 for key in sorted(self.positions)[:2048]:
                     del self.positions[key]
@@ -295,15 +292,19 @@ class SignalBus:
     def _tap(self, module, args, output):
         if self._active and "loop_state" not in self.disabled and isinstance(output, torch.Tensor):
             try:
-                if self._loop_norms_due:
-                    self._loop_norms.append(_mean_norm(output))
+                if self._due(self.config.loop_every):  # per-loop norms (state_norm_max, plotted, read
+                    self._loop_norms.append(_mean_norm(output))  # by no detector): the probe cadence
                 self._loop_states = [*self._loop_states[-1:], output.detach()]
             except Exception as err:
                 self._guard("loop_state", _raise, err)
         return None
 
+    def _due(self, every: int) -> bool:
+        """Whether the coming step is on a cadence of `every` steps."""
+        return (self.step + 1) % every == 0
+
     def _attention_due(self) -> bool:
-        return self.enabled("attn_logit_max") and (self.step + 1) % self.config.attention_every == 0
+        return self.enabled("attn_logit_max") and self._due(self.config.attention_every)
 
     def _attn_pre(self, module, args, kwargs):
         if self._active and "attention" not in self.disabled:
@@ -363,9 +364,8 @@ class SignalBus:
         self._closure_mode = closure is not None
         if not self._closure_mode:
             self.listener.before_optimizer_step()
-        coming = self.step + 1
         if (self.config.update_ratio and self.enabled("update_ratio")
-                and (coming <= self.config.update_dense or coming % self.config.update_every == 0)):
+                and (self.step + 1 <= self.config.update_dense or self._due(self.config.update_every))):
             self._guard("update_ratio", self._copy_params)
         return None
 

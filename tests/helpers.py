@@ -21,3 +21,16 @@ def small_loop_model(injection: str = "diagonal", *, d: int = 16, perturb: float
                 blk.attn.c_proj.weight.normal_(0, perturb)
                 blk.mlp.proj.weight.normal_(0, perturb)
     return model
+
+
+def rewrite_config(folder, changes: dict | None = None, drop: tuple = ()) -> None:
+    """Edit a checkpoint folder's config.json in place: set `changes`, delete the keys in `drop`."""
+    import json
+    from pathlib import Path
+
+    path = Path(folder) / "config.json"
+    raw = json.loads(path.read_text())
+    raw.update(changes or {})
+    for key in drop:
+        del raw[key]
+    path.write_text(json.dumps(raw))

@@ -13,6 +13,7 @@ from loopdyn.models import CheckpointError, InputError, load, validate
 from loopdyn.models.huginn import HuginnConfig, HuginnLM
 from loopdyn.models.protocol import initial_state, linear_part, state_norm_kind
 from tests import huginn_reference as ref
+from tests.helpers import rewrite_config
 
 RTOL = 2e-5  # float32 round-off after 16 loops; loopdyn's fast path multiplies through oneDNN, the reference through MKL
 LOOPS = 16
@@ -179,9 +180,7 @@ def one_line(err) -> str:
 
 def test_a_raven_config_with_a_missing_key(tmp_path):
     folder = ref.make_huginn_checkpoint(tmp_path / "h")
-    raw = json.loads((folder / "config.json").read_text())
-    del raw["n_layers_in_coda"]
-    (folder / "config.json").write_text(json.dumps(raw))
+    rewrite_config(folder, drop=("n_layers_in_coda",))
     with pytest.raises(CheckpointError) as err:
         load(folder)
     assert "missing config field n_layers_in_coda" in one_line(err)
@@ -198,9 +197,7 @@ def test_a_raven_config_with_a_missing_key(tmp_path):
 ])
 def test_config_fields_are_type_checked(tmp_path, field, value, words):
     folder = ref.make_huginn_checkpoint(tmp_path / "h")
-    raw = json.loads((folder / "config.json").read_text())
-    raw[field] = value
-    (folder / "config.json").write_text(json.dumps(raw))
+    rewrite_config(folder, {field: value})
     with pytest.raises(CheckpointError) as err:
         load(folder)
     assert words in one_line(err)
@@ -210,9 +207,7 @@ def test_wrong_layer_count_missing_and_unexpected_keys(tmp_path):
     from safetensors.torch import load_file, save_file
 
     folder = ref.make_huginn_checkpoint(tmp_path / "h", n_layers_in_recurrent_block=3)
-    raw = json.loads((folder / "config.json").read_text())
-    raw["n_layers_in_recurrent_block"] = 4
-    (folder / "config.json").write_text(json.dumps(raw))
+    rewrite_config(folder, {"n_layers_in_recurrent_block": 4})
     with pytest.raises(CheckpointError) as err:
         load(folder)
     assert "weights hold 3 layer(s) (transformer.core_block.0…2)" in one_line(err)

@@ -13,6 +13,7 @@ from loopdyn.models import CheckpointError, InputError, load, validate
 from loopdyn.models.ouro import OuroConfig, OuroLM
 from loopdyn.models.protocol import linear_part, state_norm_kind
 from tests import ouro_reference as ref
+from tests.helpers import rewrite_config
 
 RTOL = 1e-5
 LOOPS = 16
@@ -173,9 +174,7 @@ def one_line(err) -> str:
 
 def test_an_ouro_checkpoint_with_the_wrong_layer_count(tmp_path):
     folder = ref.make_ouro_checkpoint(tmp_path / "o", num_hidden_layers=2)
-    raw = json.loads((folder / "config.json").read_text())
-    raw["num_hidden_layers"] = 3
-    (folder / "config.json").write_text(json.dumps(raw))
+    rewrite_config(folder, {"num_hidden_layers": 3})
     with pytest.raises(CheckpointError) as err:
         load(folder)
     msg = one_line(err)
@@ -214,9 +213,7 @@ def test_missing_unexpected_and_misshapen_keys(tmp_path):
 ])
 def test_config_fields_are_type_checked(tmp_path, field, value, words):
     folder = ref.make_ouro_checkpoint(tmp_path / "o")
-    raw = json.loads((folder / "config.json").read_text())
-    raw[field] = value
-    (folder / "config.json").write_text(json.dumps(raw))
+    rewrite_config(folder, {field: value})
     with pytest.raises(CheckpointError) as err:
         load(folder)
     assert words in one_line(err)
