@@ -180,9 +180,10 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
     G = None
     kept: dict = {}  # the sweep's linearisations at the loops the forecast needs (fc.forecast_loops)
     if not broken:
-        sweep, lyap, krylov, kept = _sweep(model, traj, lyapunov_k, jacobian_steps, arnoldi_steps, krylov_dim,
-                                           _jacobian_loops(T, jacobian_loops), cost, report,
-                                           keep=set(fc.forecast_loops(T)))
+        sweep, lyap, krylovs, kept = _sweep(model, traj, lyapunov_k, jacobian_steps, arnoldi_steps, krylov_dim,
+                                            _jacobian_loops(T, jacobian_loops), cost, report,
+                                            keep=set(fc.forecast_loops(T)))
+        krylov = krylovs.get(T)
         sweep.lti_spectral_norm, sweep.lti_spectral_radius = spec.spectral_norm, spec.spectral_radius
         part = protocol.linear_part(model)
         if part is not None and krylov is not None and krylov.H.shape[0] and part.A.is_finite():
@@ -207,10 +208,11 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
         forecast = fc.combine(traj, [], H, explosion_factor, settle_tol, nonfinite_weights=bad)
     else:
         sigma_T = float(sweep.spectral_norm[-1]) if sweep.loops and sweep.loops[-1] == T else None
-        forecast = fc.forecast_from(model, traj, spec, H, krylov=krylov, krylov_dim=krylov_dim,
+        forecast = fc.forecast_from(model, traj, spec, H, krylovs=krylovs, krylov_dim=krylov_dim,
                                     explosion_factor=explosion_factor, settle_tol=settle_tol,
                                     extra_evidence=extra, sigma_T=sigma_T, cost=cost, linearisations=kept)
-        kept.clear()  # free the recorded graphs
+        kept.clear()  # free the recorded graphs and the Krylov bases
+        krylovs.clear()
     from loopdyn.dynamics.phases import token_phases
     phases = None if broken else token_phases(traj.states, forecast.leading_eigenvalues, forecast.eigenvalue_source)
     losses = None if broken else fc.probe_losses(model, idx, traj, H, cost)
@@ -244,15 +246,15 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
 
 def _sweep(model, traj: Trajectory, lyapunov_k: int, gkl_steps: int, arnoldi_steps: int, krylov_dim: int,
            jac_loops: list[int], cost: Cost, report, keep: set = frozenset()):
-    """One pass over h_0..h_T: Lyapunov vectors, Jacobian spectra, the Krylov basis at h_T, and
-    the linearisations at the loops in `keep` (for the forecast, which then linearises nothing twice)."""
+    """One pass over h_0..h_T: Lyapunov vectors, Jacobian spectra, and at the loops in `keep` the
+    linearisations and krylov_dim-step Arnoldi runs (for the forecast, which then linearises
+    nothing and runs no Arnoldi twice)."""
     T, states, ctx = traj.n_loops, traj.states, traj.ctx
     acc = LyapunovAccumulator(states[0].shape, lyapunov_k) if lyapunov_k > 0 else None
     sig, rho, hind = [], [], []
     products = 0
     v_warm = None
-    krylov = None
-    kept = {}
+    krylovs, kept = {}, {}
     for t in range(T + 1):
         report("linearised loops", t, T + 1)
         lin = Linearisation(model, ctx, states[t], cost)
@@ -267,10 +269,14 @@ def _sweep(model, traj: Trajectory, lyapunov_k: int, gkl_steps: int, arnoldi_ste
                 start = torch.randn(start.shape, generator=torch.Generator().manual_seed(t), dtype=torch.float64).to(start.device)
             s, v_warm, nj, njt = golub_kahan(lin.jvp, lin.vjp, start, gkl_steps)
             products += nj + njt
-            steps = krylov_dim if t == T else arnoldi_steps
+            # at the loops the forecast linearises (T, T − w) its krylov_dim-step run from r_t is done
+            # once, here: ρ(J_t) comes from the first arnoldi_steps steps of the same run (at loop T
+            # from all krylov_dim), and the forecast gets the first krylov_dim (KrylovResult.head)
+            steps = krylov_dim if t == T else max(krylov_dim, arnoldi_steps) if t in keep else arnoldi_steps
             if float(r_t.norm()) > 0:
-                kry = fc.krylov_at(lin, states[t], r_t, min(steps, r_t.numel()))
-                products += kry.products
+                run = fc.krylov_at(lin, states[t], r_t, min(steps, r_t.numel()))
+                products += run.products
+                kry = run.head(arnoldi_steps) if t < T else run
                 lam = float(np.abs(kry.ritz[0]))
                 image = kry.first_image() if t < T else None
                 if image is not None:
@@ -281,12 +287,12 @@ def _sweep(model, traj: Trajectory, lyapunov_k: int, gkl_steps: int, arnoldi_ste
                     hind.append(float((image - r_next).norm()) / denom if denom > 0 else math.nan)
                 else:
                     hind.append(math.nan)
-                kry.basis = [] if t < T else kry.basis
+                if t in keep:
+                    krylovs[t] = run.head(krylov_dim)
+                del run, kry  # the basis, unless kept
             else:
-                kry, lam = None, 0.0
+                lam = 0.0
                 hind.append(math.nan)
-            if t == T:
-                krylov = kry
             if t in jac_loops:
                 sig.append(float(s[0]))
                 rho.append(lam)
@@ -300,7 +306,7 @@ def _sweep(model, traj: Trajectory, lyapunov_k: int, gkl_steps: int, arnoldi_ste
               f"{arnoldi_steps} Arnoldi steps from r_t ({krylov_dim} at loop {T}; Ritz estimate)")
     sweep = JacobianSweep(loops, np.array(sig), np.array(rho), method, products, np.array(hind))
     lyap = acc.result() if acc is not None else LyapunovResult(np.zeros(0), 0, None)
-    return sweep, lyap, krylov, kept
+    return sweep, lyap, krylovs, kept
 
 
 def _fmt(x) -> str:

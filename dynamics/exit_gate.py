@@ -40,6 +40,7 @@ from torch import nn
 
 from loopdyn.dynamics.loopmap import MAX_LOOPS, Cost, DynamicsError, quiet_hooks
 from loopdyn.models.protocol import initial_state, require_looped
+from loopdyn.models.weights import all_finite
 
 
 def _num(x) -> float | None:
@@ -227,7 +228,7 @@ def exit_gate_audit(model, idx: torch.Tensor | None = None, loops: int | None = 
         states = list(states)[: T + 1]
         if len(states) < T + 1:
             raise DynamicsError(f"exit_gate_audit needs {T + 1} states h_0..h_T, got {len(states)}")
-        if not all(bool(torch.isfinite(h).all()) for h in states):
+        if not all(all_finite(h) for h in states):
             raise DynamicsError("non-finite state in the loop: the exit gate cannot be audited")
         gate_t = torch.stack([gate_fn(h, ctx).detach().cpu() for h in states[1:]])
         gate = gate_t.to(torch.float64).numpy()

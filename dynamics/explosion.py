@@ -92,6 +92,7 @@ import torch
 from loopdyn.dynamics.jacobian import arnoldi, ritz_values
 from loopdyn.dynamics.loopmap import Cost, Linearisation, analysis, nonfinite_parameters
 from loopdyn.models import protocol
+from loopdyn.models.weights import all_finite
 
 HINDCAST_TOL = 0.5  # a model reproduces the past when it predicts the measured residual vectors within this
 EXACT_HINDCAST = 1e-3  # an LTI hindcast this good means the loop is its LTI part
@@ -520,6 +521,18 @@ class KrylovResult:
     products: int
     basis: list = field(default_factory=list, repr=False)  # q_0..q_m (float64 tensors)
 
+    def head(self, steps: int) -> "KrylovResult":
+        """The result of the first `steps` steps of this run: exactly what a `steps`-step run from
+        the same vector gives (step j of Arnoldi only uses q_0..q_j), without its products."""
+        m = self.H.shape[1]
+        if steps >= m:
+            return self
+        Hbar = self.Hbar[: steps + 1, : steps]
+        H = Hbar[:steps, :steps]
+        out = KrylovResult(H, self.beta, self.c[:steps], ritz_values(H), False, steps, self.basis[: steps + 1])
+        out.Hbar = Hbar
+        return out
+
     def first_image(self) -> torch.Tensor | None:
         """J r_T reconstructed from the first Arnoldi column: ‖r‖(H₀₀ q₀ + H₁₀ q₁)."""
         if not self.basis or self.H.shape[1] == 0:
@@ -600,7 +613,7 @@ def jacobian_subspace(lin: Linearisation, r: torch.Tensor, steps: int, n_random:
     V: list[torch.Tensor] = []
     JV: list[torch.Tensor] = []
     products = 0
-    if krylov is not None and krylov.basis and krylov.H.shape[1]:
+    if krylov is not None and krylov.basis and krylov.H.shape[1]:  # the same run, done before
         m = krylov.H.shape[1]
         Q = krylov.basis
         Hbar = krylov.Hbar
@@ -638,7 +651,7 @@ def jacobian_subspace(lin: Linearisation, r: torch.Tensor, steps: int, n_random:
             x = x / nx
             y = lin.jvp(x).to(dtype)
             products += 1
-            if not bool(torch.isfinite(y).all()):
+            if not all_finite(y):
                 break
             V.append(x)
             JV.append(y)
@@ -755,7 +768,7 @@ def large_state_limit(model, ctx, h: torch.Tensor, h_next: torch.Tensor, part, c
             y = model.step(x, ctx)
             if cost is not None:
                 cost.steps += 1
-            if not bool(torch.isfinite(y).all()):
+            if not all_finite(y):
                 ratios.append(math.inf)
                 continue
             c = y.to(torch.float64) - part.A.apply(x.to(torch.float64)) - base  # c(s h) − c(h)
@@ -1053,15 +1066,16 @@ def lyapunov_evidence(lyap) -> str:
             f"k = {len(lyap.exponents)}: {', '.join(_fmt(x) for x in lyap.exponents)})")
 
 
-def forecast_from(model, traj, spec, horizon: int, *, krylov: KrylovResult | None = None,
+def forecast_from(model, traj, spec, horizon: int, *, krylovs: dict | None = None,
                   krylov_dim: int = 8, explosion_factor: float = 10.0, settle_tol: float = 1e-2,
                   extra_evidence: list[str] | None = None, sigma_T: float | None = None,
                   n_random: int = 2, random_steps: int = 4, cost: Cost | None = None,
                   linearisations: dict | None = None) -> Forecast:
     """The forecast from a measured trajectory (with its states). `spec` (an InjectionSpectrum, or
-    None) only saves recomputing Ā's eigenvalues; `krylov` (the audit's Arnoldi run at h_T from r_T)
-    saves those products; `linearisations` ({loop t: Linearisation at h_t}, the audit's own for
-    `forecast_loops(T)`) saves re-linearising those states. Costs the linearisations at h_T and
+    None) only saves recomputing Ā's eigenvalues; `krylovs` ({loop t: KrylovResult}, the audit's
+    krylov_dim-step Arnoldi runs at h_t from r_t, with their bases) saves those products;
+    `linearisations` ({loop t: Linearisation at h_t}, the audit's own for `forecast_loops(T)`)
+    saves re-linearising those states. Costs the linearisations at h_T and
     h_{T−w} not given, about 2·(krylov_dim + n_random·random_steps) Jacobian products and two
     loop steps."""
     T, H = traj.n_loops, int(horizon)
@@ -1084,10 +1098,9 @@ def forecast_from(model, traj, spec, horizon: int, *, krylov: KrylovResult | Non
     if krylov_dim > 0 and T >= 1:
         r_T = (states[T] - states[T - 1]).to(torch.float64)
         steps = min(krylov_dim, r_T.numel())
-        given = linearisations or {}
+        given, runs = linearisations or {}, krylovs or {}
         lin = given.get(T) or Linearisation(model, traj.ctx, states[T], cost)
-        sub = jacobian_subspace(lin, r_T, steps, n_random, random_steps, seed=0,
-                                krylov=krylov if krylov is not None and krylov.basis else None)
+        sub = jacobian_subspace(lin, r_T, steps, n_random, random_steps, seed=0, krylov=runs.get(T))
         del lin
         sub0 = None
         w = data.hindcast_window()
@@ -1095,7 +1108,7 @@ def forecast_from(model, traj, spec, horizon: int, *, krylov: KrylovResult | Non
             t0 = T - w
             lin0 = given.get(t0) or Linearisation(model, traj.ctx, states[t0], cost)
             sub0 = jacobian_subspace(lin0, (states[t0] - states[t0 - 1]).to(torch.float64), steps, n_random,
-                                     random_steps, seed=1)
+                                     random_steps, seed=1, krylov=runs.get(t0))
             del lin0
         HL = lti_projection(sub, part.A) if use_scaling else None
         HL0 = lti_projection(sub0, part.A) if use_scaling and sub0 is not None else None
@@ -1198,7 +1211,7 @@ def probe_losses(model, idx: torch.Tensor, traj, max_loops: int, cost: Cost | No
                                 if max_loops > T else [])
     with analysis(model):
         for t, state in enumerate(states[:max_loops], start=1):
-            if not bool(torch.isfinite(state).all()):
+            if not all_finite(state):
                 break
             logits = model.decode(state, traj.ctx)
             if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[-1] <= int(idx.max()):

@@ -37,6 +37,7 @@ from loopdyn.dynamics.jacobian import golub_kahan
 from loopdyn.dynamics.loopmap import Cost, DynamicsError, Linearisation, analysis, require_loop
 from loopdyn.dynamics.trajectory import run_loop
 from loopdyn.models import protocol
+from loopdyn.models.weights import all_finite
 
 
 def _local_gain(fn, x: torch.Tensor, model, steps: int, cost: Cost, seed: int) -> float:
@@ -75,7 +76,7 @@ def gain_graph(model, idx: torch.Tensor | None = None, *, h: torch.Tensor | None
     b_norm = part.B.norm() if part is not None else math.nan
     readout = getattr(model, "readout_part", None)
     c_norm = readout().norm() if callable(readout) else math.nan
-    finite = bool(torch.isfinite(h).all())
+    finite = all_finite(h)
 
     G = nx.DiGraph()
     G.add_node("h", role="state")

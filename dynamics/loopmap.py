@@ -28,6 +28,7 @@ from typing import Callable, Iterator
 import torch
 
 from loopdyn.models import protocol
+from loopdyn.models.weights import nonfinite_parameters  # noqa: F401 - re-exported for the dynamics modules
 from loopdyn.models.errors import InputError
 
 MAX_LOOPS = 256  # measured loops an audit accepts
@@ -219,16 +220,3 @@ def forward_jvp(model, ctx, h: torch.Tensor, v: torch.Tensor):
     """(F(h), J·v) by forward-mode AD (torch.func.jvp); slower, kept as an independent route."""
     with torch.no_grad(), quiet_hooks(model), forward_mode_attention():
         return torch.func.jvp(step_fn(model, ctx), (h,), (v.to(h.dtype),))
-
-
-def finite(t: torch.Tensor) -> bool:
-    return bool(torch.isfinite(t).all())
-
-
-def nonfinite_parameters(model) -> list[str]:
-    """Names of parameters and buffers holding NaN or ±Inf."""
-    bad = []
-    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-            bad.append(name)
-    return bad

@@ -25,6 +25,7 @@ import torch
 
 from loopdyn.dynamics.loopmap import Cost, Linearisation, analysis, require_loop
 from loopdyn.dynamics.trajectory import run_loop
+from loopdyn.models.weights import all_finite
 
 
 @dataclass
@@ -61,7 +62,7 @@ class LyapunovAccumulator:
         self.Q = self.Q.to(lin.h.device)
         V = self.Q.T.reshape(self.k, *self.shape)
         W = lin.jvp_batch(V).to(torch.float64).reshape(self.k, -1).T
-        if not bool(torch.isfinite(W).all()):
+        if not all_finite(W):
             self.nonfinite = True
             return
         Q, R = torch.linalg.qr(W)
@@ -93,7 +94,7 @@ def lyapunov(model, idx: torch.Tensor, n_loops: int, k: int = 4, seed: int = 0,
     h = run_loop(model, ctx, 0)[0]
     acc = LyapunovAccumulator(h.shape, k, seed)
     for _ in range(int(n_loops)):
-        if not bool(torch.isfinite(h).all()):
+        if not all_finite(h):
             acc.nonfinite = True
             break
         lin = Linearisation(model, ctx, h, cost)

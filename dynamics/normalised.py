@@ -45,6 +45,7 @@ from loopdyn.dynamics.jacobian import golub_kahan
 from loopdyn.dynamics.loopmap import MAX_LOOPS, Cost, DynamicsError, Linearisation, analysis
 from loopdyn.dynamics.trajectory import run_loop
 from loopdyn.models.protocol import initial_state, require_looped, state_norm_kind
+from loopdyn.models.weights import all_finite
 
 PERIODS = 4  # cycle periods p = 1..PERIODS checked per token
 
@@ -265,7 +266,7 @@ def jacobian_norms(model, ctx, states: list[torch.Tensor], loops: list[int], ste
     v = torch.randn(states[0].shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     for i, t in enumerate(loops):
         h = states[t]
-        if not bool(torch.isfinite(h).all()):
+        if not all_finite(h):
             break
         lin = Linearisation(module, ctx, h, cost, fn=lambda x: model.step(x, ctx))
         s, v, _, _ = golub_kahan(lambda x: lin.jvp(x), lambda x: lin.vjp(x), v, steps)
@@ -313,12 +314,12 @@ def normalised_loop(model, idx: torch.Tensor | None = None, loops: int | None = 
         states = list(states)[: T + 1]
         with analysis(model):
             pre = [model.pre_norm_state(h, ctx) if has_pre else nxt for h, nxt in zip(states[:-1], states[1:])
-                   if bool(torch.isfinite(h).all())]
+                   if all_finite(h)]
         cost.steps += len(pre) if has_pre else 0
 
-    nonfinite_at = next((t for t, h in enumerate(states) if not bool(torch.isfinite(h).all())), None)
+    nonfinite_at = next((t for t, h in enumerate(states) if not all_finite(h)), None)
     if nonfinite_at is None:
-        nonfinite_at = next((t + 1 for t, r in enumerate(pre) if not bool(torch.isfinite(r).all())), None)
+        nonfinite_at = next((t + 1 for t, r in enumerate(pre) if not all_finite(r)), None)
     n_ok = len(pre) if nonfinite_at is None else max(0, nonfinite_at - 1)
     post_n = np.full(T, np.nan)
     pre_n, growth, absorbed = (np.full(T, np.nan) for _ in range(3))

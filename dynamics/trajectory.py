@@ -15,6 +15,7 @@ import torch
 
 from loopdyn.dynamics.loopmap import analysis, require_loop
 from loopdyn.models import protocol
+from loopdyn.models.weights import all_finite
 
 
 @dataclass
@@ -55,7 +56,7 @@ def trajectory_stats(states: list[torch.Tensor], ctx=None, keep_states: bool = T
     sn, rr, rn, tn, tr = (np.full(T + 1, math.nan) for _ in range(5))
     nonfinite_at = None
     for t, h in enumerate(states):
-        if not bool(torch.isfinite(h).all()):
+        if not all_finite(h):
             nonfinite_at = t
             break
         norms = _token_norms(h)
@@ -86,7 +87,7 @@ def run_loop(model, ctx, n_loops: int, h0: torch.Tensor | None = None, stop_nonf
                                          f"got {type(h).__name__}")
         states = [h]
         for _ in range(n_loops):
-            if stop_nonfinite and not bool(torch.isfinite(h).all()):
+            if stop_nonfinite and not all_finite(h):
                 break
             h = checked_step(model, h, ctx)
             if cost is not None:

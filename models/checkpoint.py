@@ -43,7 +43,7 @@ from loopdyn.models.fileio import (WriteError, check_output, describe_os_error, 
                                    temp_name)
 from loopdyn.models.looped import LoopedLM, value_embedding_layout
 from loopdyn.models.layers import rope_table
-from loopdyn.models.weights import StoredTensor, build_on_meta, fill, open_weights
+from loopdyn.models.weights import StoredTensor, build_on_meta, fill, nonfinite_parameters, open_weights
 
 FORMAT_VERSION = 1
 OFFICIAL_WEIGHT_FILES = ("pytorch_model.bin", "model.pt", "model.safetensors", "model.bin")
@@ -332,7 +332,7 @@ def _load_own(directory: Path, raw: dict) -> tuple[LoopedLM, CheckpointInfo]:
         expected.pop("lm_head.weight")  # stored once, as wte.weight
     _check_keys_and_shapes(state, {k: tuple(v.shape) for k, v in expected.items()}, weights)
     fill(model, {**state, "rope": _rope(config)}, torch.float32, weights)
-    return model, CheckpointInfo(str(directory), "loopdyn", str(weights), _nonfinite(model))
+    return model, CheckpointInfo(str(directory), "loopdyn", str(weights), nonfinite_parameters(model))
 
 
 def bound(config: LoopConfig, weights: Path, source: Path) -> None:
@@ -396,10 +396,6 @@ def _check_keys_and_shapes(state: dict, expected: dict[str, tuple], path: Path) 
     for key, shape in expected.items():
         if tuple(state[key].shape) != shape:
             raise CheckpointError(f"{path}: {key} has shape {tuple(state[key].shape)}, the config implies {shape}")
-
-
-def _nonfinite(model: LoopedLM) -> list[str]:
-    return [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
 
 
 # ---- official Parcae format ---------------------------------------------------------------
@@ -643,7 +639,7 @@ def _load_official(directory: Path, raw: dict) -> tuple[LoopedLM, CheckpointInfo
                      f"pass and were dropped: {', '.join(unused)}")
     if config.looped and config.state_init != "zero":
         notes.append(f"state_init '{config.state_init}' is random; loopdyn draws it from a fixed seed in eval mode")
-    return model, CheckpointInfo(str(directory), "parcae", str(weights), _nonfinite(model), notes)
+    return model, CheckpointInfo(str(directory), "parcae", str(weights), nonfinite_parameters(model), notes)
 
 
 def _head_is_transposed(config: LoopConfig) -> bool:

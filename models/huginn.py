@@ -51,7 +51,7 @@ from loopdyn.models.layers import Block, RMSNorm, rope_table
 from loopdyn.models.looped import LMOutput, StateTap, block_sublayers
 from loopdyn.models.operator import DenseOperator
 from loopdyn.models.protocol import LinearPart, Sublayer, config_field
-from loopdyn.models.weights import StoredTensor, build_on_meta, fill
+from loopdyn.models.weights import StoredTensor, build_on_meta, fill, nonfinite_parameters
 
 INIT_MODES = ("random", "zero")
 TRAINING_PREFIX = "_orig_mod._original_module."
@@ -358,7 +358,7 @@ def to_loopdyn_state(state: dict[str, StoredTensor], cfg: HuginnConfig) -> dict[
 
 def from_official(directory: Path, raw: dict, dtype: torch.dtype | None = None) -> HuginnLM:
     """A HuginnLM from a RavenForCausalLM folder, computing in `dtype` (default float32)."""
-    from loopdyn.models.checkpoint import CheckpointInfo, _nonfinite
+    from loopdyn.models.checkpoint import CheckpointInfo
 
     config_path = directory / "config.json"
     cfg, notes = HuginnConfig.from_json(raw, str(config_path))
@@ -390,5 +390,5 @@ def from_official(directory: Path, raw: dict, dtype: torch.dtype | None = None) 
         rope = stored
     model = build_on_meta(lambda: HuginnLM(cfg))
     fill(model, {**to_loopdyn_state(state, cfg), "rope": rope}, compute, source)
-    model.checkpoint_info = CheckpointInfo(str(directory), "huginn", source, _nonfinite(model), notes)
+    model.checkpoint_info = CheckpointInfo(str(directory), "huginn", source, nonfinite_parameters(model), notes)
     return model

@@ -22,6 +22,8 @@ import math
 import numpy as np
 import torch
 
+from loopdyn.models.weights import all_finite
+
 
 class Operator:
     """A linear map R^{n_in} → R^{n_out} acting on the last axis of a tensor."""
@@ -144,7 +146,7 @@ class DiagonalOperator(Operator):
         return self._d.to("cpu", torch.float64).numpy()
 
     def is_finite(self):
-        return bool(torch.isfinite(self._d).all())
+        return all_finite(self._d)
 
     def norm(self):
         return float(self._d.abs().max()) if self.n_out else 0.0
@@ -188,7 +190,7 @@ class DenseOperator(Operator):
         return self._m
 
     def is_finite(self):
-        return bool(torch.isfinite(self._m).all())
+        return all_finite(self._m)
 
     def norm(self):
         if not self.is_finite():

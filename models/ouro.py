@@ -52,7 +52,7 @@ from loopdyn.models.formats import (ConfigReader, check_h0, check_layer_count, c
 from loopdyn.models.layers import RMSNorm, _causal_sdpa
 from loopdyn.models.looped import LMOutput, StateTap
 from loopdyn.models.protocol import Sublayer, config_field
-from loopdyn.models.weights import build_on_meta, fill
+from loopdyn.models.weights import build_on_meta, fill, nonfinite_parameters
 
 EXIT_MODES = ("last", "threshold", "weighted")
 
@@ -404,7 +404,7 @@ def official_shapes(cfg: OuroConfig) -> tuple[dict[str, tuple], dict[str, tuple]
 
 def from_official(directory: Path, raw: dict, dtype: torch.dtype | None = None) -> OuroLM:
     """An OuroLM from an OuroForCausalLM folder, computing in `dtype` (default float32)."""
-    from loopdyn.models.checkpoint import CheckpointInfo, _nonfinite
+    from loopdyn.models.checkpoint import CheckpointInfo
 
     config_path = directory / "config.json"
     cfg, notes = OuroConfig.from_json(raw, str(config_path))
@@ -426,5 +426,5 @@ def from_official(directory: Path, raw: dict, dtype: torch.dtype | None = None) 
     notes += stored_dtype_note(state, compute)
     model = build_on_meta(lambda: OuroLM(cfg))
     fill(model, state, compute, source)  # one tensor at a time, cast as it is read
-    model.checkpoint_info = CheckpointInfo(str(directory), "ouro", source, _nonfinite(model), notes)
+    model.checkpoint_info = CheckpointInfo(str(directory), "ouro", source, nonfinite_parameters(model), notes)
     return model

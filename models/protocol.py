@@ -46,6 +46,7 @@ from torch import nn
 
 from loopdyn.models.errors import InputError
 from loopdyn.models.operator import IdentityOperator, Operator, as_operator
+from loopdyn.models.weights import all_finite
 
 STATE_NORM_KINDS = ("none", "pre", "post")
 SUBLAYER_KINDS = ("injection", "residual", "map")
@@ -238,7 +239,7 @@ def validate(model, idx: torch.Tensor) -> None:
         if h1.shape != h0.shape:
             raise ProtocolError(f"LoopedModel.step must keep the state's shape: h has {tuple(h0.shape)}, "
                                 f"step(h) has {tuple(h1.shape)}")
-        probe = h1 if bool(torch.isfinite(h1).all()) else h0
+        probe = h1 if all_finite(h1) else h0
         a, b = model.step(probe, ctx), model.step(probe, ctx)
         scale = float(a.abs().max()) if a.numel() else 0.0
         if not torch.allclose(a, b, rtol=1e-5, atol=1e-6 * max(scale, 1.0), equal_nan=True):

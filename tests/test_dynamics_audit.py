@@ -2,6 +2,7 @@
 against dense Jacobians, and the gain graph against dense sublayer Jacobians."""
 import json
 import math
+import re
 
 import networkx as nx
 import numpy as np
@@ -209,3 +210,54 @@ def test_audit_in_training_mode_leaves_the_global_rng_and_mode_alone():
     audit(model, IDX, loops=3, horizon=6)
     assert torch.equal(torch.rand(3), expected) and model.training
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("steps", [1, 3, 6, 9])
+def test_the_head_of_an_arnoldi_run_is_the_shorter_run(steps):
+    """KrylovResult.head(m) of a 10-step run is, exactly, the m-step run from the same vector
+    (the audit reads ρ(J_t) from the head of the run it hands to the forecast)."""
+    from loopdyn.dynamics.explosion import krylov_at
+    from loopdyn.dynamics.loopmap import Linearisation
+
+    model = make()
+    ctx = model.encode(IDX)
+    with torch.no_grad():
+        h1 = model.step(model.init_state(ctx), ctx)
+        h2 = model.step(h1, ctx)
+    lin = Linearisation(model, ctx, h2)
+    r = (h2 - h1).double()
+    head, short = krylov_at(lin, h2, r, 10).head(steps), krylov_at(lin, h2, r, steps)
+    assert head.H.shape == short.H.shape == (steps, steps) and head.exact is short.exact is False
+    assert np.array_equal(head.H, short.H) and np.array_equal(head.Hbar, short.Hbar)
+    assert np.array_equal(head.ritz, short.ritz) and np.array_equal(head.c, short.c) and head.beta == short.beta
+    assert len(head.basis) == len(short.basis) == steps + 1
+    assert all(torch.equal(a, b) for a, b in zip(head.basis, short.basis))
+    assert torch.equal(head.first_image(), short.first_image())
+
+
+def test_the_forecast_reuses_the_sweeps_arnoldi_runs_without_changing_a_number():
+    """The audit hands its Arnoldi runs at T and T − w to the forecast: the forecast is the one
+    it computes on its own, number for number, for krylov_dim fewer J·v products at T − w."""
+    from loopdyn.dynamics import explosion as fc
+    from loopdyn.dynamics.audit_report import _jacobian_loops, _sweep
+    from loopdyn.dynamics.loopmap import Cost
+    from loopdyn.dynamics.trajectory import measure_trajectory
+
+    model, T, H = make(perturb=0.4), 4, 16
+    traj = measure_trajectory(model, IDX, T)
+    keep = set(fc.forecast_loops(T))
+    assert len(keep) == 2  # T and T − w
+    cost = Cost()  # the kept linearisations count their products here
+    _, _, krylovs, kept = _sweep(model, traj, 2, 3, 3, 5, _jacobian_loops(T, None), cost, lambda *a: None,
+                                 keep=keep)
+    assert set(krylovs) == keep and all(k.H.shape[1] == 5 for k in krylovs.values())
+    runs = {}
+    for given in (krylovs, None):
+        before = cost.jvps
+        f = fc.forecast_from(model, traj, None, H, krylovs=given, krylov_dim=5, cost=cost, linearisations=kept)
+        js = json_safe(f.to_json())
+        # the evidence counts the products this call made; every other word and number is the same
+        js["evidence"] = [re.sub(r"\(\d+ products\)", "(n products)", e) for e in js["evidence"]]
+        runs["given" if given else "own"] = (js, cost.jvps - before)
+    assert runs["given"][0] == runs["own"][0]
+    assert runs["own"][1] - runs["given"][1] == 2 * 5  # the two krylov_dim-step runs

@@ -7,9 +7,12 @@ files must give the float32 cast of the stored bf16 tensors, tied weights must s
 Parameter, mismatches must stay one line naming the key, and no random init may run."""
 from __future__ import annotations
 
+import math
 import weakref
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -292,3 +295,35 @@ def test_a_bf16_checkpoint_that_does_not_match_its_config_is_one_line(tmp_path):
     state["prelude.0.mlp.fc.weight"] = state["prelude.0.mlp.fc.weight"].to(torch.int32)
     save_file(state, str(weights_file), metadata=metadata)
     _one_line(lambda: load(path), "prelude.0.mlp.fc.weight", "integer (int32)")
+
+
+# ---- the finiteness check every loader and the audit run on all weights -----------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 300), where=st.integers(0, 10_000), bad=st.sampled_from([math.nan, math.inf, -math.inf]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]))
+def test_all_finite_agrees_with_the_elementwise_mask(n, where, bad, dtype):
+    g = torch.Generator().manual_seed(n)
+    t = torch.randn(n, generator=g).to(dtype)
+    assert weights.all_finite(t) is True
+    t[where % n] = bad
+    assert weights.all_finite(t) is bool(torch.isfinite(t).all()) is False
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_all_finite_when_the_sum_overflows(dtype):
+    """Finite entries near the dtype's maximum overflow their sum: the exact check decides."""
+    big = torch.full((64,), torch.finfo(dtype).max, dtype=dtype)
+    assert not bool(torch.isfinite(big.sum()))  # the fast route alone would say "non-finite"
+    assert weights.all_finite(big) is True
+    assert weights.all_finite(torch.empty(0, dtype=dtype)) is True
+
+
+def test_nonfinite_parameters_names_parameters_and_buffers():
+    model = nn.Linear(3, 4)
+    model.register_buffer("table", torch.ones(5))
+    assert weights.nonfinite_parameters(model) == []
+    with torch.no_grad():
+        model.weight[1, 2] = math.nan
+    model.table[3] = math.inf
+    assert weights.nonfinite_parameters(model) == ["weight", "table"]
