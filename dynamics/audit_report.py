@@ -4,10 +4,11 @@ One pass over the measured loops t = 0..T shares a linearisation of the loop ste
 measured state h_t (one recorded forward + backward pass) between
 
 * the Lyapunov tangent vectors (k products J_t·Q per loop, t < T),
-* the Jacobian spectra at loops t = 1..T: ‖J_t‖₂ by a few Golub–Kahan–Lanczos steps warm
-  started from the previous loop's top singular vector (a lower bound that tightens along
-  the sweep) and ρ(J_t) by a short Arnoldi run started from the measured residual
-  r_t = h_t − h_{t−1} (Ritz estimate; the run at t = T is the forecast's Krylov basis),
+* the Jacobian spectra at loops t = 1..T: ‖J_t‖₂ by a few Golub–Kahan–Lanczos steps on J_tᵀ
+  warm started from the previous loop's top left singular vector (a lower bound that tightens
+  along the sweep; the first product J_tᵀ·u is the linearisation's own backward pass) and
+  ρ(J_t) by a short Arnoldi run started from the measured residual r_t = h_t − h_{t−1} (Ritz
+  estimate; the runs at t = T and T − w are the forecast's Krylov bases),
 
 so the cost is T + 1 linearisations plus a fixed number of products per loop, independent of
 the state size (bench/audit_cost.py measures it in forward passes). The injection spectrum is
@@ -27,7 +28,7 @@ import torch
 
 from loopdyn.dynamics import explosion as fc
 from loopdyn.dynamics.gain import gain_graph, gain_graph_json
-from loopdyn.dynamics.jacobian import golub_kahan
+from loopdyn.dynamics.jacobian import norm_lower_bound
 from loopdyn.dynamics.loopmap import MAX_HORIZON, MAX_LOOPS, Cost, Linearisation, nonfinite_parameters, require_loop
 from loopdyn.dynamics.lti import InjectionSpectrum, injection_spectrum
 from loopdyn.dynamics.lyapunov_exponents import LyapunovAccumulator, LyapunovResult
@@ -253,21 +254,26 @@ def _sweep(model, traj: Trajectory, lyapunov_k: int, gkl_steps: int, arnoldi_ste
     acc = LyapunovAccumulator(states[0].shape, lyapunov_k) if lyapunov_k > 0 else None
     sig, rho, hind = [], [], []
     products = 0
-    v_warm = None
+    u_warm = None
     krylovs, kept = {}, {}
     for t in range(T + 1):
         report("linearised loops", t, T + 1)
-        lin = Linearisation(model, ctx, states[t], cost)
+        spectra = t >= 1 and (t in jac_loops or t == T)
+        start = None
+        if spectra:
+            r_t = (states[t] - states[t - 1]).to(torch.float64)
+            # ‖J_t‖₂ by Golub–Kahan on J_tᵀ from the previous loop's top left singular vector (or r_t):
+            # the linearisation's own backward pass takes the first product J_tᵀ·start
+            start = u_warm if u_warm is not None else r_t
+            if float(start.norm()) == 0:
+                start = torch.randn(start.shape, generator=torch.Generator().manual_seed(t), dtype=torch.float64).to(start.device)
+        lin = Linearisation(model, ctx, states[t], cost, w0=start)
         if t < T:
             check_pure(model, lin.output, states[t + 1], t)
         if acc is not None and t < T:
             acc.update(lin)
-        if t >= 1 and (t in jac_loops or t == T):
-            r_t = (states[t] - states[t - 1]).to(torch.float64)
-            start = v_warm if v_warm is not None else r_t
-            if float(start.norm()) == 0:
-                start = torch.randn(start.shape, generator=torch.Generator().manual_seed(t), dtype=torch.float64).to(start.device)
-            s, v_warm, nj, njt = golub_kahan(lin.jvp, lin.vjp, start, gkl_steps)
+        if spectra:
+            s, u_warm, njt, nj = norm_lower_bound(lin, gkl_steps)
             products += nj + njt
             # at the loops the forecast linearises (T, T − w) its krylov_dim-step run from r_t is done
             # once, here: ρ(J_t) comes from the first arnoldi_steps steps of the same run (at loop T
@@ -302,7 +308,7 @@ def _sweep(model, traj: Trajectory, lyapunov_k: int, gkl_steps: int, arnoldi_ste
     report("linearised loops", T + 1, T + 1)
     loops = [t for t in jac_loops]
     method = (f"matrix-free (autograd J·v and Jᵀ·w at the measured states): ‖J_t‖₂ by {gkl_steps} "
-              f"Golub–Kahan–Lanczos steps warm-started along the loops (lower bound), ρ(J_t) by "
+              f"Golub–Kahan–Lanczos steps on J_tᵀ warm-started along the loops (lower bound), ρ(J_t) by "
               f"{arnoldi_steps} Arnoldi steps from r_t ({krylov_dim} at loop {T}; Ritz estimate)")
     sweep = JacobianSweep(loops, np.array(sig), np.array(rho), method, products, np.array(hind))
     lyap = acc.result() if acc is not None else LyapunovResult(np.zeros(0), 0, None)

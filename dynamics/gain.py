@@ -33,7 +33,7 @@ import math
 import networkx as nx
 import torch
 
-from loopdyn.dynamics.jacobian import golub_kahan
+from loopdyn.dynamics.jacobian import norm_lower_bound
 from loopdyn.dynamics.loopmap import Cost, DynamicsError, Linearisation, analysis, require_loop
 from loopdyn.dynamics.trajectory import run_loop
 from loopdyn.models import protocol
@@ -41,10 +41,10 @@ from loopdyn.models.weights import all_finite
 
 
 def _local_gain(fn, x: torch.Tensor, model, steps: int, cost: Cost, seed: int) -> float:
-    lin = Linearisation.of(fn, x, model, cost)
-    g = torch.Generator().manual_seed(seed)
-    v0 = torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.device)
-    s, _, _, _ = golub_kahan(lin.jvp, lin.vjp, v0, steps)
+    def w0(shape):  # a random start in fn's output space
+        return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(x.device)
+
+    s, _, _, _ = norm_lower_bound(Linearisation.of(fn, x, model, cost, w0=w0), steps)
     return float(s[0])
 
 

@@ -190,21 +190,27 @@ class SpectralEstimate:
     converged: bool = True
 
 
-def golub_kahan(apply, apply_adjoint, v0: torch.Tensor, steps: int) -> tuple[np.ndarray, torch.Tensor, int, int]:
+def golub_kahan(apply, apply_adjoint, v0: torch.Tensor, steps: int,
+                image0: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor, int, int]:
     """Golub–Kahan–Lanczos bidiagonalisation from v0 (full reorthogonalisation, float64 recurrences).
 
     After m steps (m products with J and m − 1 with Jᵀ) the singular values of the m × m
     upper-bidiagonal B_m are Ritz values of J: each is ≤ the corresponding singular value of J,
-    and the largest converges fast (like Lanczos on JᵀJ). Returns (σ of B_m descending, the top
-    right Ritz vector, products with J, products with Jᵀ).
+    and the largest converges fast (like Lanczos on JᵀJ). `image0` = J·v0, when already known,
+    saves the first product. Returns (σ of B_m descending, the top right Ritz vector, products
+    made with J, products made with Jᵀ).
     """
     dtype = torch.float64
     v = v0.to(dtype)
-    v = v / v.norm()
+    norm0 = v.norm()
+    v = v / norm0
     V, U, alphas, betas = [v], [], [], []
     n_j = n_jt = 0
-    u = apply(v).to(dtype)
-    n_j += 1
+    if image0 is None:
+        u = apply(v).to(dtype)
+        n_j += 1
+    else:
+        u = image0.to(dtype) / norm0
     for k in range(steps):
         for q in U:
             u = u - (q * u).sum() * q
@@ -238,6 +244,17 @@ def golub_kahan(apply, apply_adjoint, v0: torch.Tensor, steps: int) -> tuple[np.
     _, s, vt = np.linalg.svd(B)
     top = sum(float(vt[0, i]) * V[i] for i in range(min(m, len(V))))
     return s, top, n_j, n_jt
+
+
+def norm_lower_bound(lin, steps: int) -> tuple[np.ndarray, torch.Tensor, int, int]:
+    """Ritz values of ‖J‖₂ (J linearised in `lin`, a loopmap.Linearisation set up with a start
+    vector w0) by `steps` Golub–Kahan–Lanczos steps on Jᵀ from w0: the singular values of Jᵀ are
+    those of J, and the first product Jᵀw0 came with the linearisation (`lin.vjp0`), so m steps
+    cost m − 1 products with Jᵀ and m − 1 with J. Returns (σ descending, lower bounds; the top
+    left Ritz vector of J, the warm start for a nearby linearisation; products with Jᵀ; with J)."""
+    if lin.w0 is None:
+        raise ValueError("norm_lower_bound needs a Linearisation set up with w0")
+    return golub_kahan(lin.vjp, lin.jvp, lin.w0, steps, image0=lin.vjp0)
 
 
 def arnoldi(apply, v0: torch.Tensor, steps: int) -> tuple[np.ndarray, list[torch.Tensor], float]:

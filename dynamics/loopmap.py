@@ -156,11 +156,16 @@ class Linearisation:
     Both products equal the exact derivative to float32 round-off.
 
     Setting up records one forward pass and one backward pass (counted as a linearisation).
-    The graph is freed when the object is dropped.
+    That backward pass is the recording of g(u) at some u; `w0` (a vector shaped like f(x), or a
+    function of f(x)'s shape that returns one) chooses that u, so `vjp0` = Jᵀ·w0 comes with the
+    setup, at no extra cost (else u = 0 and vjp0 is None): `jacobian.norm_lower_bound` starts
+    its Golub–Kahan run there. The graph is freed when
+    the object is dropped.
     """
 
     def __init__(self, model, ctx, h: torch.Tensor, cost: Cost | None = None, batched: bool | None = None,
-                 fn: Callable[[torch.Tensor], torch.Tensor] | None = None, sublayer: bool = False):
+                 fn: Callable[[torch.Tensor], torch.Tensor] | None = None, sublayer: bool = False,
+                 w0: torch.Tensor | Callable[[torch.Size], torch.Tensor] | None = None):
         self.model, self.ctx = model, ctx
         self.cost = cost if cost is not None else Cost()
         self.sublayer = sublayer
@@ -171,16 +176,22 @@ class Linearisation:
         with torch.enable_grad(), quiet_hooks(model), frozen_weights(model), forward_mode_attention():
             self._x = self.h.clone().requires_grad_(True)
             self._y = f(self._x)
-            self._u = torch.zeros_like(self._y, requires_grad=True)
+            # g(u) = Jᵀu is linear in u: its recorded graph, hence every J·v, is the same for any u
+            if callable(w0):
+                w0 = w0(self._y.shape)
+            u = torch.zeros_like(self._y) if w0 is None else w0.to(self._y.device, self._y.dtype).reshape(self._y.shape)
+            self._u = u.clone().requires_grad_(True)
             (self._g,) = torch.autograd.grad(self._y, self._x, self._u, create_graph=True)
         self.output = self._y.detach()
+        self.w0 = w0
+        self.vjp0 = None if w0 is None else self._g.detach()
         self._count("linearisations", 1)
 
     @classmethod
     def of(cls, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, model=None,
-           cost: Cost | None = None) -> "Linearisation":
+           cost: Cost | None = None, w0=None) -> "Linearisation":
         """Linearise fn at x (counted as sublayer work)."""
-        return cls(model, None, x, cost, fn=fn, sublayer=True)
+        return cls(model, None, x, cost, fn=fn, sublayer=True, w0=w0)
 
     def _count(self, name: str, n: int) -> None:
         name = f"sublayer_{name}" if self.sublayer else name

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from loopdyn.dynamics.jacobian import golub_kahan
+from loopdyn.dynamics.jacobian import norm_lower_bound
 from loopdyn.dynamics.loopmap import MAX_LOOPS, Cost, DynamicsError, Linearisation, analysis
 from loopdyn.dynamics.trajectory import run_loop
 from loopdyn.models.protocol import initial_state, require_looped, state_norm_kind
@@ -258,8 +258,8 @@ def convergence(states: list[torch.Tensor], tol: float = 1e-3, rate_tol: float =
 def jacobian_norms(model, ctx, states: list[torch.Tensor], loops: list[int], steps: int = 6,
                    cost: Cost | None = None, seed: int = 0) -> np.ndarray:
     """‖J_t‖₂ at h_t for t in `loops` (J_t = ∂ step(h)/∂h at h_t, through the norm): a
-    Golub–Kahan–Lanczos Ritz value from `steps` products, warm started from the previous loop's
-    top right singular vector."""
+    Golub–Kahan–Lanczos Ritz value from `steps` steps on J_tᵀ (`jacobian.norm_lower_bound`),
+    warm started from the previous loop's top left singular vector."""
     cost = cost if cost is not None else Cost()
     module = model if isinstance(model, nn.Module) else None
     out = np.full(len(loops), np.nan)
@@ -268,8 +268,8 @@ def jacobian_norms(model, ctx, states: list[torch.Tensor], loops: list[int], ste
         h = states[t]
         if not all_finite(h):
             break
-        lin = Linearisation(module, ctx, h, cost, fn=lambda x: model.step(x, ctx))
-        s, v, _, _ = golub_kahan(lambda x: lin.jvp(x), lambda x: lin.vjp(x), v, steps)
+        lin = Linearisation(module, ctx, h, cost, fn=lambda x: model.step(x, ctx), w0=v)
+        s, v, _, _ = norm_lower_bound(lin, steps)
         out[i] = float(s[0]) if len(s) else math.nan
     return out
 
