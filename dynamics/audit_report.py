@@ -32,9 +32,10 @@ from loopdyn.dynamics.jacobian import norm_lower_bound
 from loopdyn.dynamics.loopmap import MAX_HORIZON, MAX_LOOPS, Cost, Linearisation, nonfinite_parameters, require_loop
 from loopdyn.dynamics.lti import InjectionSpectrum, injection_spectrum
 from loopdyn.dynamics.lyapunov_exponents import LyapunovAccumulator, LyapunovResult
-from loopdyn.dynamics.trajectory import Trajectory, check_pure, measure_trajectory
+from loopdyn.dynamics.trajectory import Trajectory, check_pure, encode_probe, measure_trajectory, run_loop, trajectory_of
 from loopdyn.models import protocol
 from loopdyn.models.errors import InputError
+from loopdyn.models.weights import all_finite
 
 VERDICTS = ("stable", "marginal", "explosive")
 
@@ -168,7 +169,13 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
     if spec.absent:
         skipped.append(f"injection spectrum: {spec.notes[0]}")
     report("trajectory", 0, T)
-    traj = measure_trajectory(model, idx, T, cost=cost)
+    if bad:
+        traj = measure_trajectory(model, idx, T, cost=cost)
+    else:  # the loop is run through the sweep's linearisations, which need it anyway
+        ctx = encode_probe(model, idx)
+        states, swept = _sweep(model, ctx, T, lyapunov_k, jacobian_steps, arnoldi_steps, krylov_dim,
+                               _jacobian_loops(T, jacobian_loops), cost, report, keep=set(fc.forecast_loops(T)))
+        traj = trajectory_of(states, ctx, T)
     broken = bool(bad) or traj.nonfinite_at is not None
     minfo = ModelInfo(path if path is not None else getattr(info, "path", None), fmt,
                       protocol.injection_name(model), protocol.num_params(model),
@@ -181,9 +188,7 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
     G = None
     kept: dict = {}  # the sweep's linearisations at the loops the forecast needs (fc.forecast_loops)
     if not broken:
-        sweep, lyap, krylovs, kept = _sweep(model, traj, lyapunov_k, jacobian_steps, arnoldi_steps, krylov_dim,
-                                            _jacobian_loops(T, jacobian_loops), cost, report,
-                                            keep=set(fc.forecast_loops(T)))
+        sweep, lyap, krylovs, kept, after = swept
         krylov = krylovs.get(T)
         sweep.lti_spectral_norm, sweep.lti_spectral_radius = spec.spectral_norm, spec.spectral_radius
         part = protocol.linear_part(model)
@@ -216,7 +221,7 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
         krylovs.clear()
     from loopdyn.dynamics.phases import token_phases
     phases = None if broken else token_phases(traj.states, forecast.leading_eigenvalues, forecast.eigenvalue_source)
-    losses = None if broken else fc.probe_losses(model, idx, traj, H, cost)
+    losses = None if broken else fc.probe_losses(model, idx, traj, H, cost, after=after)
     if losses is not None:  # loops past the trained depth: does the model overthink on the probe?
         forecast.overthinking = fc.overthinking(np.arange(1, H + 1), losses, model.mean_loops, forecast, phases)
         forecast.evidence.append(f"loops past the trained depth (probe loss): {forecast.overthinking.summary()}")
@@ -245,12 +250,23 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
                        norm_result, gate_result, phases)
 
 
-def _sweep(model, traj: Trajectory, lyapunov_k: int, gkl_steps: int, arnoldi_steps: int, krylov_dim: int,
+def _sweep(model, ctx, T: int, lyapunov_k: int, gkl_steps: int, arnoldi_steps: int, krylov_dim: int,
            jac_loops: list[int], cost: Cost, report, keep: set = frozenset()):
-    """One pass over h_0..h_T: Lyapunov vectors, Jacobian spectra, and at the loops in `keep` the
-    linearisations and krylov_dim-step Arnoldi runs (for the forecast, which then linearises
-    nothing and runs no Arnoldi twice)."""
-    T, states, ctx = traj.n_loops, traj.states, traj.ctx
+    """Run the loop h_0..h_T through the linearisations of its step and analyse it on the way.
+
+    Each state h_{t+1} is the output F(h_t) of the linearisation at h_t, so measuring the loop
+    costs no step beyond them; one plain step F(h_0) runs the protocol's checks and shows that F
+    is a pure function of h. At each loop: Lyapunov vectors, Jacobian spectra, and at the loops in
+    `keep` the linearisations and krylov_dim-step Arnoldi runs (for the forecast, which then
+    linearises nothing and runs no Arnoldi twice).
+
+    Returns (states, analysis): analysis = (sweep, lyapunov, krylovs, kept, F(h_T)), or None when a
+    state is non-finite (the states then end with it).
+    """
+    states = run_loop(model, ctx, 1, cost=cost)  # h_0 and the plain F(h_0)
+    if len(states) < 2 or not all_finite(states[1]):
+        return states, None
+    plain = states.pop()
     acc = LyapunovAccumulator(states[0].shape, lyapunov_k) if lyapunov_k > 0 else None
     sig, rho, hind = [], [], []
     products = 0
@@ -268,8 +284,12 @@ def _sweep(model, traj: Trajectory, lyapunov_k: int, gkl_steps: int, arnoldi_ste
             if float(start.norm()) == 0:
                 start = torch.randn(start.shape, generator=torch.Generator().manual_seed(t), dtype=torch.float64).to(start.device)
         lin = Linearisation(model, ctx, states[t], cost, w0=start)
+        if t == 0:
+            check_pure(model, lin.output, plain, 0)
         if t < T:
-            check_pure(model, lin.output, states[t + 1], t)
+            states.append(lin.output)
+            if not all_finite(lin.output):
+                return states, None
         if acc is not None and t < T:
             acc.update(lin)
         if spectra:
@@ -304,6 +324,7 @@ def _sweep(model, traj: Trajectory, lyapunov_k: int, gkl_steps: int, arnoldi_ste
                 rho.append(lam)
         if t in keep:
             kept[t] = lin
+        after = lin.output  # F(h_T) at the end: the first loop past the measured ones
         del lin
     report("linearised loops", T + 1, T + 1)
     loops = [t for t in jac_loops]
@@ -312,7 +333,7 @@ def _sweep(model, traj: Trajectory, lyapunov_k: int, gkl_steps: int, arnoldi_ste
               f"{arnoldi_steps} Arnoldi steps from r_t ({krylov_dim} at loop {T}; Ritz estimate)")
     sweep = JacobianSweep(loops, np.array(sig), np.array(rho), method, products, np.array(hind))
     lyap = acc.result() if acc is not None else LyapunovResult(np.zeros(0), 0, None)
-    return sweep, lyap, krylovs, kept
+    return states, (sweep, lyap, krylovs, kept, after)
 
 
 def _fmt(x) -> str:

@@ -1194,9 +1194,11 @@ def _overthinking_reason(over: bool, mu: int, f: Forecast, phases) -> str:
     return f"the state converges (stable, settles by loop {f.settle_loops}): more loops change little"
 
 
-def probe_losses(model, idx: torch.Tensor, traj, max_loops: int, cost: Cost | None = None) -> np.ndarray | None:
+def probe_losses(model, idx: torch.Tensor, traj, max_loops: int, cost: Cost | None = None,
+                 after: torch.Tensor | None = None) -> np.ndarray | None:
     """Next-token loss of the probe itself (targets idx[:, 1:]) after T = 1..max_loops loops, from the
-    measured states and the loop continued from h_T; None when decode does not give vocabulary logits."""
+    measured states and the loop continued from h_T (from `after` = F(h_T) when it is known);
+    None when decode does not give vocabulary logits."""
     import torch.nn.functional as F
 
     from loopdyn.dynamics.trajectory import run_loop
@@ -1207,8 +1209,11 @@ def probe_losses(model, idx: torch.Tensor, traj, max_loops: int, cost: Cost | No
     targets = idx[:, 1:]
     out = np.full(max_loops, math.inf)  # loops after a non-finite state stay infinite
     # the measured states, then the loop continued from h_T (stops after a non-finite state)
-    states = traj.states[1:] + (run_loop(model, traj.ctx, max_loops - T, h0=traj.states[-1], cost=cost)[1:]
-                                if max_loops > T else [])
+    if max_loops > T and after is not None:
+        states = traj.states[1:] + run_loop(model, traj.ctx, max_loops - T - 1, h0=after, cost=cost)
+    else:
+        states = traj.states[1:] + (run_loop(model, traj.ctx, max_loops - T, h0=traj.states[-1], cost=cost)[1:]
+                                    if max_loops > T else [])
     with analysis(model):
         for t, state in enumerate(states[:max_loops], start=1):
             if not all_finite(state):

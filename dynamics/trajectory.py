@@ -119,15 +119,19 @@ def check_pure(model, recomputed: torch.Tensor, measured: torch.Tensor, t: int) 
                                      f"train mode?)")
 
 
-def measure_trajectory(model, idx: torch.Tensor, n_loops: int, keep_states: bool = True, cost=None) -> Trajectory:
-    """Run the loop n_loops times on idx and measure it (states past a non-finite one are not run)."""
+def encode_probe(model, idx: torch.Tensor):
+    """The loop's context ctx = model.encode(idx), with a ProtocolError naming `encode`."""
     require_loop(model)
     with analysis(model):
         try:
-            ctx = model.encode(idx)
+            return model.encode(idx)
         except TypeError as err:
             raise protocol.ProtocolError(f"LoopedModel.encode(idx) failed: {err}") from None
-    states = run_loop(model, ctx, n_loops, cost=cost)
+
+
+def trajectory_of(states: list[torch.Tensor], ctx, n_loops: int, keep_states: bool = True) -> Trajectory:
+    """The Trajectory of a run h_0..h_t of n_loops loops (t < n_loops when it stopped at a
+    non-finite state: the loops not run are NaN)."""
     traj = trajectory_stats(states, ctx, keep_states)
     traj.n_loops = n_loops
     if len(traj.state_norm) < n_loops + 1:  # stopped early: pad with NaN
@@ -135,3 +139,9 @@ def measure_trajectory(model, idx: torch.Tensor, n_loops: int, keep_states: bool
         for name in ("state_norm", "rel_residual", "residual_norm", "total_norm", "total_residual"):
             setattr(traj, name, np.concatenate([getattr(traj, name), np.full(pad, math.nan)]))
     return traj
+
+
+def measure_trajectory(model, idx: torch.Tensor, n_loops: int, keep_states: bool = True, cost=None) -> Trajectory:
+    """Run the loop n_loops times on idx and measure it (states past a non-finite one are not run)."""
+    ctx = encode_probe(model, idx)
+    return trajectory_of(run_loop(model, ctx, n_loops, cost=cost), ctx, n_loops, keep_states)

@@ -241,15 +241,16 @@ def test_the_forecast_reuses_the_sweeps_arnoldi_runs_without_changing_a_number()
     from loopdyn.dynamics import explosion as fc
     from loopdyn.dynamics.audit_report import _jacobian_loops, _sweep
     from loopdyn.dynamics.loopmap import Cost
-    from loopdyn.dynamics.trajectory import measure_trajectory
+    from loopdyn.dynamics.trajectory import encode_probe, trajectory_of
 
     model, T, H = make(perturb=0.4), 4, 16
-    traj = measure_trajectory(model, IDX, T)
     keep = set(fc.forecast_loops(T))
     assert len(keep) == 2  # T and T − w
     cost = Cost()  # the kept linearisations count their products here
-    _, _, krylovs, kept = _sweep(model, traj, 2, 3, 3, 5, _jacobian_loops(T, None), cost, lambda *a: None,
-                                 keep=keep)
+    ctx = encode_probe(model, IDX)
+    states, (_, _, krylovs, kept, _) = _sweep(model, ctx, T, 2, 3, 3, 5, _jacobian_loops(T, None), cost,
+                                              lambda *a: None, keep=keep)
+    traj = trajectory_of(states, ctx, T)
     assert set(krylovs) == keep and all(k.H.shape[1] == 5 for k in krylovs.values())
     runs = {}
     for given in (krylovs, None):
@@ -261,3 +262,17 @@ def test_the_forecast_reuses_the_sweeps_arnoldi_runs_without_changing_a_number()
         runs["given" if given else "own"] = (js, cost.jvps - before)
     assert runs["given"][0] == runs["own"][0]
     assert runs["own"][1] - runs["given"][1] == 2 * 5  # the two krylov_dim-step runs
+
+
+def test_the_audit_measures_the_loop_through_its_linearisations():
+    """The audit's states are the outputs of its linearisations (recorded, math attention): the
+    same trajectory as the plain loop, to float32 round-off, and the same probe losses."""
+    from loopdyn.dynamics.trajectory import measure_trajectory
+
+    model = make(perturb=0.4)
+    report = audit(model, IDX, loops=4, horizon=8)
+    plain = measure_trajectory(model, IDX, 4)
+    np.testing.assert_allclose(report.trajectory.state_norm, plain.state_norm, rtol=1e-5)
+    np.testing.assert_allclose(report.trajectory.rel_residual[1:], plain.rel_residual[1:], rtol=1e-4)
+    losses = [float(model(IDX[:, :-1], IDX[:, 1:], n_loops=t).loss) for t in range(1, 9)]
+    np.testing.assert_allclose(report.forecast.overthinking.loss, losses, rtol=1e-5)

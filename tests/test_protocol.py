@@ -404,11 +404,13 @@ def test_one_audit_is_one_pass_through_the_loop():
     T, H = 4, 16
     rep = dynamics.audit(model, IDX, loops=T, horizon=H)
     assert calls["encode"] == 1
-    # the loop runs once: h_1..h_T measured, then continued from h_T to the horizon for the probe's
-    # loss past the trained depth; plus the forecast's two large-state probes (the step at 10× and
-    # 1000× the state). Each measured state h_0..h_T is linearised exactly once: the forecast reuses
-    # the sweep's linearisations at h_T and h_{T−w} instead of recording them again.
-    assert rep.cost.steps == H + 2 and rep.cost.linearisations == T + 1
+    # the loop runs once: each measured state h_0..h_T is linearised exactly once and the
+    # linearisation's output is the next state (the one at h_T gives h_{T+1}); plain steps continue
+    # from h_{T+1} to the horizon for the probe's loss past the trained depth. Besides: one plain
+    # step at h_0 (the protocol's checks, and F is pure), and the forecast's two large-state probes
+    # (the step at 10× and 1000× the state). The forecast reuses the sweep's linearisations at h_T
+    # and h_{T−w} instead of recording them again.
+    assert rep.cost.linearisations == T + 1 and rep.cost.steps == 1 + (H - T - 1) + 2
     # every call of step is one of those: the plain steps + one recorded forward per linearisation
     assert calls["step"] == rep.cost.steps + rep.cost.linearisations
 
