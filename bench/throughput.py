@@ -34,15 +34,15 @@ ratio per pair (per-step median time of the other ÷ that of `fast`). Printed: m
 max of the ratios over the repeats (> 1: `fast` is faster).
 
     python bench/throughput.py [--repeats 9 --steps 3 --batch 8 --seq 128 --threads 2]
-                               [--sampling fixed,poisson] [--official PATH] [--twin]
+                               [--sampling fixed,poisson] [--official PATH] [--twin] [--compile]
 
 --twin adds the looped-vs-fixed-depth-twin comparison (same forward FLOPs).
 
-torch.compile is not offered: compiling every block (inductor, CPU, torch 2.13) took 137 s on
-this machine and gave a training step of 0.84 s against 0.87 s eager (min of 6; measured before
-the oneDNN linear path) and no gain for the forward. The step is matmul-bound: with F.linear
-(MKL, which runs a generic path on this AMD EPYC) aten::mm was ~70% of its CPU time at
-~100 GFLOP/s; oneDNN's products run 2.3× faster, which is most of the fast path's gain.
+--compile adds the fast model under torch.compile (inductor, default mode) as a contestant; its
+compilation (the first training step and forward) is timed and printed, not counted. Code that
+torch.compile traces takes the plain path, which inductor fuses itself, with the linear layers
+on oneDNN through the custom operator loopdyn::onednn_linear (inductor cannot lower oneDNN's own
+op with weights that are not constants).
 Ends with: RESULT throughput train_vs_plain=<median> forward_vs_plain=<median> ...
 """
 from __future__ import annotations
@@ -103,6 +103,20 @@ def loopdyn_contestant(name: str, model: LoopedLM, fast: bool, loops: int) -> Co
             return model(x, n_loops=loops).logits
 
     return Contestant(name, model, train, forward)
+
+
+def compiled_contestant(model: LoopedLM, loops: int, batches) -> Contestant:
+    """A copy of `model` under torch.compile (inductor, default mode), fast paths on. The first
+    training step and forward (the compilation) are timed and printed, not counted."""
+    twin = LoopedLM(model.config)
+    twin.load_state_dict(model.state_dict())
+    compiled = torch.compile(twin)
+    c = Contestant("compiled", twin, lambda x, y: compiled(x, y).loss, lambda x: compiled(x, n_loops=loops).logits)
+    for kind in ("train_step", "forward"):
+        t = time.perf_counter()
+        getattr(c, kind)(*batches[0])
+        print(f"torch.compile: first {kind} (compiling) {time.perf_counter() - t:.0f} s")
+    return c
 
 
 def official_module(path: str | None):
@@ -225,6 +239,8 @@ def main() -> None:
     p.add_argument("--sampling", default="fixed,poisson")
     p.add_argument("--official", default=None, metavar="PATH", help="folder holding the parcae_lm package")
     p.add_argument("--twin", action="store_true", help="also compare with the fixed-depth twin")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the fast model under torch.compile (inductor; compiling takes minutes)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     parcae_lm, why = official_module(args.official)
@@ -252,6 +268,8 @@ def main() -> None:
         plain_model.load_state_dict(model.state_dict())
         contestants = [loopdyn_contestant("fast", model, True, loops),
                        loopdyn_contestant("plain", plain_model, False, loops)]
+        if args.compile:
+            contestants.append(compiled_contestant(model, loops, batches))
         if official is not None:
             contestants.append(official)
             diff = parity(official, model, batches[0][0], loops)

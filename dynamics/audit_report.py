@@ -1,7 +1,8 @@
 """`audit`: everything dynamics knows about a looped model's recurrence, on one probe batch.
 
-One pass over the measured loops t = 0..T shares a linearisation of the loop step at each
-measured state h_t (one recorded forward + backward pass) between
+One pass runs the loop t = 0..T through linearisations of its step, one at each measured state
+h_t (one recorded forward + backward pass, whose output is h_{t+1}: measuring the loop costs no
+extra steps), and shares each between
 
 * the Lyapunov tangent vectors (k products J_t·Q per loop, t < T),
 * the Jacobian spectra at loops t = 1..T: ‖J_t‖₂ by a few Golub–Kahan–Lanczos steps on J_tᵀ
@@ -32,7 +33,8 @@ from loopdyn.dynamics.jacobian import norm_lower_bound
 from loopdyn.dynamics.loopmap import MAX_HORIZON, MAX_LOOPS, Cost, Linearisation, nonfinite_parameters, require_loop
 from loopdyn.dynamics.lti import InjectionSpectrum, injection_spectrum
 from loopdyn.dynamics.lyapunov_exponents import LyapunovAccumulator, LyapunovResult
-from loopdyn.dynamics.trajectory import Trajectory, check_pure, encode_probe, measure_trajectory, run_loop, trajectory_of
+from loopdyn.dynamics.trajectory import (Trajectory, check_pure, encode_probe, measure_trajectory, run_loop,
+                                         trajectory_of)
 from loopdyn.models import protocol
 from loopdyn.models.errors import InputError
 from loopdyn.models.weights import all_finite
@@ -282,7 +284,8 @@ def _sweep(model, ctx, T: int, lyapunov_k: int, gkl_steps: int, arnoldi_steps: i
             # the linearisation's own backward pass takes the first product J_tᵀ·start
             start = u_warm if u_warm is not None else r_t
             if float(start.norm()) == 0:
-                start = torch.randn(start.shape, generator=torch.Generator().manual_seed(t), dtype=torch.float64).to(start.device)
+                g = torch.Generator().manual_seed(t)
+                start = torch.randn(start.shape, generator=g, dtype=torch.float64).to(start.device)
         lin = Linearisation(model, ctx, states[t], cost, w0=start)
         if t == 0:
             check_pure(model, lin.output, plain, 0)

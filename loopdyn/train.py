@@ -41,6 +41,7 @@ class TrainConfig:
     log_path: str | None = None  # one JSON object per optimiser step
     save_dir: str | None = None
     progress: bool = True  # on stderr: a progress bar on a terminal, periodic log lines otherwise
+    compile: bool = False  # training forward and backward through torch.compile (validation stays eager)
     desc: str = "train"
 
     def validate(self) -> None:
@@ -75,6 +76,15 @@ class TrainResult:
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / max(self.seconds, 1e-9)
+
+
+def check_compile(compile: bool, monitored: bool) -> None:
+    """Refuse torch.compile together with a monitor: compiled code calls the module hooks that
+    existed when it was traced and no later ones (the monitor adds some only on the steps that
+    read them), so it would miss signals, silently."""
+    if compile and monitored:
+        raise InputError("--compile cannot be combined with the stability monitor (a compiled model does not "
+                         "call the hooks the monitor adds while it trains); drop one of them")
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -150,6 +160,7 @@ def train(model: LoopedLM, data: TextData, cfg: TrainConfig,
     unless the monitor recovers from it (`recovers_nonfinite`: it skips such steps or rolls back).
     """
     cfg.validate()
+    check_compile(cfg.compile, monitored=monitor_factory is not None)
     if cfg.seq_len > model.config.block_size:
         raise InputError(f"seq-len {cfg.seq_len} is longer than the model supports "
                          f"(block_size {model.config.block_size})")
@@ -159,6 +170,8 @@ def train(model: LoopedLM, data: TextData, cfg: TrainConfig,
     net: nn.Module = model
     if dist.enabled:
         net = nn.parallel.DistributedDataParallel(model)
+    if cfg.compile:
+        net = torch.compile(net)
     optimizer = make_optimizer(model, cfg)
     monitor = monitor_factory(model, optimizer) if monitor_factory else None
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + dist.rank)

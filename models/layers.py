@@ -44,7 +44,10 @@ def fast_paths(enabled: bool = True) -> Iterator[None]:
 
 
 def fast_paths_enabled() -> bool:
-    return _FAST
+    """The fast paths are on, and this is not code that torch.compile is tracing: there the model
+    takes its plain path, which inductor fuses itself, except that linear layers still call
+    oneDNN (`fast_linear`)."""
+    return _FAST and not torch.compiler.is_compiling()
 
 
 class RMSNorm(nn.Module):
@@ -56,7 +59,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _FAST and x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+        if fast_paths_enabled() and x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             y = fast_rms_norm(x, self.weight, self.eps)
             if y is not None:
                 return y
@@ -103,7 +106,7 @@ def fast_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float | Non
     """RMS norm over the last axis on the fast path (float32/float64, no function transform):
     the fused kernel without gradients, `_RMSNormFunction` with them; None when not applicable.
     eps None means the dtype's machine epsilon (F.rms_norm's default)."""
-    if (not _FAST or x.dtype not in (torch.float32, torch.float64) or _under_function_transform(x)
+    if (not fast_paths_enabled() or x.dtype not in (torch.float32, torch.float64) or _under_function_transform(x)
             or (weight is not None and weight.dtype != x.dtype)):
         return None
     if eps is None:
@@ -136,6 +139,43 @@ _ONEDNN_LINEAR = _find_onednn_linear()
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+
+
+def _compiled_onednn_op():
+    """The oneDNN linear as a custom operator (`torch.ops.loopdyn.onednn_linear`) for code that
+    torch.compile traces: inductor cannot lower oneDNN's own op with weights that are not
+    constants, but calls a custom operator as an opaque kernel and fuses everything around it.
+    Its gradient is two more calls (dx = g·W, dW = gᵀ·x). None without oneDNN."""
+    if _ONEDNN_LINEAR is None or not hasattr(torch.library, "custom_op"):
+        return None
+
+    @torch.library.custom_op("loopdyn::onednn_linear", mutates_args=(),
+                             schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+    def onednn_linear(x, weight, bias):
+        return _onednn(x, weight, bias)
+
+    @onednn_linear.register_fake
+    def _(x, weight, bias):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+        dx = onednn_linear(g2, weight.t(), None).view(x.shape) if ctx.needs_input_grad[0] else None
+        dw = onednn_linear(g2.t(), x2.t(), None) if ctx.needs_input_grad[1] else None
+        db = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+    onednn_linear.register_autograd(backward, setup_context=setup_context)
+    return onednn_linear
+
+
+_COMPILED_ONEDNN = _compiled_onednn_op()
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -178,8 +218,16 @@ def _is_legacy_batched(t: torch.Tensor) -> bool:
 
 def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias); on the fast path for float32 CPU tensors through oneDNN
-    (`_OneDNNLinear` when a gradient is wanted). The same product to float32 round-off."""
-    if (_FAST and _ONEDNN_LINEAR is not None and x.dtype == torch.float32 and weight.dtype == torch.float32
+    (`_OneDNNLinear` when a gradient is wanted; the custom operator `loopdyn::onednn_linear`
+    in code torch.compile traces). The same product to float32 round-off."""
+    if torch.compiler.is_compiling():
+        if (_FAST and _COMPILED_ONEDNN is not None and x.dtype == weight.dtype == torch.float32
+                and x.device.type == weight.device.type == "cpu" and x.dim() >= 2
+                and (bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu"))):
+            return _COMPILED_ONEDNN(x, weight, bias)
+        return F.linear(x, weight, bias)
+    if (fast_paths_enabled() and _ONEDNN_LINEAR is not None
+            and x.dtype == torch.float32 and weight.dtype == torch.float32
             and x.device.type == "cpu" and weight.device.type == "cpu" and x.dim() >= 2
             and (bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu"))
             and not _under_function_transform(x) and not _is_legacy_batched(x)):
@@ -221,7 +269,7 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     multiplication, the same float32 operations as the two real lines, bit for bit).
     """
     xf = x.float().unflatten(-1, (-1, 2))  # (B, S, H, s/2, 2)
-    if not _FAST:
+    if not fast_paths_enabled():
         cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]
         x0, x1 = xf[..., 0], xf[..., 1]
         return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2).to(x.dtype)
@@ -257,7 +305,7 @@ class CausalSelfAttention(nn.Module):
     def _fusable(self) -> bool:
         """The fused path computes c_q, c_k, c_v as one matmul: only when nobody watches them
         (hooks on one of the three would not fire) and no per-channel extras (clip, qk bias)."""
-        return (_FAST and self.clip_qkv is None and self.qk_bias is None
+        return (fast_paths_enabled() and self.clip_qkv is None and self.qk_bias is None
                 and not any(m._forward_hooks or m._forward_pre_hooks for m in (self.c_q, self.c_k, self.c_v)))
 
     def qkv(self, a: torch.Tensor, rope: torch.Tensor, ve: torch.Tensor | None = None):
@@ -321,7 +369,10 @@ class CausalSelfAttention(nn.Module):
 
 
 def _under_function_transform(t: torch.Tensor) -> bool:
-    """True inside torch.func transforms (jvp, vmap, ...) or for a forward-AD dual tensor."""
+    """True inside torch.func transforms (jvp, vmap, ...) or for a forward-AD dual tensor; False
+    while torch.compile traces (it cannot trace this check, and traces the plain path anyway)."""
+    if torch.compiler.is_compiling():
+        return False
     wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
     if wrapped is not None and wrapped(t):
         return True
@@ -353,7 +404,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     min of 20). The two agree to float round-off.
     """
     S = q.shape[-2]
-    if (_FAST and S <= EXPLICIT_ATTENTION_MAX_LEN and q.device.type == "cpu"
+    if (fast_paths_enabled() and S <= EXPLICIT_ATTENTION_MAX_LEN and q.device.type == "cpu"
             and q.dtype in (torch.float32, torch.float64) and k.dtype == q.dtype and v.dtype == q.dtype
             and (_under_function_transform(q) or (torch.is_grad_enabled()
                                                   and (q.requires_grad or k.requires_grad or v.requires_grad)))):
@@ -394,7 +445,7 @@ class _ReLU2(torch.autograd.Function):
 
 def relu2(x: torch.Tensor) -> torch.Tensor:
     """The official ReLU²: 0.5 · relu(x)²."""
-    if _FAST and not _under_function_transform(x):
+    if fast_paths_enabled() and not _under_function_transform(x):
         if not torch.is_grad_enabled() or not x.requires_grad:
             r = torch.relu(x)
             return r.mul_(r).mul_(0.5)  # r is a fresh tensor: square and halve in place
@@ -419,7 +470,7 @@ class MLP(nn.Module):
         if self.gated:
             p, q = self.fc(x).chunk(2, dim=-1)
             return self.proj(self.act(p) * q)
-        if (self.act is relu2 and _FAST and not torch.is_grad_enabled() and self.proj.bias is None
+        if (self.act is relu2 and fast_paths_enabled() and not torch.is_grad_enabled() and self.proj.bias is None
                 and not (self.proj._forward_hooks or self.proj._forward_pre_hooks) and not _under_function_transform(x)):
             # proj(0.5·relu(z)²) = 0.5·proj(relu(z)²) bit for bit (proj is linear, 0.5 a power of
             # two): halve the narrow output instead of the wide hidden, square in place

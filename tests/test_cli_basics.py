@@ -3,6 +3,7 @@ exit codes: 0 success, 1 bad input (one stderr line, no traceback), 2 usage."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -112,3 +113,24 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     model = load(parcae / "model")
     assert model.config.name == "tiny" and model.config.injection == "diagonal"
     assert model.checkpoint_info.format == "loopdyn"
+
+
+def test_train_compile_with_the_monitor_is_refused_before_any_work(tmp_path, corpus_file, capsys):
+    log = tmp_path / "log.jsonl"
+    assert main(["train", "--data", str(corpus_file), *FAST, "--compile", "--probes", "--log", str(log)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--compile" in err and "monitor" in err and "Traceback" not in err
+    assert not log.exists()
+
+
+@pytest.mark.slow
+def test_train_compile_runs_the_training_step_compiled(tmp_path, corpus_file, capsys, monkeypatch):
+    """`--compile` trains through torch.compile (inductor: about a minute here) and learns like eager."""
+    compiled = []
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: compiled.append(a) or real(*a, **k))
+    log = tmp_path / "log.jsonl"
+    assert main(["train", "--data", str(corpus_file), *FAST, "--compile", "--log", str(log),
+                 "--set", "block_size=32", "--mean-loops", "2"]) == 0, capsys.readouterr().err
+    assert len(compiled) == 1
+    assert all(math.isfinite(json.loads(line)["loss"]) for line in log.read_text().splitlines())

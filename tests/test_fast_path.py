@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from loopdyn.models import LoopConfig, LoopedLM
 from loopdyn.models.injection import make_injection
-from loopdyn.models.layers import (_causal_sdpa, apply_rope, causal_attention, fast_paths, fast_paths_enabled,
-                                   relu2, rope_table)
+from loopdyn.models.layers import (_causal_sdpa, apply_rope, causal_attention, fast_linear, fast_paths,
+                                   fast_paths_enabled, relu2, rope_table)
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -431,3 +431,74 @@ def test_fast_linear_values_and_gradients_match_f_linear():
         hooked_out = lin(x)
         h.remove()
     assert len(seen) == 1 and torch.equal(plain_out, hooked_out)
+
+
+def _traced_targets(fn, *args):
+    """The call_function targets of the graph torch.compile traces for fn (run as traced)."""
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return gm.forward
+
+    out = torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    torch._dynamo.reset()
+    return out, seen[0]
+
+
+def test_code_traced_by_torch_compile_takes_the_plain_path_with_onednn_linear():
+    """Under torch.compile the fast paths are off (inductor fuses the plain path itself) except
+    the linear layers: inductor cannot lower oneDNN's own op with non-constant weights, so the
+    traced graph calls the custom operator loopdyn::onednn_linear instead (F.linear without
+    oneDNN, or with fast_paths(False))."""
+    from loopdyn.models.layers import _COMPILED_ONEDNN
+
+    lin = torch.nn.Linear(8, 4)
+    fn = lambda x: fast_linear(x, lin.weight, lin.bias) * (2.0 if fast_paths_enabled() else 3.0)  # noqa: E731
+    x = torch.randn(5, 8)
+    out, targets = _traced_targets(fn, x)
+    torch.testing.assert_close(out, 3.0 * F.linear(x, lin.weight, lin.bias))
+    assert fast_paths_enabled()  # eager code still takes them
+    assert not any("mkldnn" in t for t in targets)
+    assert any("loopdyn.onednn_linear" in t for t in targets) is (_COMPILED_ONEDNN is not None)
+    with fast_paths(False):
+        _, targets = _traced_targets(fn, x)
+    assert not any("onednn" in t or "mkldnn" in t for t in targets) and any("linear" in t for t in targets)
+
+
+@pytest.mark.skipif(not hasattr(torch.ops, "loopdyn") or not hasattr(torch.ops.loopdyn, "onednn_linear"),
+                    reason="no oneDNN in this build")
+def test_onednn_custom_operator_values_gradients_and_registration():
+    """torch.library.opcheck (schema, fake tensor, autograd registration), then values and
+    gradients through AOTAutograd (torch.compile's aot_eager backend) against F.linear."""
+    op = torch.ops.loopdyn.onednn_linear.default
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, generator=g, requires_grad=True)
+    w = torch.randn(4, 5, generator=g, requires_grad=True)
+    b = torch.randn(4, generator=g, requires_grad=True)
+    torch.library.opcheck(op, (x, w, b))
+    torch.library.opcheck(op, (x, w, None))
+    compiled = torch.compile(lambda x, w, b: (fast_linear(x, w, b) ** 2).sum(), backend="aot_eager", fullgraph=True)
+    got = compiled(x, w, b)
+    grads = torch.autograd.grad(got, (x, w, b))
+    torch._dynamo.reset()
+    want = (F.linear(x, w, b) ** 2).sum()
+    torch.testing.assert_close(got, want)
+    for a, e in zip(grads, torch.autograd.grad(want, (x, w, b))):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.slow
+def test_compiled_model_matches_eager():
+    """torch.compile (inductor) of a whole model: same logits and gradients as eager (a minute)."""
+    model = make_model(state_init="zero")  # inductor draws other random numbers than eager
+    idx = tokens()
+    ref = model(idx[:, :-1], idx[:, 1:], n_loops=4)
+    ref.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    out = torch.compile(model)(idx[:, :-1], idx[:, 1:], n_loops=4)
+    out.loss.backward()
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
+    for n, g in grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, rtol=1e-3, atol=1e-5)

@@ -11,7 +11,7 @@ from loopdyn.models import LoopedLM
 from loopdyn.commands.common import (add_model_options, add_train_options, check_device, check_outputs,
                                      config_from_args, hyphenated, set_threads)
 from loopdyn.data import load_text
-from loopdyn.train import Distributed, TrainConfig, train
+from loopdyn.train import Distributed, TrainConfig, check_compile, train
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -72,7 +72,7 @@ def monitor_options(args: argparse.Namespace) -> dict | None:
 def train_config_from_args(args: argparse.Namespace, **extra) -> TrainConfig:
     return TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
                        warmup_steps=args.warmup, eval_every=args.eval_every, seed=args.seed, device=args.device,
-                       progress=not args.no_progress, **extra)
+                       progress=not args.no_progress, compile=args.compile, **extra)
 
 
 def check_paths(args: argparse.Namespace) -> None:
@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     cfg = train_config_from_args(args, log_path=args.log, save_dir=args.save)
     cfg.validate()
+    check_compile(args.compile, monitored=monitor_options(args) is not None)
     check_paths(args)
     check_device(args.device)
     set_threads(args.threads)
