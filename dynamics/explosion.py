@@ -1075,9 +1075,9 @@ def forecast_from(model, traj, spec, horizon: int, *, krylovs: dict | None = Non
     None) only saves recomputing Ā's eigenvalues; `krylovs` ({loop t: KrylovResult}, the audit's
     krylov_dim-step Arnoldi runs at h_t from r_t, with their bases) saves those products;
     `linearisations` ({loop t: Linearisation at h_t}, the audit's own for `forecast_loops(T)`)
-    saves re-linearising those states. Costs the linearisations at h_T and
-    h_{T−w} not given, about 2·(krylov_dim + n_random·random_steps) Jacobian products and two
-    loop steps."""
+    saves re-linearising those states. Costs the linearisations at h_T and h_{T−w} not given,
+    about 2·(krylov_dim + n_random·random_steps) Jacobian products (krylov_dim fewer per given
+    run) and two loop steps."""
     T, H = traj.n_loops, int(horizon)
     states = traj.states
     if traj.nonfinite_at is not None:
@@ -1209,11 +1209,12 @@ def probe_losses(model, idx: torch.Tensor, traj, max_loops: int, cost: Cost | No
     targets = idx[:, 1:]
     out = np.full(max_loops, math.inf)  # loops after a non-finite state stay infinite
     # the measured states, then the loop continued from h_T (stops after a non-finite state)
-    if max_loops > T and after is not None:
-        states = traj.states[1:] + run_loop(model, traj.ctx, max_loops - T - 1, h0=after, cost=cost)
-    else:
-        states = traj.states[1:] + (run_loop(model, traj.ctx, max_loops - T, h0=traj.states[-1], cost=cost)[1:]
-                                    if max_loops > T else [])
+    continued = []
+    if max_loops > T and after is not None:  # h_{T+1} is known
+        continued = run_loop(model, traj.ctx, max_loops - T - 1, h0=after, cost=cost)
+    elif max_loops > T:
+        continued = run_loop(model, traj.ctx, max_loops - T, h0=traj.states[-1], cost=cost)[1:]
+    states = traj.states[1:] + continued
     with analysis(model):
         for t, state in enumerate(states[:max_loops], start=1):
             if not all_finite(state):

@@ -28,8 +28,8 @@ from typing import Callable, Iterator
 import torch
 
 from loopdyn.models import protocol
-from loopdyn.models.weights import nonfinite_parameters  # noqa: F401 - re-exported for the dynamics modules
 from loopdyn.models.errors import InputError
+from loopdyn.models.weights import nonfinite_parameters  # noqa: F401 - re-exported for the dynamics modules
 
 MAX_LOOPS = 256  # measured loops an audit accepts
 MAX_HORIZON = 10000  # forecast horizon an audit accepts
@@ -159,8 +159,7 @@ class Linearisation:
     That backward pass is the recording of g(u) at some u; `w0` (a vector shaped like f(x), or a
     function of f(x)'s shape that returns one) chooses that u, so `vjp0` = Jᵀ·w0 comes with the
     setup, at no extra cost (else u = 0 and vjp0 is None): `jacobian.norm_lower_bound` starts
-    its Golub–Kahan run there. The graph is freed when
-    the object is dropped.
+    its Golub–Kahan run there. The graph is freed when the object is dropped.
     """
 
     def __init__(self, model, ctx, h: torch.Tensor, cost: Cost | None = None, batched: bool | None = None,
@@ -179,8 +178,11 @@ class Linearisation:
             # g(u) = Jᵀu is linear in u: its recorded graph, hence every J·v, is the same for any u
             if callable(w0):
                 w0 = w0(self._y.shape)
-            u = torch.zeros_like(self._y) if w0 is None else w0.to(self._y.device, self._y.dtype).reshape(self._y.shape)
-            self._u = u.clone().requires_grad_(True)
+            if w0 is None:
+                u = torch.zeros_like(self._y)
+            else:
+                u = w0.to(self._y.device, self._y.dtype).reshape(self._y.shape).clone()
+            self._u = u.requires_grad_(True)
             (self._g,) = torch.autograd.grad(self._y, self._x, self._u, create_graph=True)
         self.output = self._y.detach()
         self.w0 = w0

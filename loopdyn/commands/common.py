@@ -86,9 +86,9 @@ def add_train_options(parser: argparse.ArgumentParser, steps: int = 300) -> None
                    help="validation every N steps and at the end; 0: only at the end")
     g.add_argument("--seed", type=int, default=0, help="random seed")
     g.add_argument("--compile", action="store_true",
-                   help="train through torch.compile (inductor): compiling takes ~25 s, then steps ran 1.15× "
-                        "faster at a fixed depth and 1.04× with per-sequence depths on a 2-core CPU (README, "
-                        "benchmarks); not with the stability monitor")
+                   help="train through torch.compile (inductor): compiling takes ~25 s, then steps ran 1.14× "
+                        "faster at a fixed depth and 1.01–1.04× with per-sequence depths on a 2-core CPU "
+                        "(README, benchmarks); not with the stability monitor")
     add_data_option(g)
     add_device_option(g)
     add_threads_option(g)
