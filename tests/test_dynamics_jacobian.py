@@ -197,3 +197,28 @@ def test_linearisation_differentiates_the_state_only_and_restores_the_weights():
     with pytest.raises(ValueError):
         Linearisation(model, ctx, h, fn=broken)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(2, 12), m=st.integers(2, 12), steps=st.integers(1, 6), seed=st.integers(0, 10_000))
+def test_norm_lower_bound_is_golub_kahan_on_the_transpose_with_a_free_first_product(n, m, steps, seed):
+    """norm_lower_bound on a linearised x ↦ A x (A: m × n): Ritz values ≤ the singular values of A
+    (dense SVD), all of them once the run spans the space, the first product Aᵀw0 taken by the
+    linearisation itself (steps − 1 products each way), and Jᵀw0 equal to Aᵀw0."""
+    from loopdyn.dynamics.jacobian import norm_lower_bound
+    from loopdyn.dynamics.loopmap import Linearisation
+
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(m, n, generator=g, dtype=torch.float64)
+    w0 = torch.randn(m, generator=g, dtype=torch.float64)
+    cost = Cost()
+    lin = Linearisation.of(lambda x: A @ x, torch.randn(n, generator=g, dtype=torch.float64), cost=cost, w0=w0)
+    torch.testing.assert_close(lin.vjp0, A.T @ w0)
+    s, u, n_t, n_j = norm_lower_bound(lin, steps)
+    sv = np.linalg.svd(A.numpy(), compute_uv=False)
+    assert np.all(s[: len(sv)] <= sv[: len(s)] * (1 + 1e-9) + 1e-12)
+    assert (n_t, n_j) == (cost.sublayer_vjps, cost.sublayer_jvps) and n_t <= steps - 1 and n_j <= steps - 1
+    assert u.shape == (m,)  # the top *left* Ritz vector: a warm start in the output space
+    # enough steps to span the space: σ_max exactly
+    full = Linearisation.of(lambda x: A @ x, torch.zeros(n, dtype=torch.float64), w0=w0)
+    np.testing.assert_allclose(norm_lower_bound(full, max(m, n) + 1)[0][0], sv[0], rtol=1e-8)
