@@ -327,7 +327,8 @@ def _sweep(model, ctx, T: int, lyapunov_k: int, gkl_steps: int, arnoldi_steps: i
                 rho.append(lam)
         if t in keep:
             kept[t] = lin
-        after = lin.output  # F(h_T) at the end: the first loop past the measured ones
+        if t == T:
+            after = lin.output  # F(h_T): the first loop past the measured ones
         del lin
     report("linearised loops", T + 1, T + 1)
     loops = [t for t in jac_loops]
