@@ -3,7 +3,7 @@
 Linearisation and spectra (matrix-free, torch autograd products wrapped as SciPy
 LinearOperators), the LTI surrogate of the injection, finite-time Lyapunov exponents, the
 explosion forecast, the signal-flow gain graph, and `audit`, which combines them
-(shared/DESIGN.md §4). `loopdyn.dynamics.laws` (scaling laws) is a separate module, imported on use.
+(docs/design.md §4). `loopdyn.dynamics.laws` (scaling laws) is a separate module, imported on use.
 """
 from __future__ import annotations
 

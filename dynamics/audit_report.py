@@ -15,7 +15,7 @@ so the cost is T + 1 linearisations plus a fixed number of products per loop, in
 the state size (bench/audit_cost.py measures it in forward passes). The injection spectrum is
 closed-form or dense on ds × ds, the gain graph linearises each core sublayer once.
 
-`AuditReport.to_json()` is the DESIGN §7 record, exactly; `AuditReport.to_text()` the
+`AuditReport.to_json()` is the docs/design.md §7 record, exactly; `AuditReport.to_text()` the
 terminal report.
 """
 from __future__ import annotations
@@ -86,7 +86,7 @@ class JacobianSweep:
 
 @dataclass
 class AuditReport:
-    """Everything an audit found; `to_json()` is DESIGN §7."""
+    """Everything an audit found; `to_json()` is docs/design.md §7."""
 
     model: ModelInfo
     injection: InjectionSpectrum

@@ -1,7 +1,7 @@
 """Explosion forecast: what does the state do as the loop count grows past what was measured?
 
 The loop is run for T measured loops (h_0..h_T on a probe batch); the forecast extends the
-state to the horizon H > T and gives a verdict with the meaning of shared/DESIGN.md §4.
+state to the horizon H > T and gives a verdict with the meaning of docs/design.md §4.
 
 What is extrapolated. The residual r_t = h_t − h_{t−1} obeys r_{t+1} = F(h_t) − F(h_{t−1})
 ≈ J_t r_t: it is a tangent vector, so the future state is h_{T+j} = h_T + Σ_{i≤j} r_{T+i} with
@@ -185,7 +185,7 @@ class Forecast:
         return list(range(1, self.horizon + 1))
 
     def to_json(self) -> dict:
-        """The DESIGN §7 `forecast` record."""
+        """The docs/design.md §7 `forecast` record."""
         return {"verdict": self.verdict, "growth_rate": float(self.growth_rate),
                 "max_safe_loops": int(self.max_safe_loops), "loops": self.loops,
                 "state_norm": [float(x) for x in self.state_norm],

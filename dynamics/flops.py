@@ -46,7 +46,7 @@ loops each sequence runs; loopdyn's batched loop runs max_b n_b and max_b k_b lo
 whole batch (a held sequence is computed and discarded), so a machine does somewhat more work
 than the rule with Poisson sampling (exactly the rule with ``depth_sampling="fixed"``).
 
-Unrolled parameter count N(μ_rec) (the ``params`` column of the scaling laws, DESIGN §7): all
+Unrolled parameter count N(μ_rec) (the ``params`` column of the scaling laws, docs/design.md §7): all
 parameters of the model with the loop unrolled — prelude, prelude norm, μ_rec copies of (the
 injection + the R core blocks), readout, coda, final norm — *including* the token embedding
 (the tied head counted once, an untied head counted too) and the value-embedding tables, as

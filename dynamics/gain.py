@@ -130,7 +130,7 @@ def gain_graph(model, idx: torch.Tensor | None = None, *, h: torch.Tensor | None
 
 
 def gain_graph_json(G: nx.DiGraph) -> dict:
-    """The DESIGN §7 `gain_graph` record."""
+    """The docs/design.md §7 `gain_graph` record."""
     return {"nodes": list(G.nodes),
             "edges": [[u, v, float(d.get("gain", math.nan))] for u, v, d in G.edges(data=True)],
             "cycle_gain": float(G.graph.get("cycle_gain", math.nan)), "method": G.graph.get("method")}

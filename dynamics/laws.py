@@ -1,6 +1,6 @@
 """Scaling laws for looped (and routed) language models: fit, predict, compare.
 
-Laws (parameter names as in shared/reference/paper-facts.md and DESIGN §7):
+Laws (parameter names as in shared/reference/paper-facts.md and docs/design.md §7):
 
 - ``testtime`` (Parcae, test-time compute): L(T) = L_inf + Z·exp(−z·T), where T is the
   number of loops run at evaluation. Alternative forms, for comparison only:
@@ -392,7 +392,7 @@ _LAW_FORM = {"testtime": "exponential", "parcae": "parcae", "unified": "unified"
 
 #: Columns each law needs (besides ``loss``).
 LAW_COLUMNS = {law: _FORMS[_LAW_FORM[law]].columns for law in LAWS}
-#: Parameter names of each law, in order (DESIGN §7).
+#: Parameter names of each law, in order (docs/design.md §7).
 LAW_PARAMS = {law: _FORMS[_LAW_FORM[law]].params for law in LAWS}
 
 
@@ -454,7 +454,7 @@ def _form(name: str) -> _Form:
 class LawFit:
     """The result of fitting one law.
 
-    ``params`` are the fitted values (names as in DESIGN §7); ``ci`` the bootstrap percentile
+    ``params`` are the fitted values (names as in docs/design.md §7); ``ci`` the bootstrap percentile
     intervals at level ``ci_level`` (None when ``bootstrap == 0``). Errors are the mean
     absolute relative error of the loss, |L̂ − L|/L: ``in_sample_error`` on the fitted rows,
     ``held_out_error`` on the withheld rows (None when none were withheld).
@@ -505,7 +505,7 @@ class LawFit:
         return np.quantile(preds, q, axis=0), np.quantile(preds, 1.0 - q, axis=0)
 
     def to_json(self) -> dict:
-        """DESIGN §7 shape ``{law, params, ci: {name: [lo, hi]}, error: {in_sample, held_out}}``
+        """docs/design.md §7 shape ``{law, params, ci: {name: [lo, hi]}, error: {in_sample, held_out}}``
         plus ``form``, ``reliable``, ``reason``, ``n_points``, ``n_held_out``."""
         return {
             "law": self.law,

@@ -78,7 +78,7 @@ class InjectionSpectrum:
         return bool(self.spectral_radius < 1.0)
 
     def to_json(self) -> dict:
-        """The DESIGN §7 `injection` record; for a loop with no LTI part, nulls and `skipped`."""
+        """The docs/design.md §7 `injection` record; for a loop with no LTI part, nulls and `skipped`."""
         if self.absent:
             return {"spectral_norm": None, "spectral_radius": None, "eigenvalues": [], "transient_max": None,
                     "kreiss_bound": None, "settle_loops": None, "stable": None, "skipped": self.notes[0]}

@@ -38,7 +38,7 @@ class LyapunovResult:
     nonfinite: bool = False
 
     def to_json(self) -> dict:
-        """The DESIGN §7 `lyapunov` record."""
+        """The docs/design.md §7 `lyapunov` record."""
         return {"exponents": [float(x) for x in self.exponents], "loops": int(self.loops)}
 
 

@@ -24,7 +24,7 @@ per-token quantities; all norms are token vector 2-norms):
   loop; a token is *approaching* one when that distance decays geometrically (fitted rate
   ≤ 1 − ``rate_tol`` over the last half of the loops), else it is *not converging*.
 
-Suggested verdict (same meanings as everywhere, DESIGN §4): ``explosive`` if a state or
+Suggested verdict (same meanings as everywhere, docs/design.md §4): ``explosive`` if a state or
 pre-norm state is non-finite or the pre-norm state grows geometrically across loops
 (``pre_norm_rate`` > 1 + ``rate_tol``); ``stable`` if every token is at or approaching a fixed
 point; ``marginal`` otherwise (cycles, tokens that do not converge).

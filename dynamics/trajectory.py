@@ -1,6 +1,6 @@
 """The measured recurrence: states h_0..h_T of the real loop on a probe batch, and their norms.
 
-Norms (DESIGN §7): `state_norm[t]` is the mean over batch and tokens of the token vector
+Norms (docs/design.md §7): `state_norm[t]` is the mean over batch and tokens of the token vector
 norm ‖h_t‖₂; `rel_residual[t]` is the mean over batch and tokens of
 ‖h_t − h_{t−1}‖₂ / ‖h_t‖₂ (the paper's relative residual, per token). The whole-batch
 Frobenius norms (`total_norm`, `total_residual`) are what the forecast extrapolates.
@@ -40,7 +40,7 @@ class Trajectory:
         return list(range(1, self.n_loops + 1))
 
     def to_json(self) -> dict:
-        """The DESIGN §7 `trajectory` record (loops 1..T)."""
+        """The docs/design.md §7 `trajectory` record (loops 1..T)."""
         return {"loops": self.loops,
                 "state_norm": [float(x) for x in self.state_norm[1:]],
                 "rel_residual": [float(x) for x in self.rel_residual[1:]]}

@@ -7,4 +7,5 @@ except KeyboardInterrupt:  # Ctrl-C before the command line is even loaded
     sys.stderr.write("loopdyn: interrupted\n")
     sys.exit(130)
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """The `loopdyn` command line.
 
-Exit codes (shared/DESIGN.md §6): 0 success; 1 bad input, a full disk, or an internal error (one
+Exit codes (docs/design.md §6): 0 success; 1 bad input, a full disk, or an internal error (one
 line on stderr, no traceback); 2 usage; 3 `--strict` and the verdict is not `stable`; 130
 interrupted (Ctrl-C, at any moment, also while PyTorch is still importing).
 

@@ -1,7 +1,7 @@
 """Injections: how a loop combines the state h (width ds) with the prelude output e (width d).
 
 Each injection is affine in (h, e): u = Ā h + B̄ e (+ b). `linear_part()` returns Ā and B̄ in
-structured form, so analysis code never has to guess (shared/DESIGN.md §1):
+structured form, so analysis code never has to guess (docs/design.md §1):
 
 | kind       | Ā                                   | B̄                                     |
 |------------|-------------------------------------|---------------------------------------|

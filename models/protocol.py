@@ -1,6 +1,6 @@
 """The LoopedModel protocol: what every analysis and probe in loopdyn needs from a looped model.
 
-A looped LM is read as a discrete-time dynamical system on the state h (shared/DESIGN.md §3):
+A looped LM is read as a discrete-time dynamical system on the state h (docs/design.md §3):
 
     ctx     = encode(idx)          everything fixed during the loop (prelude output e, positions, …)
     h_0     = init_state(ctx)      (B, S, ds)

@@ -3,7 +3,7 @@
 Every case is a LoopedModel: `LoopAdapter` around a small hand-built map in float64 (so the ground
 truth is exact), or a small `LoopedLM` with hand-set weights. The forecast measures T = 8 loops
 (the trained depth μ = 8) and predicts H = 64 (8T); the truth is the loop itself, run to 4H = 256
-loops by plain `model.step` calls (nothing from loopdyn.dynamics), and labelled with the DESIGN §4
+loops by plain `model.step` calls (nothing from loopdyn.dynamics), and labelled with the docs/design.md §4
 meanings:
 
 * explosive — a non-finite state, a state above 10 × ‖h_μ‖ within the horizon reached while the
@@ -11,7 +11,7 @@ meanings:
   ‖h‖ still growing by > 0.1%/loop over the last half);
 * stable — bounded and converging: the residual decays (‖r_{4H}‖ ≤ ½‖r_{2H}‖) or is at round-off;
 * marginal — everything else (a cycle, quasi-periodic motion, drift), and a converging loop whose
-  large-state limit is Ā with ρ(Ā) > 1 (DESIGN §4: such a loop cannot be stable).
+  large-state limit is Ā with ρ(Ā) > 1 (docs/design.md §4: such a loop cannot be stable).
 """
 from __future__ import annotations
 

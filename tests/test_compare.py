@@ -11,6 +11,7 @@ from loopdyn.cli import main
 from loopdyn.compare import (DIVERGE_MARGIN, EXPLOSION_RATIO, RECORD, STEEP_DROP, STEEP_T, CompareResult, RunRecord,
                              RunSpec, classify, grid, injection_norms, smoothed, state_norms, still_falling)
 from loopdyn.models import LoopConfig, LoopedLM
+from loopdyn.schemas import validate as validate_schema
 
 UNIGRAM = 3.26
 MU = 4
@@ -184,6 +185,7 @@ def test_two_step_compare_end_to_end(tmp_path, capsys):
                  "val_vs_loops.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     summary = json.loads((out / "summary.json").read_text())
+    validate_schema("summary", summary)  # docs/design.md §7
     assert set(summary["matrix"]) == {"diagonal", "linear", "fixed"}
     assert set(summary["matrix"]["linear"]) == {"0.01", "0.05"}
     assert len(summary["runs"]) == 6 and all(r["steps"] == 2 for r in summary["runs"])

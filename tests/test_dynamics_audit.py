@@ -1,4 +1,4 @@
-"""dynamics.audit and dynamics.gain_graph: the DESIGN §7 record, the per-loop Jacobian sweep
+"""dynamics.audit and dynamics.gain_graph: the docs/design.md §7 record, the per-loop Jacobian sweep
 against dense Jacobians, and the gain graph against dense sublayer Jacobians."""
 import json
 import math
@@ -47,7 +47,7 @@ def plain(obj):
 def test_json_has_exactly_the_design_fields():
     report = audit(make(), IDX, loops=4, horizon=12)
     js = json_safe(report.to_json())
-    # DESIGN §7 plus `skipped` (what the model's protocol members did not allow; empty here)
+    # docs/design.md §7 plus `skipped` (what the model's protocol members did not allow; empty here)
     assert set(js) == set(SECTIONS) | {"verdict", "skipped", "normalised", "exit_gate", "phases"} and js["skipped"] == []
     assert js["normalised"] is None and js["exit_gate"] is None  # a pre-norm loop without an exit gate
     for name, keys in SECTIONS.items():

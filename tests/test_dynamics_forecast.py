@@ -95,7 +95,7 @@ def test_additive_injection_is_marginal():
     assert f.verdict == "marginal" and abs(f.growth_rate) < f.marginal_rate
     real = truth(model, 48)
     np.testing.assert_allclose(f.state_norm, real.state_norm[1:], rtol=1e-4)  # linear growth, predicted
-    # h_t = t·e drifts past 10× the state at the trained depth μ (DESIGN §4), not geometrically: marginal
+    # h_t = t·e drifts past 10× the state at the trained depth μ (docs/design.md §4), not geometrically: marginal
     mu = model.mean_loops
     assert f.max_safe_loops in (10 * mu - 1, 10 * mu)  # h_{10μ} = 10·h_μ up to round-off
 

@@ -1,6 +1,6 @@
 """The forecast against the loop itself on constructed cases by class (tests/forecast_cases.py).
 
-Truth: the loop run to 4× the horizon by plain `model.step` calls, labelled with the DESIGN §4
+Truth: the loop run to 4× the horizon by plain `model.step` calls, labelled with the docs/design.md §4
 meanings. Required on every case: the verdict is right; for every non-explosive case the predicted
 ‖h‖ at 4T and 8T is within 2× of the real one; `max_safe_loops` is never at or past the first truly
 unsafe loop.
@@ -56,7 +56,7 @@ def test_one_model_decides_and_reproduces_the_past_when_one_can(outcome):
 
 @pytest.mark.parametrize("settle_tol", [1e-2, 1e-4])
 def test_slow_parcae_is_stable_with_the_loops_to_settle(settle_tol):
-    """DESIGN §4: a Parcae loop with ρ(Ā) = 0.99 is stable (not marginal), and the report says how
+    """docs/design.md §4: a Parcae loop with ρ(Ā) = 0.99 is stable (not marginal), and the report says how
     long it takes to settle: the loop after which the relative residual ‖r_t‖/‖h_t‖ stays ≤ settle_tol,
     checked against the loop itself (at 1e-4 that is past the horizon: extrapolated)."""
     case = CASES["parcae_slow_0.99"]

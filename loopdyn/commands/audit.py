@@ -4,7 +4,7 @@ Loads a loopdyn or official Parcae checkpoint, draws a probe batch from the embe
 (or --data), and runs `loopdyn.dynamics.audit`: the injection spectrum, the measured trajectory, the
 loop Jacobian along it, Lyapunov exponents, the gain graph and the forecast to --horizon
 loops. Prints a report that names the evidence that decided the verdict; --json writes the
-DESIGN §7 record, --plots a folder of figures (both atomically). Exit codes: 0, 1 (bad
+docs/design.md §7 record, --plots a folder of figures (both atomically). Exit codes: 0, 1 (bad
 input), 3 (--strict and the verdict is not `stable`).
 
 Probe tokens are bytes of text (ids 0..255). For a model with a larger vocabulary (the
@@ -43,7 +43,7 @@ def register(subparsers) -> None:
                    help=f"loops to measure (default: the model's μ_rec; 1..{MAX_LOOPS})")
     p.add_argument("--horizon", type=int, default=None, metavar="H",
                    help=f"loops to forecast (default: 4 × loops; loops..{MAX_HORIZON})")
-    p.add_argument("--json", metavar="FILE", help="write the audit record (DESIGN §7) as JSON (default: none)")
+    p.add_argument("--json", metavar="FILE", help="write the audit record (docs/design.md §7) as JSON (default: none)")
     p.add_argument("--plots", metavar="DIR", help="write figures into this folder, see --format (default: none)")
     p.add_argument("--format", default="png", type=str.lower, choices=["png", "pdf", "svg"],
                    help="figure format for --plots: png (300 dpi), pdf or svg (vector) (default: png)")

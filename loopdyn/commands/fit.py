@@ -1,7 +1,7 @@
 """`loopdyn fit CSV --law testtime|parcae|unified|routed`: fit a scaling law to measurements.
 
 Prints the parameters with bootstrap intervals and the fit errors; `--json` writes the
-DESIGN §7 record, `--plot` a figure (data, fit, bootstrap band clipped to the data's range,
+docs/design.md §7 record, `--plot` a figure (data, fit, bootstrap band clipped to the data's range,
 held-out points open, the extrapolation shaded) in loopdyn's style. For `testtime` the
 exponential law is also compared against the three power-law forms.
 """

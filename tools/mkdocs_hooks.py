@@ -1,0 +1,27 @@
+"""mkdocs hook: lay out the import tree `loopdyn.*` for the API reference.
+
+The repository keeps `models/`, `dynamics/` and `probes/` at the top level and maps them to
+`loopdyn.models`, `loopdyn.dynamics` and `loopdyn.probes` at install time (pyproject's
+`package-dir`, docs/design.md §2). mkdocstrings reads the sources statically and does not follow
+linked folders, so before the build this hook rebuilds `build/api-src/loopdyn/` as real folders
+holding symbolic links to the source files, in the installed layout.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TREE = ROOT / "build" / "api-src"
+SOURCES = {"loopdyn": ROOT / "loopdyn", "loopdyn/models": ROOT / "models",
+           "loopdyn/dynamics": ROOT / "dynamics", "loopdyn/probes": ROOT / "probes"}
+
+
+def on_pre_build(config, **kwargs) -> None:
+    if TREE.exists():
+        shutil.rmtree(TREE)
+    for dest, src in SOURCES.items():
+        for path in src.rglob("*.py"):
+            link = TREE / dest / path.relative_to(src)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(path)
