@@ -416,7 +416,7 @@ def main(argv=None) -> int:
     ap.add_argument("--scenarios", default=None, help="comma-separated names (default: all, or the quick set)")
     ap.add_argument("--out", default=None, help="also write every run's alerts and the table as JSON")
     ap.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
-                    help="a StabilityMonitor option for every run (repeatable), e.g. --set warning_warmup=15")
+                    help="a StabilityMonitor option for every run (repeatable), e.g. --set early_warning.warmup=15 (a dotted name sets a detector's argument)")
     ap.add_argument("--from", dest="source", default=None,
                     help="re-summarise the runs stored by earlier --out FILE[,FILE...] (no training; later "
                          "files replace runs of the same scenario and seed)")

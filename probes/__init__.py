@@ -12,8 +12,8 @@ Integrations (optional extras): loopdyn.probes.integrations.lightning, loopdyn.p
 from loopdyn.probes.actions import (ACTIONS, LRCut, ParamGroupLRCut, SchedulerLRCut, SnapshotRing, cut_learning_rate,
                                     drop_gradients)
 from loopdyn.probes.alerts import ALERT_FIELDS, KINDS, Alert, InstabilityError
-from loopdyn.probes.detectors import (EarlyWarningDetector, Escalation, LoopInstabilityDetector, NonFiniteDetector,
-                                      OptimizerWatch, SpikeDetector, TrendDetector)
+from loopdyn.probes.detectors import (Detector, EarlyWarningDetector, Escalation, LoopInstabilityDetector,
+                                      NonFiniteDetector, OptimizerWatch, Precursor, SpikeDetector, TrendDetector)
 from loopdyn.probes.history import History, Series
 from loopdyn.probes.monitor import MonitorConfig, RunVerdict, StabilityMonitor
 from loopdyn.probes.sinks import ConsoleSink, JsonlSink, ListSink, LoggingSink, MetricsSink, Sink, TensorBoardSink
@@ -21,7 +21,7 @@ from loopdyn.probes.sinks import ConsoleSink, JsonlSink, ListSink, LoggingSink, 
 __all__ = [
     "StabilityMonitor", "MonitorConfig", "RunVerdict", "Alert", "ALERT_FIELDS", "KINDS", "InstabilityError",
     "SpikeDetector", "NonFiniteDetector", "TrendDetector", "EarlyWarningDetector", "LoopInstabilityDetector",
-    "OptimizerWatch", "Escalation",
+    "OptimizerWatch", "Escalation", "Detector", "Precursor",
     "Sink", "ConsoleSink", "LoggingSink", "JsonlSink", "TensorBoardSink", "ListSink", "MetricsSink", "History",
     "Series", "ACTIONS", "SnapshotRing", "LRCut", "ParamGroupLRCut", "SchedulerLRCut", "cut_learning_rate",
     "drop_gradients",

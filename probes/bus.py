@@ -29,7 +29,7 @@ from torch import nn
 
 from loopdyn.models.protocol import find_looped_model, initial_state
 from loopdyn.probes.history import SignalBuffer
-from loopdyn.probes.spectral import InjectionSpectrum, loop_jacobian_sigma
+from loopdyn.probes.spectral import InjectionTracker, loop_jacobian_sigma
 
 # optimiser group keys that are not settings (or change by design)
 _NOT_SETTINGS = ("params", "lr", "lr_scale", "initial_lr", "name", "param_names")
@@ -131,7 +131,7 @@ class SignalBus:
         self.tap = getattr(self.loop, "state_tap", None) if self.loop is not None else None
         if not isinstance(self.tap, nn.Module):
             self.tap = None
-        self.spectrum = InjectionSpectrum(self.loop) if self.loop is not None else None
+        self.spectrum = InjectionTracker(self.loop) if self.loop is not None else None
         if self.spectrum is not None and not self.spectrum.present:
             self.spectrum = None
         self.probe_idx: torch.Tensor | None = None  # fixed Jacobian probe input

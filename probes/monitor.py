@@ -62,7 +62,8 @@ import contextlib
 import logging
 import math
 import warnings
-from dataclasses import asdict, dataclass, fields
+import copy
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterable
 
 import torch
@@ -71,6 +72,7 @@ from torch import nn
 from loopdyn.probes.actions import ACTIONS, LRCut, ParamGroupLRCut, SnapshotRing
 from loopdyn.probes.alerts import Alert, InstabilityError
 from loopdyn.probes.bus import SignalBus
+from loopdyn.probes.detectors import EarlyWarningDetector, LoopInstabilityDetector, SpikeDetector
 from loopdyn.probes.distributed import world
 from loopdyn.probes.history import History
 from loopdyn.probes.policy import Policy
@@ -79,23 +81,44 @@ from loopdyn.probes.sinks import ConsoleSink, JsonlSink, Sink, TensorBoardSink
 log = logging.getLogger("loopdyn.probes")
 
 
+def _loss_spike() -> SpikeDetector:
+    return SpikeDetector("loss", min_rel=0.05)
+
+
+def _grad_spike() -> SpikeDetector:
+    return SpikeDetector("grad_norm", min_rel=2.0)
+
+
+def _early_warning() -> EarlyWarningDetector:
+    return EarlyWarningDetector(warmup=15)
+
+
 @dataclass
 class MonitorConfig:
     """Every knob of the monitor, with defaults meant to be left on.
 
+    The detectors are nested, each with its own documented constructor arguments (None turns
+    one off); the monitor works on copies, so one config can serve many monitors. A nested
+    field is also set by a dotted keyword, e.g. `StabilityMonitor(model, opt,
+    **{"early_warning.warmup": 30, "loss_spike.method": "ema"})`.
+
     Defaults and why (figures from bench/probe_overhead.py and bench/spike_scenarios.py):
-    - spikes: robust z ≥ 6 over 128 steps after 20 warm-up steps (OLMo-core's 6σ/128, with
-      median/MAD so an earlier spike does not inflate the scale). The loss must also be ≥ 5 %
-      above its median. A gradient-norm spike (also ≥ 3× its median) is never an alert on its
-      own — hard batches make them in healthy runs — only an early-warning precursor (and a
-      skip trigger in skip mode).
-    - early warning: one strong or two moderate precursors (EarlyWarningDetector), relative
-      ones from step 15; a learning-rate jump ≥ `lr_jump`× is strong and seen before the step.
-    - loop instability: ρ(Ā) > 1, or the state growing ≥ ×1.5 per loop five times in a row
+    - loss_spike: robust z ≥ 6 over 128 steps after 20 warm-up steps (OLMo-core's 6σ/128, with
+      median/MAD so an earlier spike does not inflate the scale); the loss must also be ≥ 5 %
+      above its median (min_rel=0.05).
+    - grad_spike: the same statistic, and also ≥ 3× its median (min_rel=2.0: small-batch runs
+      have hard batches). It is never an alert on its own — only an early-warning precursor (and
+      a skip trigger in skip mode).
+    - early_warning: one strong or two moderate precursors (EarlyWarningDetector), relative
+      ones from step 15 (bench: 0 false alarms in 2,400 stable steps at 15; at 30 the
+      linear-injection run at lr 0.05 was warned 6 steps after its loss broke); a learning-rate
+      jump ≥ 3× (optimizer.jump) is strong and seen before the step; loss_rise off (on the stable
+      bench runs a hard stretch of text raises the loss 0.3-0.4 nats with a gradient spike).
+    - loop_instability: ρ(Ā) > 1, or the state growing ≥ ×1.5 per loop five times in a row
       (LoopInstabilityDetector).
-    - escalation: after a first report, again each time the evidence worsened ×`escalate_factor`,
-      at most every `escalate_every` steps, severity critical, the action repeated when
-      `repeat_actions`.
+    - escalation (each detector's `escalation`): after a first report, again each time the
+      evidence worsened ×1.5, at most every 10 steps, severity critical, the action repeated
+      when `repeat_actions`.
     - rollback: a CPU snapshot every 50 steps, a ring of 2.
     """
 
@@ -113,31 +136,18 @@ class MonitorConfig:
     update_every: int = 20
     update_dense: int = 50  # every step until then
     disable: tuple = ()  # signal names (or probe names) not to record
-    # detectors
-    spike_method: str = "mad"  # loss and gradient-norm spikes: mad | ema | ratio
-    spike_threshold: float | None = None  # None: 6 robust σ (mad), 6 σ (ema), 10× (ratio)
-    spike_window: int = 128
-    spike_warmup: int = 20
-    trend_window: int = 30  # kept for compatibility (TrendDetector users); not used by the monitor
-    trend_growth: float = 4.0
-    trend_warmup: int = 50
-    early_warning: bool = True
-    warning_warmup: int = 15  # steps before relative precursors count (bench: 0 false alarms in 2,400 stable
-    # steps at 15; at 30 the linear-injection run at lr 0.05 was warned 6 steps after its loss broke)
-    lr_jump: float = 3.0  # a learning rate ≥ this × the previous step's is a strong precursor
-    loss_rise: float | None = None  # nats: the loss's recent median above its reference (a precursor; off:
-    # on the stable bench runs a hard stretch of text raises it 0.3-0.4 nats with a gradient spike)
-    loop_instability: bool = True
-    escalate_every: int = 10
-    escalate_factor: float = 1.5
+    # detectors (None: off)
+    loss_spike: SpikeDetector | None = field(default_factory=_loss_spike)
+    grad_spike: SpikeDetector | None = field(default_factory=_grad_spike)
+    early_warning: EarlyWarningDetector | None = field(default_factory=_early_warning)
+    loop_instability: LoopInstabilityDetector | None = field(default_factory=LoopInstabilityDetector)
     repeat_actions: bool = True
     # actions: warn (log and record) | log (record and write to files, no console line) |
     # raise | stop | skip | rollback | cut_lr
     on_spike: str = "warn"  # loss spikes (and gradient-norm anomalies in skip mode)
     on_nonfinite: str | None = None  # None: as on_spike
     on_warning: str = "warn"  # spike warnings
-    on_loop: str | None = None  # loop_instability; None: as on_trend if given, else as on_warning
-    on_trend: str = "warn"  # old name of on_loop
+    on_loop: str | None = None  # loop_instability; None: as on_warning
     lr_cut: float = 0.5  # cut_lr factor
     rollback_lr_cut: float = 0.5  # also applied after a rollback
     snapshot_every: int = 50
@@ -151,30 +161,70 @@ class MonitorConfig:
     tensorboard_dir: str | None = None
     history_limit: int | None = None
 
+    DETECTORS = {"loss_spike": (SpikeDetector, "loss"), "grad_spike": (SpikeDetector, "grad_norm"),
+                 "early_warning": (EarlyWarningDetector, None), "loop_instability": (LoopInstabilityDetector, None)}
+
+    def set(self, name: str, value: Any) -> None:
+        """Set one option; a dotted name sets a nested detector's argument (`early_warning.warmup`,
+        `early_warning.optimizer.jump`): the detector is rebuilt, so its own checks run."""
+        from loopdyn.models.errors import InputError
+
+        head, _, rest = name.partition(".")
+        if head not in {f.name for f in fields(MonitorConfig)}:
+            raise TypeError(f"StabilityMonitor got an unknown option {name!r}")
+        if not rest:
+            setattr(self, head, value)
+            return
+        obj = getattr(self, head)
+        if obj is None:
+            raise InputError(f"monitor option {name}: {head} is off (None)")
+        try:
+            setattr(self, head, _replace_path(obj, rest.split("."), value))
+        except (TypeError, ValueError) as err:
+            raise InputError(f"monitor option {name}: {err}") from None
+
     def validate(self) -> None:
         from loopdyn.models.errors import InputError
 
         for name in ("sync_every", "spectral_every", "attention_every", "jacobian_every", "snapshot_every",
-                     "update_every", "loop_every", "loop_batch", "escalate_every"):
+                     "update_every", "loop_every", "loop_batch"):
             if getattr(self, name) < 1:
                 raise InputError(f"monitor option {name} must be ≥ 1, got {getattr(self, name)}")
         if self.update_dense < 0:
             raise InputError(f"monitor option update_dense must be ≥ 0, got {self.update_dense}")
-        for name in ("on_spike", "on_nonfinite", "on_warning", "on_trend", "on_loop"):
+        for name, (cls, signal) in self.DETECTORS.items():
+            det = getattr(self, name)
+            if det is False:  # off
+                det = None
+                setattr(self, name, None)
+            if det is not None and not isinstance(det, cls):
+                raise InputError(f"monitor option {name} must be a {cls.__name__} or None, got {type(det).__name__}")
+            if det is not None and signal is not None and det.signal != signal:
+                raise InputError(f"monitor option {name} watches {signal!r}, got a detector of {det.signal!r}")
+        for name in ("on_spike", "on_nonfinite", "on_warning", "on_loop"):
             value = getattr(self, name)
             if isinstance(value, str):  # the command line's spelling (cut-lr) is accepted too
                 value = value.replace("-", "_")
                 setattr(self, name, value)
             if value is not None and value not in ACTIONS:
                 raise InputError(f"monitor option {name} must be one of {', '.join(ACTIONS)}, got {value!r}")
-        for name in ("on_warning", "on_trend", "on_loop"):
+        for name in ("on_warning", "on_loop"):
             if getattr(self, name) == "skip":
                 raise InputError(f"monitor option {name}: 'skip' acts on a bad step; only on_spike / "
                                  "on_nonfinite can skip")
         if not 0 < self.lr_cut <= 1 or not 0 < self.rollback_lr_cut <= 1:
             raise InputError("lr_cut and rollback_lr_cut must lie in (0, 1]")
-        if not self.lr_jump > 1 or not self.escalate_factor > 1:
-            raise InputError("lr_jump and escalate_factor must be > 1")
+
+
+def _replace_path(obj, path: list[str], value):
+    """A copy of the dataclass `obj` with the attribute at `path` set to `value` (rebuilt, so
+    its __post_init__ checks run)."""
+    name = path[0]
+    if name not in {f.name for f in fields(obj)}:
+        raise TypeError(f"{type(obj).__name__} has no argument {name!r}")
+    if len(path) > 1:
+        value = _replace_path(getattr(obj, name), path[1:], value)
+    return replace(obj, **{name: value})
 
 
 @dataclass
@@ -201,18 +251,15 @@ class StabilityMonitor:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                  config: MonitorConfig | None = None, sinks: Iterable[Sink] = (), *, loop=None,
                  lr_cut: LRCut | None = None, **overrides: Any):
-        cfg = MonitorConfig(**asdict(config)) if config is not None else MonitorConfig()
-        known = {f.name for f in fields(MonitorConfig)}
+        cfg = copy.deepcopy(config) if config is not None else MonitorConfig()
         if "jsonl" in overrides:  # alias: the JSON Lines alerts file
             overrides["alerts_path"] = overrides.pop("jsonl")
         for key, value in overrides.items():
-            if key not in known:
-                raise TypeError(f"StabilityMonitor got an unknown option {key!r}")
-            setattr(cfg, key, value)
+            cfg.set(key, value)
         if cfg.on_nonfinite is None:
             cfg.on_nonfinite = cfg.on_spike
-        if cfg.on_loop is None:  # the old on_trend when set, else as on_warning
-            cfg.on_loop = cfg.on_trend if cfg.on_trend != "warn" else cfg.on_warning
+        if cfg.on_loop is None:
+            cfg.on_loop = cfg.on_warning
         cfg.validate()
         self.config = cfg
         self.rank, self.world_size = world()
@@ -404,7 +451,7 @@ class StabilityMonitor:
         if step is None:
             return
         self.policy.last_step_skipped = False
-        if self.config.early_warning:
+        if self.config.early_warning is not None:
             self._guard("optimizer", lambda: self.policy.pre_step(step, self.bus.optimizer_view()))
         skipped = self.policy.last_step_skipped  # a pre-step stop drops this step's gradients
         if self.policy.skip_mode and _can_skip and not skipped:

@@ -16,7 +16,7 @@ warning — and its action — come before the update it would drive: cut_lr cut
 learning rate, stop drops its gradients and stops, rollback (nothing to undo yet) cuts the
 learning rate. Skip and rollback hold for every bad step of a run, not only the first one the
 detectors report. Escalations repeat the action when `repeat_actions` is on (default), at most
-once per `escalate_every` steps.
+once per the detector's `escalation.every` steps.
 
 Under torch.distributed every decision is reduced with MAX across ranks (`agree_max`) at
 points every rank reaches at the same step, so all ranks act alike. Learning-rate precursors
@@ -24,13 +24,13 @@ read param_groups, which are identical on every rank, so they need no collective
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Callable
 
 from loopdyn.probes.actions import LRCut, SnapshotRing, drop_gradients
 from loopdyn.probes.alerts import Alert, InstabilityError
-from loopdyn.probes.detectors import (EarlyWarningDetector, Escalation, LoopInstabilityDetector, NonFiniteDetector,
-                                      OptimizerWatch, SpikeDetector)
+from loopdyn.probes.detectors import NonFiniteDetector, SpikeDetector
 from loopdyn.probes.distributed import agree_max
 
 # Decision levels, reduced with MAX across ranks: the strongest action wins.
@@ -51,20 +51,16 @@ class Policy:
         self.emit = emit
         self.guard = guard
         self.positions = positions
-        spike = dict(method=c.spike_method, threshold=c.spike_threshold, window=c.spike_window, warmup=c.spike_warmup)
-        self.detectors = {
-            "loss": [SpikeDetector("loss", min_rel=0.05, **spike)],
-            # A gradient-norm spike must also be ≥ 3× the median: small-batch runs have hard batches.
-            "grad_norm": [SpikeDetector("grad_norm", min_rel=2.0, **spike)],
-        }
-        self.quiet_signals = {"grad_norm"}  # their spikes are precursors, not alerts
+        # Copies of the configured detectors: a config may serve many monitors.
+        self.detectors: dict[str, list[SpikeDetector]] = {}
+        for proto in (c.loss_spike, c.grad_spike):
+            if proto is not None:
+                self.detectors.setdefault(proto.signal, []).append(copy.deepcopy(proto))
+        # The gradient-norm detector's spikes are precursors and skip triggers, not alerts.
+        self.quiet = {id(d) for d in self.detectors.get(c.grad_spike.signal, ())} if c.grad_spike is not None else set()
         self.nonfinite: dict[str, NonFiniteDetector] = {}
-        esc = dict(factor=c.escalate_factor, every=c.escalate_every)
-        self.early_warning = (EarlyWarningDetector(warmup=c.warning_warmup, loss_rise=c.loss_rise,
-                                                   escalation=Escalation(**esc),
-                                                   optimizer=OptimizerWatch(jump=c.lr_jump))
-                              if c.early_warning else None)
-        self.loop_detector = LoopInstabilityDetector(escalation=Escalation(**esc)) if c.loop_instability else None
+        self.early_warning = copy.deepcopy(c.early_warning) if c.early_warning is not None else None
+        self.loop_detector = copy.deepcopy(c.loop_instability) if c.loop_instability is not None else None
         self.alerts: list[Alert] = []
         self.step = 0
         self.anomalies: dict[int, dict[str, str]] = {}  # step → {signal: "spike" | "nonfinite"}, not acted on
@@ -116,28 +112,30 @@ class Policy:
                 det = self.nonfinite.get(name)
                 if det is None:
                     det = self.nonfinite[name] = NonFiniteDetector(name)
-                found = [det.update(step, v)]
-                spikes = [d.update(step, v) for d in self.detectors.get(name, ())]
-                if name not in self.quiet_signals:
-                    found += spikes
+                found = [det.forward(step, name, v)]
+                spikes = self.detectors.get(name, ())
+                for d in spikes:
+                    a = d.forward(step, name, v)
+                    if id(d) not in self.quiet:
+                        found.append(a)
                 if name in STEP_SIGNALS:  # a bad step is bad at every step of a run, not only the first
                     if det.anomalous:
                         self.anomalies.setdefault(step, {})[name] = "nonfinite"
-                    elif any(getattr(d, "anomalous", False) for d in self.detectors.get(name, ())):
+                    elif any(d.anomalous for d in spikes):
                         self.anomalies.setdefault(step, {}).setdefault(name, "spike")
                 if ew is not None:
-                    ew.observe(step, name, v)
+                    ew.update(step, name, v)
                 if loop is not None:
-                    loop.observe(step, name, v)
+                    loop.update(step, name, v)
                 new.extend(a for a in found if a is not None)
             if step > self.evaluated:
                 self.evaluated = step
                 if ew is not None:
-                    a = ew.evaluate(step)
+                    a = ew.compute(step)
                     if a is not None:
                         new.append(a)
                 if loop is not None:
-                    a = loop.evaluate(step)
+                    a = loop.compute(step)
                     if a is not None:
                         new.append(a)
         for a in new:
@@ -154,10 +152,10 @@ class Policy:
         ew = self.early_warning
         if ew is None or optimizer_view is None:
             return None
-        groups, n_state = optimizer_view
-        if not ew.optimizer.observe(step, groups, n_state):
+        ew.update(step, "param_groups", optimizer_view)
+        if not ew.optimizer.new:
             return None  # param_groups are the same on every rank: so is this early return
-        alert = ew.evaluate(step, pre_step=True)
+        alert = ew.compute(step, pre_step=True)
         if alert is not None:
             alert.detected_step = step
             alert.data_position = self.positions.get(step)

@@ -3,7 +3,7 @@
 - The loop's LTI part Ā (`linear_part(model).A`, an `loopdyn.models.operator.Operator`): ‖Ā‖₂
   and ρ(Ā) come from the operator itself (`Operator.norm()`, `Operator.radius()`: closed form
   for identity and diagonal operators, SVD / eigvals for dense ones), so nothing here depends
-  on how Ā is structured. Cadence (`InjectionSpectrum.values`):
+  on how Ā is structured. Cadence (`InjectionTracker.values`):
     every step      when the parameters live on the CPU and the exact values are cheap (a
                     normal operator, or a dense one up to EIG_EVERY_STEP_MAX wide);
     every N steps   otherwise (the exact values are host floats: one device sync each), with
@@ -44,7 +44,7 @@ def full_operator(op: Operator) -> Operator:
     return op
 
 
-class InjectionSpectrum:
+class InjectionTracker:
     """Tracks ρ(Ā) and ‖Ā‖₂ of a LoopedModel's linear part across steps (warm start inside)."""
 
     def __init__(self, model, seed: int = 0):

@@ -35,7 +35,7 @@ def score_alerts(alert_steps, truth, tolerance=2):
 
 
 def run(detector, values, start=0):
-    return [a for i, v in enumerate(values) if (a := detector.update(start + i, float(v))) is not None]
+    return [a for i, v in enumerate(values) if (a := detector.forward(start + i, detector.signal, float(v))) is not None]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -77,7 +77,7 @@ def test_spike_detector_is_silent_during_warmup_and_on_a_level_shift():
     stream = np.r_[2 + 0.02 * rng.standard_normal(100), 4 + 0.02 * rng.standard_normal(200)]
     alerts = run(det, stream)
     assert [a.step for a in alerts] == [100]
-    assert det.update(400, 4.0) is None and det.update(401, 6.0) is not None  # sensitive again
+    assert det.forward(400, "loss", 4.0) is None and det.forward(401, "loss", 6.0) is not None  # sensitive again
 
 
 @settings(max_examples=30)
@@ -115,7 +115,7 @@ def test_nonfinite_detector_alerts_once_per_episode():
     values = [1.0, math.nan, math.inf, 2.0, -math.inf]
     alerts = run(det, values)
     assert [(a.step, a.severity, a.kind) for a in alerts] == [(1, "critical", "nonfinite"), (4, "critical", "nonfinite")]
-    assert SpikeDetector("loss").update(0, math.nan) is None  # spikes ignore non-finite values
+    assert SpikeDetector("loss").forward(0, "loss", math.nan) is None  # spikes ignore non-finite values
 
 
 def test_trend_detector_finds_exponential_growth_and_not_noise():
@@ -135,8 +135,8 @@ def _feed(ew, series, steps):
     for i in steps:
         for name, values in series.items():
             if i < len(values) and values[i] is not None:
-                ew.observe(i, name, float(values[i]))
-        alert = ew.evaluate(i)
+                ew.update(i, name, float(values[i]))
+        alert = ew.compute(i)
         if alert is not None:
             return alert
     return None
@@ -178,8 +178,8 @@ def test_early_warning_projects_the_spectral_radius_crossing():
     loop = LoopInstabilityDetector()
     found = []
     for i in range(n):
-        loop.observe(i, "injection_radius", rho[i])
-        a = loop.evaluate(i)
+        loop.update(i, "injection_radius", rho[i])
+        a = loop.compute(i)
         if a is not None:
             found.append(a)
     assert found[0].step == 81 and found[0].kind == "loop_instability" and found[0].family == "loop_instability"
@@ -244,9 +244,9 @@ def test_absolute_precursors_warn_from_the_first_steps():
     # A measured level counts for spike_hold (5) steps, not until the next measurement.
     ew = EarlyWarningDetector()
     assert _feed(ew, {"update_ratio": _at(range(1, 3), [0.004, 0.12])}, range(1, 20)).step == 2
-    ew.evaluate(6)
+    ew.compute(6)
     assert [p.signal for p in ew.last_precursors] == ["update_ratio"]
-    ew.evaluate(7)
+    ew.compute(7)
     assert not [p for p in ew.last_precursors if p.signal == "update_ratio"]
     # 6 %: moderate, it needs a second precursor; a healthy 1 % is nothing.
     assert _feed(EarlyWarningDetector(), {"update_ratio": _at(range(1, 6), [0.06] * 5)}, range(1, 6)) is None
@@ -299,12 +299,18 @@ def test_spike_alert_value_is_the_signal_and_score_the_statistic():
     assert alert.score == pytest.approx((3.0 - med) / (1.4826 * mad), rel=1e-6)
 
 
+def watch(w, step, groups, n_state):
+    """One optimiser step seen by an OptimizerWatch; the precursors it found then."""
+    w.update(step, "param_groups", (groups, n_state))
+    return w.new
+
+
 def test_optimizer_watch_flags_jumps_and_ramps_but_not_warm_up():
     w = OptimizerWatch()
     found = {}
     lrs = [1e-3 * (k + 1) / 10 for k in range(10)] + [1e-3] * 20 + [2e-2] * 5  # warm-up, plateau, ×20
     for step, lr in enumerate(lrs, start=1):
-        new = w.observe(step, [{"lr": lr, "betas": (0.9, 0.95)}], 4)
+        new = watch(w, step, [{"lr": lr, "betas": (0.9, 0.95)}], 4)
         if new:
             found[step] = new
     assert min(found) == 31  # nothing during warm-up (×2 at most per step), the jump at once
@@ -316,18 +322,18 @@ def test_optimizer_watch_flags_jumps_and_ramps_but_not_warm_up():
     scores = []
     for step in range(1, 60):
         lr = 1e-3 if step <= 30 else 1e-3 * 1.1 ** (step - 30)
-        w.observe(step, [{"lr": lr}], 4)
-        scores.append(max((p.score for p in w.precursors(step) if p.signal == "lr"), default=0.0))
+        watch(w, step, [{"lr": lr}], 4)
+        scores.append(max((p.score for p in w.compute(step) if p.signal == "lr"), default=0.0))
     first_mod = 1 + next(i for i, s in enumerate(scores) if s >= 0.5)
     first_strong = 1 + next(i for i, s in enumerate(scores) if s >= 1.0)
     assert 1.1 ** (first_mod - 30) >= 1.5 > 1.1 ** (first_mod - 31)
     assert 1.1 ** (first_strong - 30) >= 3 > 1.1 ** (first_strong - 31)
     # A changed setting or a state reset: moderate.
     w = OptimizerWatch()
-    w.observe(1, [{"lr": 1e-3, "betas": (0.9, 0.95)}], 4)
-    (p,) = w.observe(2, [{"lr": 1e-3, "betas": (0.9, 0.999)}], 4)
+    watch(w, 1, [{"lr": 1e-3, "betas": (0.9, 0.95)}], 4)
+    (p,) = watch(w, 2, [{"lr": 1e-3, "betas": (0.9, 0.999)}], 4)
     assert p.signal == "optimizer" and p.score == 0.5 and "betas" in p.text
-    (p,) = w.observe(3, [{"lr": 1e-3, "betas": (0.9, 0.999)}], 0)
+    (p,) = watch(w, 3, [{"lr": 1e-3, "betas": (0.9, 0.999)}], 0)
     assert "reset" in p.text
 
 
@@ -356,9 +362,54 @@ def test_loop_instability_needs_persistent_state_growth():
     growth = [1.2] * 20 + [1.6, 1.7, 1.2] + [1.6] * 10
     fired = []
     for step, g in enumerate(growth):
-        det.observe(step, "state_growth", g)
-        a = det.evaluate(step)
+        det.update(step, "state_growth", g)
+        a = det.compute(step)
         if a is not None:
             fired.append(a)
     assert fired[0].step == 23 + 4 and fired[0].signal == "state_growth" and fired[0].threshold == 1.5
     assert det.first_step == 27
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.floats(-5, 5), st.floats(-10, 10), st.integers(3, 40), st.integers(0, 10_000))
+def test_theil_sen_is_exact_on_a_line_and_robust_to_one_outlier(slope, intercept, n, seed):
+    """Ground truth: on y = a·x + b every pairwise slope is a, so the median is a and Kendall's τ
+    is sign(a); one wild point moves at most n − 1 of the n(n−1)/2 slopes, so for n ≥ 5 the
+    median stays a (closed form, not the library's own answer)."""
+    from loopdyn.probes.detectors import theil_sen
+
+    x = np.sort(np.random.default_rng(seed).choice(np.arange(1000.0), size=n, replace=False))
+    y = slope * x + intercept
+    a, tau = theil_sen(x, y)
+    assert a == pytest.approx(slope, abs=1e-9)
+    if abs(slope) > 1e-6:
+        assert tau == pytest.approx(math.copysign(1.0, slope))
+    if n >= 5:
+        y[n // 2] += 1e6
+        assert theil_sen(x, y)[0] == pytest.approx(slope, abs=1e-6)
+    assert theil_sen(np.ones(n), y) == (0.0, 0.0)  # no spread in x: no slope
+
+
+def test_every_detector_has_the_one_interface():
+    """update(step, signal, value) feeds, compute(step) concludes, forward does both; a signal a
+    detector does not watch changes nothing."""
+    from loopdyn.probes import Detector
+
+    for det in (SpikeDetector("loss"), NonFiniteDetector("loss"), TrendDetector("state_norm"),
+                EarlyWarningDetector(), LoopInstabilityDetector(), OptimizerWatch()):
+        assert isinstance(det, Detector)
+        before = det.state_dict()
+        det.update(0, "some_other_signal", 1.0)
+        if not isinstance(det, EarlyWarningDetector):  # the early warning watches every signal
+            assert det.state_dict() == before
+    assert NonFiniteDetector("loss").forward(3, "loss", math.nan).step == 3
+    assert NonFiniteDetector("loss").forward(3, "grad_norm", math.nan) is None
+
+
+def test_detectors_check_their_own_arguments():
+    for bad in (lambda: SpikeDetector("loss", "median"), lambda: SpikeDetector("loss", threshold=0),
+                lambda: OptimizerWatch(jump=1.0), lambda: Escalation(factor=1.0),
+                lambda: LoopInstabilityDetector(growth=0.9), lambda: TrendDetector("x", min_growth=-1)):
+        with pytest.raises(ValueError):
+            bad()
+    assert SpikeDetector("loss").threshold == 6.0 and SpikeDetector("loss", "ratio").threshold == 10.0

@@ -107,7 +107,7 @@ def test_loop_instability_escalates_while_it_worsens_and_repeats_the_action():
     cuts = [a for a in monitor.alerts if a.kind == "action" and "learning rate cut" in a.message]
     assert len(cuts) == len(loop)  # the action is repeated at every report
     assert monitor.optimizer.param_groups[0]["lr_scale"] == pytest.approx(0.5 ** len(loop))
-    # never silent while it worsens: no gap of more than ~escalate_every + the ×1.5 time
+    # never silent while it worsens: no gap of more than ~escalation.every + the ×1.5 time
     steps_per_x15 = math.log(1.5) / math.log(1.1)
     assert all(b.step - a.step <= 10 + steps_per_x15 + 1 for a, b in zip(loop, loop[1:]))
     assert monitor.verdict().line().startswith(f"run warned: loop unstable since step {first.step}")

@@ -393,3 +393,28 @@ def test_config_validation_and_unknown_options():
     with StabilityMonitor(model, None, on_warning="cut-lr") as monitor:
         assert monitor.config.on_warning == "cut_lr"
     assert MonitorConfig().on_spike == "warn"
+
+
+def test_config_nests_one_detector_each_and_sets_them_by_dotted_name():
+    """The thresholds live in the detectors: MonitorConfig holds configured detectors (copied
+    per monitor), a dotted option rebuilds one (its own checks run), None turns it off."""
+    from loopdyn.models.errors import InputError
+    from loopdyn.probes import EarlyWarningDetector, SpikeDetector
+
+    cfg = MonitorConfig()
+    assert cfg.loss_spike.min_rel == 0.05 and cfg.grad_spike.min_rel == 2.0 and cfg.early_warning.warmup == 15
+    model = nn.Linear(2, 2)
+    with StabilityMonitor(model, None, config=cfg, console=False,
+                          **{"early_warning.warmup": 40, "early_warning.optimizer.jump": 5.0,
+                             "loss_spike.method": "ema"}) as m:
+        ew = m.policy.early_warning
+        assert ew.warmup == 40 and ew.optimizer.jump == 5.0 and m.policy.detectors["loss"][0].method == "ema"
+        assert ew is not cfg.early_warning and cfg.early_warning.warmup == 15  # the config is not touched
+    with StabilityMonitor(model, None, console=False, early_warning=None, loop_instability=None) as m:
+        assert m.early_warning is None and m.policy.loop_detector is None
+    with StabilityMonitor(model, None, console=False, early_warning=EarlyWarningDetector(threshold=2.0)) as m:
+        assert m.early_warning.threshold == 2.0
+    for bad in ({"early_warning.optimizer.jump": 0.5}, {"loss_spike.method": "median"}, {"early_warning.nope": 1},
+                {"loss_spike": SpikeDetector("grad_norm")}, {"early_warning": 3}):
+        with pytest.raises(InputError):
+            StabilityMonitor(model, None, console=False, **bad)
