@@ -38,7 +38,7 @@ from loopdyn.commands.sweep_loops import sweep_loops
 from loopdyn.data import load_text
 from loopdyn.train import TrainConfig, train
 from loopdyn.models import LoopConfig, LoopedLM, load
-from loopdyn.models.fileio import atomic_write_text
+from loopdyn.io import atomic_write_text
 
 
 def train_tiny(mu: int, steps: int, data, save_dir: str | None, seed: int = 0) -> tuple[LoopedLM, int, float]:

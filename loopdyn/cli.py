@@ -169,7 +169,7 @@ def _main(argv: list[str], name: str, debug: bool) -> int:
     except OSError as err:
         if debug:
             raise
-        from loopdyn.models.fileio import describe_os_error
+        from loopdyn.io import describe_os_error
 
         where = f": {err.filename}" if getattr(err, "filename", None) else ""
         print(f"{name}: error: {describe_os_error(err)}{where}", file=sys.stderr)

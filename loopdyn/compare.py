@@ -44,7 +44,7 @@ import torch
 
 from loopdyn.models import LoopConfig, LoopedLM, protocol, save
 from loopdyn.models.errors import InputError
-from loopdyn.models.fileio import atomic_write_json, json_safe
+from loopdyn.io import OutLock, atomic_write_json, json_safe
 from loopdyn.data import load_text
 from loopdyn.train import TrainConfig, evaluate, train
 
@@ -406,104 +406,6 @@ def _differing_settings(stored: dict, spec: RunSpec) -> str:
         if stored.get(key) != wanted.get(key):
             parts.append(f"{key.replace('_', '-')} {stored.get(key)!r} there, {wanted.get(key)!r} now")
     return "; ".join(parts)
-
-
-class OutLock:
-    """An exclusive lock on an output folder, so two processes never write one --out.
-
-    `out/.loopdyn.lock` holds the owner's pid; the lock itself is an `flock` on that file, which
-    the kernel releases when the process ends in any way (kill -9 included), so a lock left by a
-    dead process is simply taken over. Where flock does not exist, the pid in the file decides:
-    a lock whose process is gone is taken over."""
-
-    NAME = ".loopdyn.lock"
-    _held: dict[str, list] = {}  # realpath of a lock file this process holds → [fd, depth]
-
-    def __init__(self, out: Path):
-        self.out = Path(out)
-        self.path = self.out / self.NAME
-        self._fd: int | None = None
-        self._nested = False
-
-    def acquire(self) -> "OutLock":
-        self.out.mkdir(parents=True, exist_ok=True)
-        key = os.path.realpath(self.path)
-        if key in OutLock._held:  # this process holds it already (a command around run_grid)
-            OutLock._held[key][1] += 1
-            self._nested = True
-            return self
-        for _ in range(10):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                if not self._lock(fd):
-                    holder = self._holder(fd)
-                    raise InputError(f"{self.out}: in use by another loopdyn process"
-                                     f"{f' (pid {holder})' if holder else ''}; wait for it to finish or "
-                                     f"choose another --out")
-                # the file may have been removed by its previous owner after we opened it
-                try:
-                    same = os.path.samestat(os.fstat(fd), os.stat(self.path))
-                except FileNotFoundError:
-                    same = False
-                if not same:
-                    os.close(fd)
-                    continue
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()}\n".encode())
-                self._fd = fd
-                OutLock._held[key] = [fd, 1]
-                return self
-            except BaseException:
-                if self._fd is None:
-                    os.close(fd)
-                raise
-        raise InputError(f"{self.out}: could not take the lock {self.path}")
-
-    @staticmethod
-    def _lock(fd: int) -> bool:
-        try:
-            import fcntl
-        except ImportError:  # no flock: decide by the pid in the file
-            holder = OutLock._holder(fd)
-            from loopdyn.models.fileio import _pid_alive
-
-            return not (holder and holder != os.getpid() and _pid_alive(holder))
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            return False
-
-    @staticmethod
-    def _holder(fd: int) -> int | None:
-        try:
-            os.lseek(fd, 0, os.SEEK_SET)
-            text = os.read(fd, 32).decode().strip()
-            return int(text) if text else None
-        except (OSError, ValueError):
-            return None
-
-    def release(self) -> None:
-        key = os.path.realpath(self.path)
-        if self._nested:
-            self._nested = False
-            if key in OutLock._held:
-                OutLock._held[key][1] -= 1
-            return
-        OutLock._held.pop(key, None)
-        if self._fd is not None:
-            try:
-                os.unlink(self.path)  # while still holding it: a waiting process re-checks the inode
-            except OSError:
-                pass
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> "OutLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 def load_record(path: Path) -> RunRecord:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loopdyn.models.fileio import atomic_write_json, atomic_write_text, json_safe
+from loopdyn.io import atomic_write_json, atomic_write_text, json_safe
 from loopdyn import style
 from loopdyn.compare import (DIVERGE_MARGIN, EXPLOSION_LOOPS, EXPLOSION_RATIO, INJECTIONS, MIN_TREND_STEPS,
                              STEEP_DROP, STEEP_T, CompareResult, RunRecord, smoothed)

@@ -135,7 +135,7 @@ def render(fig, fmt: str = "png", dpi: int = DPI, caption: str | None = None) ->
 
 def save(fig, path, fmt: str | None = None, caption: str | None = None) -> Path:
     """Write the figure atomically to `path` (format from `fmt`, else the suffix, else PNG)."""
-    from loopdyn.models.fileio import atomic_write_bytes
+    from loopdyn.io import atomic_write_bytes
 
     path = Path(path)
     fmt = check_format(fmt or path.suffix.lstrip(".") or "png")

@@ -19,7 +19,7 @@ from torch import nn
 
 from loopdyn.models import LoopedLM, save
 from loopdyn.models.errors import InputError
-from loopdyn.models.fileio import JsonlWriter
+from loopdyn.io import JsonlWriter
 from loopdyn.data import TextData
 
 

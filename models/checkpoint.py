@@ -39,8 +39,8 @@ import torch
 
 from loopdyn.models.config import LoopConfig
 from loopdyn.models.errors import CheckpointError, ConfigError
-from loopdyn.models.fileio import (WriteError, check_output, describe_os_error, fill_temp, remove_stale_temps,
-                                   temp_name)
+from loopdyn.io import (WriteError, check_output, describe_os_error, fill_temp, fsync_dir,
+                        remove_stale_temps, temp_name)
 from loopdyn.models.looped import LoopedLM, value_embedding_layout
 from loopdyn.models.layers import rope_table
 from loopdyn.models.weights import StoredTensor, build_on_meta, fill, nonfinite_parameters, open_weights
@@ -124,7 +124,7 @@ def save(model: LoopedLM, directory: str | Path) -> Path:
             os.replace(temps[name], directory / name)
             del temps[name]
             committed.append(name)
-        _fsync_dir(directory)
+        fsync_dir(directory)
     except BaseException as err:
         for tmp in temps.values():
             with contextlib.suppress(OSError):
@@ -244,15 +244,6 @@ def _keep_backup(directory: Path) -> Path | None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return backup
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LoopedLM:

@@ -5,9 +5,9 @@ exception is a bug and keeps its traceback. Every package (models, dynamics, pro
 raises subclasses of `InputError` for bad user input.
 """
 
+from loopdyn.errors import InputError  # defined without imports, for loopdyn.io
 
-class InputError(ValueError):
-    """Bad input from the user: a file, a config, an option, or data that cannot be used."""
+__all__ = ["InputError", "ConfigError", "CheckpointError"]
 
 
 class ConfigError(InputError):

@@ -7,7 +7,7 @@ WARNING, critical findings at ERROR). When that logger has no handler of its own
 one writes the bare line to the current sys.stderr; add your own handler to
 `logging.getLogger("loopdyn.probes")` (and remove the default one, `sinks.DEFAULT_HANDLER`) to
 route them elsewhere. The JSON Lines sink writes each record with a single unbuffered write()
-(models.fileio.JsonlWriter), so a killed run leaves only whole lines.
+(loopdyn.io.JsonlWriter), so a killed run leaves only whole lines.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable, TextIO
 
-from loopdyn.models.fileio import JsonlWriter
+from loopdyn.io import JsonlWriter
 
 logger = logging.getLogger("loopdyn.probes")
 LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "critical": logging.ERROR}

@@ -381,7 +381,7 @@ def test_official_loader_helpers_are_strict():
 def test_outputs_get_the_permissions_a_plain_write_would(tmp_path):
     """Atomic writes go through mkstemp/mkdtemp (0600/0700); the results must look like files
     and folders made with open() and mkdir() under the same umask."""
-    from loopdyn.models.fileio import atomic_write_text
+    from loopdyn.io import atomic_write_text
 
     atomic_write_text(tmp_path / "report.txt", "x")
     save(make_model(seed=1), tmp_path / "ckpt")

@@ -265,7 +265,7 @@ def test_a_record_with_overflowed_states_survives_resume_and_reporting(tmp_path)
 
     from loopdyn.compare import load_record
     from loopdyn.report import summary
-    from loopdyn.models.fileio import atomic_write_json, json_safe
+    from loopdyn.io import atomic_write_json, json_safe
 
     spec = RunSpec("linear", 0.05)
     exploded = [10.0 * 30 ** t for t in range(4 * MU)] + [math.inf]

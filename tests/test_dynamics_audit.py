@@ -12,7 +12,7 @@ import torch
 from loopdyn.dynamics import DynamicsError, audit, gain_graph, gain_graph_json
 from loopdyn.models import LoopConfig, LoopedLM
 from loopdyn.models.errors import InputError
-from loopdyn.models.fileio import json_safe
+from loopdyn.io import json_safe
 from tests.helpers import small_loop_model
 
 D = 16

@@ -23,10 +23,10 @@ import torch
 
 import loopdyn.models as models_pkg
 from loopdyn.cli import main
-from loopdyn.compare import OutLock, RunRecord, RunSpec, grid, prepare_out
+from loopdyn.compare import RunRecord, RunSpec, grid, prepare_out
 from loopdyn.models import CheckpointError, ConfigError, InputError, LoopConfig, LoopedLM, load, save
-from loopdyn.models.fileio import (JsonlWriter, WriteError, atomic_write_text, remove_stale_temps,
-                                   write_file_atomically, write_whole)
+from loopdyn.io import (JsonlWriter, OutLock, WriteError, atomic_write_text, remove_stale_temps,
+                        write_file_atomically, write_whole)
 from tests.test_models import make_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -317,7 +317,7 @@ def test_write_errors_name_the_users_path_never_a_temporary_name(tmp_path):
 
 
 def test_a_full_disk_on_an_output_is_one_line_exit_1(tmp_path, capsys, ckpt, monkeypatch):
-    import loopdyn.models.fileio as fileio
+    import loopdyn.io as fileio
 
     def fsync(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -586,7 +586,7 @@ def test_resume_refuses_runs_made_with_other_settings(tmp_path, capsys, no_work)
 
 _HOLDER = textwrap.dedent("""
     import sys, time
-    from loopdyn.compare import OutLock
+    from loopdyn.io import OutLock
     with OutLock(sys.argv[1]):
         print("locked", flush=True)
         time.sleep(120)

@@ -20,7 +20,8 @@ import warnings
 import torch
 
 from loopdyn.commands.common import (add_data_option, add_device_option, add_hidden_alias, add_threads_option,
-                                     check_device, check_outputs, set_threads)
+                                     check_device, set_threads)
+from loopdyn.io import check_outputs
 from loopdyn.models.errors import InputError
 
 EXIT_UNSTABLE = 3
@@ -130,7 +131,7 @@ def user_factory(spec: str):
 def run(args) -> int:
     from loopdyn.dynamics.audit_report import MAX_HORIZON, MAX_LOOPS, audit
     from loopdyn.models import load, protocol
-    from loopdyn.models.fileio import atomic_write_json
+    from loopdyn.io import atomic_write_json
 
     if args.loops is not None and not 1 <= args.loops <= MAX_LOOPS:
         raise InputError(f"--loops must be in [1, {MAX_LOOPS}], got {args.loops}")

@@ -3,7 +3,7 @@
 One spelling per concept across commands: `--data PATH`, `--batch-size N`, `--seq-len S`,
 `--device DEV`, `--threads N`, `--no-progress`; choices are written with hyphens (`cut-lr`), the
 underscore spelling being accepted silently. Every output path is checked before any work
-(`check_outputs`), and `--device` against this PyTorch build (`check_device`).
+(`loopdyn.io.check_outputs`), and `--device` against this PyTorch build (`check_device`).
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import json
 
 from loopdyn.models import LoopConfig
 from loopdyn.models.errors import InputError
-from loopdyn.models.fileio import check_distinct, check_output
 
 DATA_HELP = "a text file or folder of text files (default: the Python standard library's sources)"
 
@@ -129,15 +128,3 @@ def set_threads(n: int | None) -> None:
     import torch
 
     torch.set_num_threads(n)
-
-
-def check_outputs(files: dict[str, str | None] = None, dirs: dict[str, str | None] = None,
-                  inputs: dict[str, str | None] = None) -> None:
-    """Check every output path (option → path) before any work, and that no two outputs, and
-    no output and input, are the same file. Errors name the option and the user's path."""
-    files, dirs = dict(files or {}), dict(dirs or {})
-    for option, path in files.items():
-        check_output(path, option, kind="file")
-    for option, path in dirs.items():
-        check_output(path, option, kind="dir")
-    check_distinct({**files, **dirs}, inputs or {})

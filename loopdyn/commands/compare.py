@@ -5,8 +5,9 @@ import argparse
 from pathlib import Path
 
 from loopdyn.models.errors import InputError
-from loopdyn.commands.common import add_data_option, add_threads_option, check_outputs
-from loopdyn.compare import INJECTIONS, OutLock, grid, run_grid
+from loopdyn.commands.common import add_data_option, add_threads_option
+from loopdyn.io import OutLock, check_outputs
+from loopdyn.compare import INJECTIONS, grid, run_grid
 from loopdyn.report import _injections, write_outputs
 
 

@@ -10,9 +10,10 @@ import argparse
 import time
 from pathlib import Path
 
-from loopdyn.commands.common import add_threads_option, check_outputs
+from loopdyn.commands.common import add_threads_option
+from loopdyn.io import OutLock, check_outputs
 from loopdyn.commands.compare import print_matrix
-from loopdyn.compare import OutLock, grid, run_grid
+from loopdyn.compare import grid, run_grid
 from loopdyn.models.errors import InputError
 from loopdyn.data import load_text
 from loopdyn.report import write_outputs

@@ -16,7 +16,7 @@ import numpy as np
 from loopdyn import style
 from loopdyn.dynamics import laws
 from loopdyn.models.errors import InputError
-from loopdyn.models.fileio import atomic_write_json
+from loopdyn.io import atomic_write_json
 
 DEFAULT_RESTARTS = 64
 DEFAULT_BOOTSTRAP = 50
@@ -69,7 +69,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from loopdyn.commands.common import check_outputs
+    from loopdyn.io import check_outputs
 
     plot_format = _plot_format(args.plot, args.format) if args.plot else None
     check_outputs(files={"--json": args.json, "--plot": args.plot}, inputs={"CSV": args.csv})

@@ -37,9 +37,8 @@ import torch.nn.functional as F
 from loopdyn.dynamics.flops import unrolled_params
 from loopdyn.models import LoopConfig, LoopedLM, load, protocol
 from loopdyn.models.errors import InputError
-from loopdyn.models.fileio import atomic_write_text
-from loopdyn.commands.common import (add_device_option, add_threads_option, check_device, check_outputs,
-                                     set_threads)
+from loopdyn.io import atomic_write_text, check_outputs
+from loopdyn.commands.common import add_device_option, add_threads_option, check_device, set_threads
 
 MAX_LOOPS = 1000  # larger --max-loops values are refused as a typo
 CSV_HEADER = ("loops", "mean_recurrence", "params", "tokens", "loss")

@@ -8,8 +8,9 @@ import sys
 import torch
 
 from loopdyn.models import LoopedLM
-from loopdyn.commands.common import (add_model_options, add_train_options, check_device, check_outputs,
+from loopdyn.commands.common import (add_model_options, add_train_options, check_device,
                                      config_from_args, hyphenated, set_threads)
+from loopdyn.io import check_outputs
 from loopdyn.data import load_text
 from loopdyn.train import Distributed, TrainConfig, check_compile, train
 

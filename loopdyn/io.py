@@ -1,16 +1,24 @@
-"""File output that never loses data.
+"""File safety in one place: outputs that never lose data and never overwrite an input.
+
+docs/design.md ("Files loopdyn writes") states the rules; this module is their only home.
+It imports only the standard library and `filelock`, so every package (`loopdyn.models` too)
+uses it without importing torch.
 
 - `atomic_write_bytes` (and the text/JSON forms) write to a temporary file in the target's
   folder, then rename it over the target: a killed process leaves the old file or the whole new
-  one, never half a file. The temporary name is recognisably loopdyn's,
+  one, never half a file. The temporary name is recognisably loopdyn's (`temp_name`),
   `.<name>.loopdyn-<pid>-<random>.tmp`; it is removed on every exit path Python sees, and one left
-  by a process that was killed outright (kill -9) is removed by the next write of the same file.
+  by a process that was killed outright (kill -9) is removed by the next write of the same file
+  (`remove_stale_temps`).
 - Results get the permissions a plain `open(path, "w")` would give: an existing file keeps its
   mode, a new one gets 0666 minus the umask (mkstemp alone would give 0600).
 - `JsonlWriter` appends one JSON object per line and never leaves half a line: each line is one
   write whose byte count is checked; a short write (a full disk) is cut back and reported.
-- `check_output` looks at an output path before any work starts, so a bad `--json` or `--save`
-  costs nothing.
+- `check_output` / `check_outputs` look at output paths before any work starts, so a bad
+  `--json` or `--save` costs nothing; `check_distinct` refuses an output that names another
+  output or an input file.
+- `OutLock`: one process per output folder (`--out`), a `filelock.FileLock` on
+  `<out>/.loopdyn.lock`, which holds the owner's pid.
 - Errors name the user's path, never a temporary name: `WriteError` (an `InputError`, so the
   command line prints one line and exits 1).
 """
@@ -23,11 +31,14 @@ import math
 import os
 import re
 import secrets
+import shutil
 import stat
 from pathlib import Path
 from typing import Any
 
-from loopdyn.models.errors import InputError
+import filelock
+
+from loopdyn.errors import InputError
 
 TMP_TAG = "loopdyn"  # every temporary name loopdyn makes contains ".loopdyn-<pid>-"
 _TMP_RE = re.compile(r"^\.(?P<name>.+)\.loopdyn-(?P<pid>\d+)-[0-9a-f]+\.tmp$")
@@ -102,8 +113,6 @@ def remove_stale_temps(folder: Path, name: str | None = None) -> list[Path]:
             continue
         with contextlib.suppress(OSError):
             if entry.is_dir(follow_symlinks=False):
-                import shutil
-
                 shutil.rmtree(entry.path)
             else:
                 os.unlink(entry.path)
@@ -226,6 +235,16 @@ def check_output(path: str | os.PathLike | None, option: str, kind: str = "file"
     return path
 
 
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """fsync a folder, so the renames made in it survive a power cut (where the OS allows)."""
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def check_distinct(paths: dict[str, str | os.PathLike | None], inputs: dict[str, str | os.PathLike | None] = ()) -> None:
     """Refuse two outputs naming the same file, or an output naming an input file."""
     seen: dict[str, str] = {}
@@ -242,6 +261,19 @@ def check_distinct(paths: dict[str, str | os.PathLike | None], inputs: dict[str,
         key = os.path.realpath(p)
         if key in seen:
             raise WriteError(f"{seen[key]}: the same file as {option} {p}; it would be overwritten")
+
+
+def check_outputs(files: dict[str, str | os.PathLike | None] | None = None,
+                  dirs: dict[str, str | os.PathLike | None] | None = None,
+                  inputs: dict[str, str | os.PathLike | None] | None = None) -> None:
+    """Check every output path (option → path) before any work, and that no two outputs, and
+    no output and input, are the same file. Errors name the option and the user's path."""
+    files, dirs = dict(files or {}), dict(dirs or {})
+    for option, path in files.items():
+        check_output(path, option, kind="file")
+    for option, path in dirs.items():
+        check_output(path, option, kind="dir")
+    check_distinct({**files, **dirs}, inputs or {})
 
 
 # ---- JSON Lines ----------------------------------------------------------------------------
@@ -321,3 +353,92 @@ def json_safe(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+# ---- one process per output folder --------------------------------------------------------
+
+class OutLock:
+    """An exclusive lock on an output folder, so two processes never write one `--out`.
+
+    The lock is a `filelock.FileLock` on `out/.loopdyn.lock` (an `flock`, which the kernel
+    releases when the process ends in any way, kill -9 included, so a lock left by a dead
+    process is simply taken over; filelock falls back to its own marker file where flock does
+    not exist). The file holds the owner's pid, which the refusal names. The same process may
+    nest the lock (a command holding it around `run_grid`); the outermost release removes the
+    file. Acquiring never waits: a folder in use is refused at once with an `InputError`."""
+
+    NAME = ".loopdyn.lock"
+
+    def __init__(self, out: str | os.PathLike):
+        self.out = Path(out)
+        self.path = self.out / self.NAME
+        self._lock: filelock.BaseFileLock | None = None
+
+    def acquire(self) -> "OutLock":
+        if self._lock is not None:
+            raise RuntimeError(f"{self.path}: this OutLock is held already")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise WriteError(f"{self.out}: cannot create the folder ({describe_os_error(err)})") from None
+        # one FileLock per path in this process (is_singleton), shared by every thread: nesting
+        # only counts up, and a second OutLock on the same folder is that nesting
+        lock = filelock.FileLock(self.path, timeout=0, thread_local=False, is_singleton=True)
+        try:
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
+            holder = self.holder()
+            raise InputError(f"{self.out}: in use by another loopdyn process"
+                             f"{f' (pid {holder})' if holder else ''}; wait for it to finish or "
+                             f"choose another --out") from None
+        except OSError as err:
+            raise WriteError(f"{self.path}: cannot take the lock ({describe_os_error(err)})") from None
+        self._lock = lock
+        if lock.lock_counter == 1 and not _soft_marker(lock):
+            try:
+                fd = os.open(self.path, os.O_WRONLY)
+                try:
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"{os.getpid()}\n".encode())
+                finally:
+                    os.close(fd)
+            except BaseException:
+                self.release()
+                raise
+        return self
+
+    def holder(self) -> int | None:
+        """The pid written in the lock file (its owner's, or a dead owner's), if any."""
+        try:
+            with open(self.path, "rb") as f:
+                text = f.read(64).decode("ascii", "replace").split("\n", 1)[0].strip()
+            return int(text) if text else None
+        except (OSError, ValueError):
+            return None
+
+    def release(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is None:
+            return
+        if lock.lock_counter == 1 and not _soft_marker(lock):
+            # unlinked while still held: a process that opened the old file sees it gone
+            # (filelock checks the link count after locking) and retries on a new one
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+        lock.release()
+
+    def __enter__(self) -> "OutLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _soft_marker(lock: filelock.BaseFileLock) -> bool:
+    """Whether filelock fell back to its own marker file (no flock here): the file is then
+    filelock's, holding its own owner record, and loopdyn neither writes nor removes it."""
+    try:
+        lock.pid  # only the soft fallback has a marker to read
+    except AttributeError:
+        return False
+    return True
