@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loopdyn.dynamics import laws
+from loopdyn import scaling as laws
 from loopdyn.commands.sweep_loops import sweep_loops
 from loopdyn.data import load_text
 from loopdyn.train import TrainConfig, train

@@ -3,7 +3,7 @@
 Linearisation and spectra (matrix-free, torch autograd products wrapped as SciPy
 LinearOperators), the LTI surrogate of the injection, finite-time Lyapunov exponents, the
 explosion forecast, the signal-flow gain graph, and `audit`, which combines them
-(docs/design.md §4). `loopdyn.dynamics.laws` (scaling laws) is a separate module, imported on use.
+(docs/design.md §4). Scaling laws and FLOP counts are in `loopdyn.scaling`.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 
 # Public name → the submodule that defines it. Submodules are imported on first use, so that
-# `import dynamics.laws` (for `loopdyn fit`) does not load networkx and the whole analysis stack.
+# importing one of them does not load networkx and the whole analysis stack.
 _EXPORTS = {
     "audit_report": ["AuditReport", "JacobianSweep", "ModelInfo", "audit", "format_report"],
     "explosion": ["Forecast", "ForecastModel", "forecast"],
@@ -25,7 +25,7 @@ _EXPORTS = {
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
-__all__ = sorted(_WHERE) + ["laws", "flops"]
+__all__ = sorted(_WHERE)
 
 
 def __getattr__(name: str):
@@ -33,7 +33,7 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(f"loopdyn.dynamics.{_WHERE[name]}"), name)
         globals()[name] = value  # later lookups skip this function
         return value
-    # Submodules (`loopdyn.dynamics.laws`, `loopdyn.dynamics.flops`, ...) are imported when asked for.
+    # Submodules (`loopdyn.dynamics.phases`, ...) are imported when asked for.
     if not name.startswith("_") and importlib.util.find_spec(f"loopdyn.dynamics.{name}") is not None:
         return importlib.import_module(f"loopdyn.dynamics.{name}")
     raise AttributeError(f"module 'dynamics' has no attribute {name!r}")

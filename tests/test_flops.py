@@ -1,4 +1,4 @@
-"""Tests for dynamics.flops: FLOP counts against torch.utils.flop_counter, parameter counts
+"""Tests for loopdyn.scaling.flops: FLOP counts against torch.utils.flop_counter, parameter counts
 against the built models, and hand-computed figures for the tiny preset.
 
 Ground truths:
@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from loopdyn.dynamics import flops
+from loopdyn.scaling import flops
 from loopdyn.models import LoopConfig, LoopedLM
 from loopdyn.models.errors import InputError
 from loopdyn.models.layers import fast_paths

@@ -1,4 +1,4 @@
-"""Tests for dynamics.laws and `loopdyn fit`.
+"""Tests for loopdyn.scaling and `loopdyn fit`.
 
 Synthetic data are generated from the *published* coefficients (Parcae's training-law table,
 Clark et al. 2022's routed-law table; copied below from shared/reference/paper-facts.md, not
@@ -15,7 +15,7 @@ import math
 import numpy as np
 import pytest
 
-from loopdyn.dynamics import laws
+from loopdyn import scaling as laws
 from loopdyn.models.errors import InputError
 
 NOISE = 0.002  # 0.2 % multiplicative (log-normal) noise on every synthetic loss

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from loopdyn.dynamics.flops import unrolled_params
+from loopdyn.scaling.flops import unrolled_params
 from loopdyn.cli import main
 from loopdyn.commands.sweep_loops import sweep_loops, sweep_losses
 from loopdyn.data import load_text

@@ -8,7 +8,7 @@ validation batches of the mean cross-entropy per token (nats; bytes for the defa
 
 The CSV (written atomically) has the header `loops,mean_recurrence,params,tokens,loss`:
 `mean_recurrence` is the trained μ_rec, `params` the unrolled parameter count N(μ_rec)
-(`loopdyn.dynamics.flops.unrolled_params`, embeddings included), `tokens` the training tokens D:
+(`loopdyn.scaling.flops.unrolled_params`, embeddings included), `tokens` the training tokens D:
 `--tokens`, else what loopdyn's trainer recorded in the checkpoint
 (`config.extra["train_tokens"]`), else empty (the test-time law does not need it, the unified
 law does). `loopdyn fit CSV --law testtime` reads the file as is.
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from loopdyn.dynamics.flops import unrolled_params
+from loopdyn.scaling.flops import unrolled_params
 from loopdyn.models import LoopConfig, LoopedLM, load, protocol
 from loopdyn.models.errors import InputError
 from loopdyn.io import atomic_write_text, check_outputs
