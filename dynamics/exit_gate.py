@@ -26,7 +26,7 @@ tolerance has not converged within T (c = None, written 0 in the arrays). Then
 * **keeps looping after it converged**: c is not None and e > c, wasting e − c loops.
 
 `loopdyn audit --plots` draws exit loop against convergence loop per token
-(loopdyn.plots_audit.plot_exit_gate).
+(loopdyn.plots.audit.plot_exit_gate).
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ at h_T, or its deciding model's eigenvalues), the one of largest modulus λ*: wh
 contracting, "outside": crossed).
 
 `Phases.to_json()` is the audit's `phases` record: {counts: {label: n}, labels: [per token],
-crossing: {...} | null}. `loopdyn audit --plots` draws them (loopdyn.plots_audit.plot_phases).
+crossing: {...} | null}. `loopdyn audit --plots` draws them (loopdyn.plots.audit.plot_phases).
 """
 from __future__ import annotations
 

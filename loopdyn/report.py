@@ -1,6 +1,6 @@
 """The outputs of `loopdyn compare`: summary.json, figures, findings and a self-contained report.html.
 
-Figures are drawn in loopdyn's one style (loopdyn.style): PNG at 300 dpi, or PDF/SVG with
+Figures are drawn in loopdyn's one style (loopdyn.plots.style): PNG at 300 dpi, or PDF/SVG with
 `--format`; each comes with a caption written from what was drawn and measured. The report
 page stamps the loopdyn version, the exact command, the date and the machine; it gives one
 short verdict per run with the deciding evidence in a <details> element, and prints to PDF
@@ -9,7 +9,7 @@ short verdict per run with the deciding evidence in a <details> element, and pri
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import math
 import os
 import platform
@@ -19,22 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
+from loopdyn.compare import (DIVERGE_MARGIN, EXPLOSION_LOOPS, EXPLOSION_RATIO, MIN_TREND_STEPS, STEEP_DROP, STEEP_T,
+                             UNIT, CompareResult, RunRecord, injections_in_order)
 from loopdyn.io import atomic_write_json, atomic_write_text, json_safe
-from loopdyn import style
-from loopdyn.compare import (DIVERGE_MARGIN, EXPLOSION_LOOPS, EXPLOSION_RATIO, INJECTIONS, MIN_TREND_STEPS,
-                             STEEP_DROP, STEEP_T, CompareResult, RunRecord, smoothed)
+from loopdyn.plots import style
+from loopdyn.plots.compare import PLOTS
 
-COLORS, LABELS = style.COLORS, style.LABELS
+LABELS = style.LABELS
 OUTCOME_MARK = {"converged": "✓ converged", "inconclusive": "… inconclusive", "diverged": "✗ diverged",
                 "residual explosion": "✗ residual explosion"}
-# loopdyn.data reads every corpus as bytes (a 256-id vocabulary): losses are per byte
-UNIT = style.loss_unit(byte_level=True)
-
-
-def _injections(names) -> list[str]:
-    """Parameterisations in the canonical order (INJECTIONS first, then any other, sorted)."""
-    names = set(names)
-    return [i for i in INJECTIONS if i in names] + sorted(names - set(INJECTIONS))
+OUTCOME_COLOURS = {"ok": "#d9efe6", "bad": "#f7dccb", "wait": "#ececec"}  # CSS class (`_css`) → cell colour
 
 
 # ---- numbers ---------------------------------------------------------------------------------
@@ -77,7 +71,7 @@ def findings(result: CompareResult) -> list[str]:
     by_inj: dict[str, list[dict]] = {}
     for r in result.records:
         by_inj.setdefault(r.spec["injection"], []).append(run_summary(r))
-    for inj in _injections(by_inj):
+    for inj in injections_in_order(by_inj):
         s = by_inj[inj]
         sentence = f"The {LABELS.get(inj, inj)}{'' if inj == 'fixed' else ' injection'} {_outcomes_by_lr(s)}"
         rho = [x["spectral_radius_max"] for x in s if x["spectral_radius_max"] is not None]
@@ -169,229 +163,6 @@ def summary(result: CompareResult) -> dict:
     })
 
 
-# ---- figures ---------------------------------------------------------------------------------
-
-def _by_lr(records: list[RunRecord]) -> dict[float, list[RunRecord]]:
-    out: dict[float, list[RunRecord]] = {}
-    for r in records:
-        out.setdefault(r.spec["lr"], []).append(r)
-    return dict(sorted(out.items()))
-
-
-def _panels(result: CompareResult, height: float = 2.3):
-    """One panel per learning rate, up to three a row, at the full page width."""
-    groups = _by_lr(result.records)
-    n = max(len(groups), 1)
-    cols = min(n, 3)
-    rows = math.ceil(n / cols)
-    fig, axes = style.figure(style.DOUBLE if cols > 1 else style.SINGLE + 0.4, height * rows + 0.35,
-                             nrows=rows, ncols=cols, squeeze=False)
-    axes = list(axes.ravel())
-    for ax in axes[n:]:
-        ax.set_visible(False)
-    return fig, axes[:n], groups
-
-
-class _Drawn:
-    """What a figure actually drew, for its legend and caption."""
-
-    def __init__(self, result: CompareResult):
-        self.handles: dict[str, object] = {}
-        self.first_seed = min((r.spec.get("seed", 0) for r in result.records), default=0)
-
-    def line(self, ax, r: RunRecord, x, y, **kw):
-        """One run's curve in its parameterisation's colour (other seeds lighter)."""
-        inj = r.spec["injection"]
-        label = LABELS.get(inj, inj)
-        kw.setdefault("ls", style.LINESTYLES.get(inj, "-"))
-        alpha = 1.0 if r.spec.get("seed", 0) == self.first_seed else 0.5
-        (h,) = ax.plot(x, y, color=COLORS.get(inj, "0.3"), alpha=alpha, label=label, **kw)
-        self.handles.setdefault(label, h)
-        return h
-
-    def legend(self, fig, axes, extra: dict | None = None):
-        handles = dict(self.handles, **(extra or {}))
-        order = [LABELS.get(i, i) for i in _injections(list(INJECTIONS) + list(COLORS))]
-        labels = sorted(handles, key=lambda k: order.index(k) if k in order else len(order))
-        if labels:
-            style.figure_legend(fig, axes, [handles[k] for k in labels], labels)
-
-
-def _seeds_note(result: CompareResult) -> str:
-    seeds = sorted({r.spec.get("seed", 0) for r in result.records})
-    return (f"; {len(seeds)} seeds per configuration share their parameterisation's colour (seed {seeds[0]} opaque)"
-            if len(seeds) > 1 else "")
-
-
-def _lrs(groups) -> str:
-    return ", ".join(f"{lr:g}" for lr in groups)
-
-
-@style.styled
-def plot_loss_curves(result: CompareResult):
-    fig, axes, groups = _panels(result)
-    drawn = _Drawn(result)
-    window = None
-    unigram = None
-    for ax, (lr, runs) in zip(axes, groups.items()):
-        for r in runs:
-            if not r.losses:
-                continue
-            w = max(5, len(r.losses) // 20)
-            window = w
-            y = smoothed(r.losses, w)
-            drawn.line(ax, r, np.arange(1, len(y) + 1), y)
-        unigram = runs[0].unigram_loss
-        finite = [v for r in runs for v in smoothed(r.losses, max(5, len(r.losses) // 20)) if math.isfinite(v)]
-        if math.isfinite(unigram):
-            style.reference_line(ax, unigram, f"unigram baseline {unigram:.2f}", where=0.98)
-        top = min(max(finite, default=unigram + 1.5), unigram + 1.5) if math.isfinite(unigram) else None
-        bottom = min(finite, default=0.0)
-        if top is not None:
-            ax.set_ylim(bottom - 0.05 * (top - bottom), top + 0.05 * (top - bottom))
-        ax.set_title(f"lr {lr:g}")
-        ax.set_xlabel("training step")
-        style.integer_axis(ax, "x")
-        ax.set_xlim(left=0)
-    axes[0].set_ylabel(f"training loss ({UNIT})")
-    drawn.legend(fig, axes)
-    n = sum(1 for r in result.records if r.losses)
-    caption = (f"Training loss ({UNIT}, trailing mean over {window or 5} steps) of {n} runs, one panel per learning "
-               f"rate ({_lrs(groups)}); dotted: the unigram baseline"
-               + (f" ({unigram:.3f} {UNIT})" if unigram is not None and math.isfinite(unigram) else "")
-               + "; the y axis is cut 1.5 nats above the baseline" + _seeds_note(result) + ".")
-    return fig, caption
-
-
-@style.styled
-def plot_spectral_radius(result: CompareResult):
-    fig, axes, groups = _panels(result)
-    drawn = _Drawn(result)
-    values = [v for r in result.records for v in r.spectral_radius if v is not None and math.isfinite(v)]
-    scale = "linear"
-    for ax, (lr, runs) in zip(axes, groups.items()):
-        for r in runs:
-            if r.spectral_radius:
-                drawn.line(ax, r, r.probe_steps[: len(r.spectral_radius)], style.finite(r.spectral_radius),
-                           marker=".", ms=2.5)
-        scale = style.auto_scale(ax, values + [1.0])
-        if scale == "linear":
-            ax.set_ylim(0, max(values + [1.0]) * 1.08)
-        style.reference_line(ax, 1.0, "ρ = 1 (stability limit)", style="--", where=0.02)
-        ax.set_title(f"lr {lr:g}")
-        ax.set_xlabel("training step")
-        style.integer_axis(ax, "x")
-    axes[0].set_ylabel("spectral radius ρ(Ā)")
-    drawn.legend(fig, axes)
-    hi = max(values) if values else float("nan")
-    above = sorted({f"{r.spec['lr']:g}" for r in result.records
-                    if any(v is not None and math.isfinite(v) and v > 1 for v in r.spectral_radius)
-                    and r.spec["injection"] != "additive"})
-    caption = (f"Spectral radius ρ(Ā) of the injection's state operator during training ({len(values)} probes over "
-               f"{sum(1 for r in result.records if r.spectral_radius)} looped runs, {scale} axis), one panel per "
-               f"learning rate; dashed: ρ = 1, above which the LTI part of the loop is unstable. Largest value "
-               f"{hi:.3g}" + (f"; ρ(Ā) > 1 at lr {', '.join(above)}" if above else "; no run except additive "
-                              "(ρ = 1 by construction) reached 1") + _seeds_note(result) + ".")
-    return fig, caption
-
-
-@style.styled
-def plot_state_norm(result: CompareResult):
-    fig, axes, groups = _panels(result)
-    drawn = _Drawn(result)
-    values = [n[i] for r in result.records if r.mean_loops for n in r.state_norms
-              for i in (r.mean_loops, -1) if len(n) > r.mean_loops and math.isfinite(n[i])]
-    mus = sorted({r.mean_loops for r in result.records if r.mean_loops})
-    scale = "linear"
-    for ax, (lr, runs) in zip(axes, groups.items()):
-        for r in runs:
-            if not r.state_norms or not r.mean_loops:
-                continue
-            steps = r.probe_steps[: len(r.state_norms)]
-            drawn.line(ax, r, steps, style.finite([n[r.mean_loops] for n in r.state_norms]), marker=".", ms=2.5)
-            ax.plot(steps, style.finite([n[-1] for n in r.state_norms]), color=COLORS.get(r.spec["injection"], "0.3"),
-                    ls=":", lw=1.0, alpha=0.9, label="_nolegend_")
-        scale = style.auto_scale(ax, values)
-        if scale == "linear" and values:
-            ax.set_ylim(0, max(values) * 1.08)
-        ax.set_title(f"lr {lr:g}")
-        ax.set_xlabel("training step")
-        style.integer_axis(ax, "x")
-    axes[0].set_ylabel("mean token ‖h_T‖₂")
-    from matplotlib.lines import Line2D
-
-    extra = {"T = μ_rec": Line2D([], [], color="0.3", ls="-"),
-             f"T = {EXPLOSION_LOOPS}μ_rec": Line2D([], [], color="0.3", ls=":")} if values else {}
-    drawn.legend(fig, axes, extra)
-    mu_text = f"μ_rec = {mus[0]}" if len(mus) == 1 else "μ_rec"
-    caption = (f"Mean token state norm ‖h_T‖₂ on a fixed probe batch during training, at the trained depth T = "
-               f"{mu_text} (solid) and at T = {EXPLOSION_LOOPS}μ_rec (dotted), one panel per learning rate "
-               f"({scale} axis)" + _seeds_note(result) + ".")
-    return fig, caption
-
-
-@style.styled
-def plot_val_vs_loops(result: CompareResult):
-    fig, axes, groups = _panels(result)
-    drawn = _Drawn(result)
-    from matplotlib.ticker import FixedLocator, NullLocator
-
-    loops = sorted({int(k) for r in result.records if r.mean_loops for k in r.val_by_loops})
-    mus = sorted({r.mean_loops for r in result.records if r.mean_loops})
-    fixed_drawn = baseline_drawn = False
-    for ax, (lr, runs) in zip(axes, groups.items()):
-        shown = []
-        for r in runs:
-            if r.spec["injection"] == "fixed" or not r.mean_loops:
-                v = r.val_by_loops.get("0")
-                if v is not None and math.isfinite(v):
-                    h = ax.axhline(v, color=COLORS["fixed"], ls=style.LINESTYLES["fixed"], lw=1.2,
-                                   label=LABELS["fixed"])
-                    drawn.handles.setdefault(LABELS["fixed"], h)
-                    fixed_drawn = True
-                    shown.append(v)
-                continue
-            ts = sorted(int(k) for k in r.val_by_loops)
-            ys = style.finite([r.val_by_loops[str(t)] for t in ts])
-            drawn.line(ax, r, ts, ys, marker=style.MARKERS.get(r.spec["injection"], "o"), ms=3)
-            shown += [y for y in ys if math.isfinite(y)]
-        unigram = runs[0].unigram_loss
-        if shown:
-            top = min(max(shown), unigram + 0.5) if math.isfinite(unigram) else max(shown)
-            bottom = min(shown)
-            near = math.isfinite(unigram) and bottom - 0.5 <= unigram <= top + 0.5
-            if near:  # show the baseline when it is within half a nat of the data
-                top, bottom = max(top, unigram), min(bottom, unigram)
-            pad = 0.08 * max(top - bottom, 0.02)
-            ax.set_ylim(bottom - pad, top + 2.5 * pad)
-            if near:
-                style.reference_line(ax, unigram, "unigram baseline", where=0.02)
-                baseline_drawn = True
-        if loops:
-            ax.set_xscale("log", base=2)
-            ax.xaxis.set_major_locator(FixedLocator(loops))
-            ax.xaxis.set_minor_locator(NullLocator())
-            ax.xaxis.set_major_formatter(style.integer_formatter())
-            ax.set_xlim(min(loops) / 1.3, max(loops) * 1.3)
-        for mu in mus:
-            style.reference_line(ax, mu, f"trained depth μ_rec = {mu}", orientation="v", where=0.98)
-        ax.set_title(f"lr {lr:g}")
-        ax.set_xlabel("test-time loops T")
-    axes[0].set_ylabel(f"validation loss ({UNIT})")
-    drawn.legend(fig, axes)
-    caption = (f"Validation loss ({UNIT}) of the trained models against the number of loops run at test time "
-               f"(T = {', '.join(map(str, loops))}), one panel per learning rate; dotted vertical: the trained depth "
-               + (f"μ_rec = {mus[0]}" if len(mus) == 1 else "μ_rec")
-               + ("; dashed horizontal: the fixed-depth twin (no loops)" if fixed_drawn else "")
-               + ("; dotted horizontal: the unigram baseline" if baseline_drawn else "")
-               + "; the y axis is cut 0.5 nats above the unigram baseline" + _seeds_note(result) + ".")
-    return fig, caption
-
-
-PLOTS = {"loss_curves": plot_loss_curves, "spectral_radius": plot_spectral_radius,
-         "state_norm": plot_state_norm, "val_vs_loops": plot_val_vs_loops}
-
-
 # ---- provenance --------------------------------------------------------------------------------
 
 def provenance(command: str | None, result: CompareResult | None = None) -> dict:
@@ -435,6 +206,20 @@ def command_line(name: str, options: list[tuple[str, object]], flags: list[str] 
             parts += [opt, str(value)]
     parts += list(flags)
     return shlex.join(parts)
+
+
+def format_matrix(data: dict) -> str:
+    """The convergence matrix of a summary as a plain-text table, columns as wide as their contents."""
+    runs = data["runs"]
+    lrs = sorted({r["lr"] for r in runs})
+    injections = injections_in_order(r["injection"] for r in runs)
+    params = {r["injection"]: r["params"] for r in runs}
+    header = ["", "params"] + [f"lr {lr:g}" for lr in lrs]
+    rows = [[inj, f"{params[inj]:,}"] + [data["matrix"].get(inj, {}).get(f"{lr:g}", "") for lr in lrs]
+            for inj in injections]
+    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+                     for row in [header] + rows)
 
 
 # ---- writing everything ----------------------------------------------------------------------
@@ -489,98 +274,40 @@ def verdict_line(r: dict) -> str:
 
 
 def render_html(data: dict, figures: dict[str, tuple[bytes, str]]) -> str:
-    e = html.escape
+    """report.html from the summary and the figures (name → (PNG bytes, caption)): the template
+    `loopdyn/templates/report.html` (jinja2, every value autoescaped), filled with text only."""
     runs = data["runs"]
     lrs = sorted({r["lr"] for r in runs})
-    injections = _injections(r["injection"] for r in runs)
     params = {r["injection"]: r["params"] for r in runs}
-    setup = data["setup"]
     prov = data.get("provenance") or provenance(None)
-    m = prov["machine"]
+    matrix = []
+    for inj in injections_in_order(r["injection"] for r in runs):
+        outcomes = [data["matrix"].get(inj, {}).get(f"{lr:g}", "") for lr in lrs]
+        matrix.append({"label": LABELS.get(inj, inj), "params": f"{params[inj]:,}",
+                       "cells": [{"css": _css(o), "text": OUTCOME_MARK.get(o, o)} for o in outcomes]})
     rows = []
-    for inj in injections:
-        cells = []
-        for lr in lrs:
-            outcome = data["matrix"].get(inj, {}).get(f"{lr:g}", "")
-            cells.append(f'<td class="{_css(outcome)}">{e(OUTCOME_MARK.get(outcome, outcome))}</td>')
-        rows.append(f"<tr><th scope='row'>{e(LABELS.get(inj, inj))}</th><td class='num'>{params[inj]:,}</td>"
-                    f"{''.join(cells)}</tr>")
-    matrix = ("<table class='matrix' id='matrix'><thead><tr><th>parameterisation</th><th>parameters</th>"
-              + "".join(f"<th>lr {lr:g}</th>" for lr in lrs) + "</tr></thead><tbody>" + "".join(rows)
-              + "</tbody></table>")
-    run_rows = []
     for r in runs:
         evidence = r["audit_evidence"] or []
-        if isinstance(evidence, str):
-            evidence = [evidence]
-        vals = "; ".join(f"T = {k}: {_fmt(v, '{:.3f}')}" for k, v in
-                         sorted(r["val_by_loops"].items(), key=lambda kv: int(kv[0])))
-        facts = [f"<b>why {e(r['outcome'])}</b>: {e(r['outcome_reason'])}"]
-        if r["note"]:
-            facts.append(f"<b>note</b>: {e(r['note'])}")
-        facts.append(f"<b>validation loss by test-time loops</b> ({UNIT}): {e(vals)}")
-        facts.append(f"<b>final training loss</b>: {_fmt(r['final_train_loss'], '{:.3f}')} {UNIT}; "
-                     f"<b>max ρ(Ā)</b> {_fmt(r['spectral_radius_max'])}; <b>final ‖Ā‖₂</b> "
-                     f"{_fmt(r['spectral_norm_final'])}; <b>‖h_4μ‖/‖h_μ‖</b> {_fmt(r['state_growth'])}; "
-                     f"<b>alerts</b> {r['alerts']}; {r['steps']} steps, {r['tokens']:,} tokens, {r['seconds']} s")
-        if evidence:
-            facts.append("<b>audit evidence</b> (the first decided):<ol>"
-                         + "".join(f"<li>{e(x)}</li>" for x in evidence) + "</ol>")
-        run_rows.append(
-            f"<tr><td>{e(r['name'])}</td><td class='{_css(r['outcome'])}'>{e(OUTCOME_MARK.get(r['outcome'], r['outcome']))}"
-            f"</td><td><details><summary>{e(verdict_line(r))}</summary><div class='evidence'>"
-            + "".join(f"<p>{f}</p>" if not f.startswith("<b>audit") else f for f in facts)
-            + "</div></details></td></tr>")
-    figs = "".join(
-        f"<figure id='fig-{e(name)}'><img src='data:image/png;base64,{base64.b64encode(png).decode()}' "
-        f"alt='{e(caption)}'><figcaption><b>Figure {i}.</b> {e(caption)}</figcaption></figure>"
-        for i, (name, (png, caption)) in enumerate(figures.items(), 1))
-    criteria = "".join(f"<li><b>{e(k)}</b>: {e(v)}</li>" for k, v in data["criteria"].items())
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>loopdyn compare — {e(str(setup.get('preset')))}</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<link rel="icon" href="data:,">
-<style>
-:root {{ --ok: #d9efe6; --bad: #f7dccb; --wait: #ececec; }}
-body {{ font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.5em auto; max-width: 1000px;
-        padding: 0 1em; color: #1a1a1a; }}
-h1 {{ font-size: 1.5em; margin: 0 0 .2em; }} h2 {{ font-size: 1.15em; margin: 1.2em 0 .4em; }}
-.stamp {{ font-size: 12px; color: #444; border-bottom: 1px solid #ccc; padding-bottom: .5em; }}
-.stamp code {{ font-size: 11.5px; background: #f4f4f4; padding: 1px 4px; word-break: break-all; }}
-table {{ border-collapse: collapse; margin: .6em 0; font-size: 13px; }}
-th, td {{ border: 1px solid #bbb; padding: 3px 8px; text-align: left; vertical-align: top; }}
-thead th {{ background: #f2f2f2; }}
-.matrix td {{ text-align: center; font-weight: 600; }} td.num {{ text-align: right; font-weight: normal; }}
-td.ok {{ background: var(--ok); }} td.bad {{ background: var(--bad); }} td.wait {{ background: var(--wait); }}
-.criteria {{ font-size: 12px; color: #333; }}
-details summary {{ cursor: pointer; }} .evidence {{ font-size: 12px; color: #333; }}
-.evidence p {{ margin: .3em 0; }} .evidence ol {{ margin: .2em 0 .4em 1.2em; padding: 0; }}
-figure {{ margin: 1em 0; break-inside: avoid; page-break-inside: avoid; }}
-img {{ max-width: 100%; height: auto; display: block; }} figcaption {{ color: #333; font-size: 12.5px; margin-top: .3em; }}
-@page {{ size: A4; margin: 14mm 12mm; }}
-@media print {{
-  body {{ max-width: none; margin: 0; padding: 0; font-size: 11px; }}
-  .matrix, .runs tr, figure {{ break-inside: avoid; }}
-  td.ok, td.bad, td.wait {{ -webkit-print-color-adjust: exact; print-color-adjust: exact; }}
-  #plots {{ break-before: page; }}
-  details > summary {{ list-style: none; }}
-}}
-</style></head><body>
-<header>
-<h1>loopdyn compare</h1>
-<p class="stamp">loopdyn {e(prov['loopdyn'])} · {e(prov['date'])} · <code>{e(prov['command'])}</code><br>
-machine: {e(m['cpu'])} ({m['cores']} cores), GPU: {e(m['gpu'])}, {e(m['threads'])}; Python {e(m['python'])},
-torch {e(m['torch'])}, {e(m['platform'])}</p>
-</header>
-<p>Preset <b>{e(str(setup.get('preset')))}</b>, {setup.get('steps')} steps of {setup.get('batch_size')} × {setup.get('seq_len')}
-tokens per run; the same seed, data and batch order for every run; data: {e(str(setup.get('data') or 'the Python standard library sources'))}.
-Losses in {UNIT}.</p>
-<h2>Convergence matrix</h2>{matrix}
-<ul class="criteria">{criteria}</ul>
-<h2>Findings</h2><ul>{''.join(f'<li>{e(f)}</li>' for f in data['findings'])}</ul>
-<h2>Runs</h2>
-<table class="runs"><thead><tr><th>run</th><th>outcome</th><th>verdict (click for the evidence)</th></tr></thead>
-<tbody>{''.join(run_rows)}</tbody></table>
-<section id="plots"><h2>Figures</h2>{figs}</section>
-</body></html>
-"""
+        rows.append({
+            "name": r["name"], "css": _css(r["outcome"]), "mark": OUTCOME_MARK.get(r["outcome"], r["outcome"]),
+            "verdict": verdict_line(r), "outcome": r["outcome"], "reason": r["outcome_reason"], "note": r["note"],
+            "val_by_loops": "; ".join(f"T = {k}: {_fmt(v, '{:.3f}')}" for k, v in
+                                      sorted(r["val_by_loops"].items(), key=lambda kv: int(kv[0]))),
+            "final_train_loss": _fmt(r["final_train_loss"], "{:.3f}"), "rho_max": _fmt(r["spectral_radius_max"]),
+            "norm_final": _fmt(r["spectral_norm_final"]), "growth": _fmt(r["state_growth"]), "alerts": r["alerts"],
+            "steps": r["steps"], "tokens": f"{r['tokens']:,}", "seconds": r["seconds"],
+            "evidence": [evidence] if isinstance(evidence, str) else list(evidence)})
+    return _template().render(
+        setup=data["setup"], prov=prov, machine=prov["machine"], unit=UNIT, colours=OUTCOME_COLOURS,
+        lrs=[f"{lr:g}" for lr in lrs], matrix=matrix, criteria=data["criteria"], findings=data["findings"], runs=rows,
+        figures=[{"name": name, "png": base64.b64encode(png).decode(), "caption": caption}
+                 for name, (png, caption) in figures.items()])
+
+
+@functools.lru_cache(maxsize=1)
+def _template():
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("loopdyn", "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    return env.get_template("report.html")

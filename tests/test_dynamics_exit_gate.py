@@ -136,7 +136,7 @@ def test_plot_exit_gate_draws_every_token():
     res = exit_gate_audit(model, IDX, T, threshold=0.5, kl_tol=KL_TOL, residual_tol=RES_TOL)
     from types import SimpleNamespace
 
-    from loopdyn.plots_audit import plot_exit_gate
+    from loopdyn.plots.audit import plot_exit_gate
 
     fig, caption = plot_exit_gate(SimpleNamespace(exit_gate=res))
     ax = fig.axes[0]

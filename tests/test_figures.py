@@ -1,7 +1,7 @@
 """Every figure rendered headless (Agg) and checked for content: axis labels, integer ticks on
 loop/index axes, labelled reference lines, linear vs log ρ axes, one colour per
 parameterisation across figures, legends that cover no data (checked here with the artists'
-own display-space geometry, independently of loopdyn.style's placement code), file formats,
+own display-space geometry, independently of loopdyn.plots.style's placement code), file formats,
 and captions that describe only what was drawn."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from loopdyn import style
+from loopdyn.plots import style
 from loopdyn.cli import main
 from loopdyn.compare import CompareResult, RunRecord, RunSpec
 from tests.helpers import small_loop_model
@@ -133,7 +133,7 @@ def audits():
 
 @pytest.mark.parametrize("which", ["stable", "explosive"])
 def test_audit_figures_content(audits, which):
-    from loopdyn.plots_audit import OPTIONAL_PLOTS, PLOTS
+    from loopdyn.plots.audit import OPTIONAL_PLOTS, PLOTS
 
     report = audits[which]
     optional = {name: draw for name, (part, draw) in OPTIONAL_PLOTS.items() if getattr(report, part) is not None}
@@ -170,7 +170,7 @@ def test_audit_figures_content(audits, which):
 
 
 def test_audit_axes_are_linear_unless_the_range_demands_log(audits):
-    from loopdyn.plots_audit import plot_jacobian, plot_trajectory
+    from loopdyn.plots.audit import plot_jacobian, plot_trajectory
 
     fig, _ = plot_jacobian(audits["stable"])
     assert fig.axes[0].get_yscale() == "linear"  # ρ, ‖J‖ of order 1
@@ -204,7 +204,7 @@ def test_audit_plots_cli_formats(tmp_path, capsys):
 def test_png_is_300_dpi_with_the_caption_in_its_metadata(audits, tmp_path):
     from PIL import Image
 
-    from loopdyn.plots_audit import write_audit_plots
+    from loopdyn.plots.audit import write_audit_plots
 
     [(path, caption), *_] = write_audit_plots(audits["stable"], tmp_path)
     im = Image.open(path)
@@ -248,7 +248,7 @@ def compare_result(tmp_path, injections=("diagonal", "linear", "additive", "fixe
 
 
 def test_compare_figures_content_and_palette(tmp_path):
-    from loopdyn.report import PLOTS
+    from loopdyn.plots.compare import PLOTS
 
     result = compare_result(tmp_path, seeds=(0, 1))
     for name, draw in PLOTS.items():
@@ -277,7 +277,7 @@ def test_compare_figures_content_and_palette(tmp_path):
 
 
 def test_captions_describe_only_what_was_drawn(tmp_path):
-    from loopdyn.report import plot_val_vs_loops
+    from loopdyn.plots.compare import plot_val_vs_loops
 
     fig, cap = plot_val_vs_loops(compare_result(tmp_path, injections=("diagonal", "linear")))
     assert "fixed" not in cap and "dashed" not in cap
@@ -285,7 +285,7 @@ def test_captions_describe_only_what_was_drawn(tmp_path):
 
 
 def test_spectral_radius_goes_log_only_when_the_range_demands(tmp_path):
-    from loopdyn.report import plot_spectral_radius, plot_state_norm
+    from loopdyn.plots.compare import plot_spectral_radius, plot_state_norm
 
     result = compare_result(tmp_path, explode=True)
     rho = [v for r in result.records for v in r.spectral_radius]
@@ -298,7 +298,7 @@ def test_spectral_radius_goes_log_only_when_the_range_demands(tmp_path):
 
 
 def test_autonomous_has_its_own_colour_and_label(tmp_path):
-    from loopdyn.report import plot_loss_curves
+    from loopdyn.plots.compare import plot_loss_curves
 
     assert len(set(style.COLORS.values())) == len(style.COLORS) == 5
     fig, _ = plot_loss_curves(compare_result(tmp_path, injections=("diagonal", "autonomous")))
@@ -332,8 +332,8 @@ def _testtime_csv(tmp_path, unit=True):
 def test_fit_plot_band_clipped_held_out_marked_extrapolation_shaded(tmp_path, capsys):
     from matplotlib.patches import Polygon, Rectangle
 
-    from loopdyn.commands.fit import _plot
-    from loopdyn.dynamics import laws
+    from loopdyn.plots.fit import plot_fit as _plot
+    from loopdyn import scaling as laws
 
     path, loss = _testtime_csv(tmp_path)
     cols = laws.read_law_csv(path, "testtime")
@@ -394,7 +394,7 @@ def fake_monitor():
 
 
 def test_monitor_figure_marks_every_alert_on_its_signal():
-    from loopdyn.plots_monitor import ALERT_STYLE, plot_monitor
+    from loopdyn.plots.monitor import ALERT_STYLE, plot_monitor
 
     mon = fake_monitor()
     fig, cap = plot_monitor(mon, title="test")
@@ -469,7 +469,7 @@ def test_exit_gate_figure_content(tmp_path):
     """The exit-gate figure of an audited Ouro-format model: labels, integer ticks, legend off the data."""
     from loopdyn import dynamics
     from loopdyn.models import load
-    from loopdyn.plots_audit import plot_exit_gate
+    from loopdyn.plots.audit import plot_exit_gate
     from tests.ouro_reference import make_ouro_checkpoint
 
     model = load(make_ouro_checkpoint(tmp_path / "ouro", seed=3, gate_scale=4.0))

@@ -94,8 +94,8 @@ def test_token_phases_json_and_plot(tmp_path):
     assert "cycle 3 1" in ph.to_text()[0]
     from types import SimpleNamespace
 
-    from loopdyn import style
-    from loopdyn.plots_audit import plot_phases
+    from loopdyn.plots import style
+    from loopdyn.plots.audit import plot_phases
 
     fig, caption = plot_phases(SimpleNamespace(phases=ph, model=SimpleNamespace(injection="test")))
     assert "1 cycle 3" in caption and "neimark-sacker" in caption

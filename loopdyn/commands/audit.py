@@ -174,7 +174,7 @@ def run(args) -> int:
         atomic_write_json(args.json, report.to_json())
         print(f"wrote {args.json}")
     if args.plots:
-        from loopdyn.plots_audit import write_audit_plots
+        from loopdyn.plots.audit import write_audit_plots
 
         figures = write_audit_plots(report, args.plots, args.format)
         print(f"wrote {len(figures)} figures to {args.plots}:")

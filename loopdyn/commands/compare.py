@@ -8,7 +8,7 @@ from loopdyn.models.errors import InputError
 from loopdyn.commands.common import add_data_option, add_threads_option
 from loopdyn.io import OutLock, check_outputs
 from loopdyn.compare import INJECTIONS, grid, run_grid
-from loopdyn.report import _injections, write_outputs
+from loopdyn.report import format_matrix, write_outputs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -73,23 +73,9 @@ def run(args: argparse.Namespace) -> int:
         result = run_grid(specs, Path(args.out), resume=args.resume, jobs=args.jobs, progress=not args.no_progress,
                           threads=args.threads)
         data = write_outputs(result, args.format, command(args))
-    print_matrix(data)
+    print(format_matrix(data))
     for line in data["findings"]:
         print(f"- {line}")
     print(f"wrote {args.out}/summary.json, {args.out}/report.html and {len(data['figures'])} figures "
           f"({', '.join(data['figures'])})")
     return 0
-
-
-def print_matrix(data: dict) -> None:
-    """The convergence matrix as a plain-text table, columns as wide as their contents."""
-    runs = data["runs"]
-    lrs = sorted({r["lr"] for r in runs})
-    injections = _injections(r["injection"] for r in runs)
-    params = {r["injection"]: r["params"] for r in runs}
-    header = ["", "params"] + [f"lr {lr:g}" for lr in lrs]
-    rows = [[inj, f"{params[inj]:,}"] + [data["matrix"].get(inj, {}).get(f"{lr:g}", "") for lr in lrs]
-            for inj in injections]
-    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
-    for row in [header] + rows:
-        print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))

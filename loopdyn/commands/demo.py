@@ -12,11 +12,10 @@ from pathlib import Path
 
 from loopdyn.commands.common import add_threads_option
 from loopdyn.io import OutLock, check_outputs
-from loopdyn.commands.compare import print_matrix
 from loopdyn.compare import grid, run_grid
 from loopdyn.models.errors import InputError
 from loopdyn.data import load_text
-from loopdyn.report import write_outputs
+from loopdyn.report import format_matrix, write_outputs
 
 DEMO_INJECTIONS = ["diagonal", "linear", "additive"]
 DEMO_LRS = [0.01, 0.05]
@@ -66,7 +65,7 @@ def _run(args: argparse.Namespace, out: Path, start: float) -> int:
                                 ("--jobs", args.jobs)], ["--resume"] if args.resume else [])
     summary = write_outputs(result, "png", cmd)
     print()
-    print_matrix(summary)
+    print(format_matrix(summary))
     print()
     for line in summary["findings"]:
         print(f"- {line}")

@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         if monitors:
             print(monitor_summary(monitors[0], args.alerts))
         if monitors and args.plots:
-            from loopdyn.plots_monitor import write_monitor_plot
+            from loopdyn.plots.monitor import write_monitor_plot
 
             path, caption = write_monitor_plot(monitors[0], args.plots, args.format,
                                                title=f"{config.name} ({config.injection}), lr {args.lr:g}")

@@ -11,7 +11,7 @@
 
 Each `plot_*` returns (figure, caption); the caption says what was drawn and measured. It is
 stored in the file's own metadata (PNG Description, PDF Subject, SVG dc:description) and
-returned to the caller, which prints it. matplotlib is imported only through loopdyn.style.
+returned to the caller, which prints it. matplotlib is imported only through loopdyn.plots.style.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loopdyn import style
+from loopdyn.plots import style
 
 
 def _name(report) -> str:

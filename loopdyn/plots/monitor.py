@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loopdyn import style
+from loopdyn.plots import style
 
 # (panel title/ylabel, [(signal, legend label, line style)], reference line at y or None)
 PANELS = [
