@@ -94,6 +94,19 @@ def test_still_falling_is_a_significance_test_not_noise():
     assert classify([5.5, 5.4, float("inf")], 5.3, UNIGRAM, norms(1.0), MU)[0] == "diverged"
 
 
+def test_still_falling_t_is_welchs_statistic_by_its_formula():
+    rng = np.random.default_rng(5)
+    x = 3.0 - 0.002 * np.arange(120) + rng.normal(0, 0.05, 120)
+    q = len(x) // 4
+    a, b = x[-2 * q:-q], x[-q:]
+    t = (a.mean() - b.mean()) / np.sqrt(a.var(ddof=1) / q + b.var(ddof=1) / q)
+    falling, drop, t_got = still_falling(list(x))
+    assert t_got == pytest.approx(t, rel=1e-12) and drop == pytest.approx(a.mean() - b.mean(), rel=1e-12)
+    # no spread in either quarter: any drop is certain, no drop is no evidence
+    assert still_falling([3.0] * 12 + [2.0] * 4)[2] == np.inf
+    assert still_falling([3.0] * 16)[2] == 0.0
+
+
 def test_inconclusive_does_not_hide_an_explosion_or_a_divergence():
     short = decaying(40)
     assert classify(short, UNIGRAM + 0.5, UNIGRAM, norms(1.3), MU)[0] == "residual explosion"

@@ -7,26 +7,17 @@ loops. Prints a report that names the evidence that decided the verdict; --json 
 docs/design.md §7 record, --plots a folder of figures (both atomically). Exit codes: 0, 1 (bad
 input), 3 (--strict and the verdict is not `stable`).
 
-Probe tokens are bytes of text (ids 0..255). For a model with a larger vocabulary (the
-official models have 32768 ids) byte ids are valid ids of its embedding, though not what its
-tokenizer would produce from that text: the audit probes the loop's dynamics on real
-embeddings, not the model's language modelling. For a vocabulary smaller than 256 (test
-models) the ids are taken modulo the vocabulary size.
+The model and the probe batch come from `loopdyn.inputs` (probe tokens are bytes of text).
 """
 from __future__ import annotations
 
-import warnings
-
-import torch
-
 from loopdyn.commands.common import (add_data_option, add_device_option, add_hidden_alias, add_threads_option,
                                      check_device, set_threads)
-from loopdyn.io import check_outputs
+from loopdyn.inputs import DEFAULT_SEQ_LEN
+from loopdyn.io import atomic_write_json, check_outputs
 from loopdyn.models.errors import InputError
 
 EXIT_UNSTABLE = 3
-DEFAULT_SEQ_LEN = 256
-CORPUS_BYTES = 4_000_000  # enough of the default corpus for a probe window, and fast to read
 
 
 def register(subparsers) -> None:
@@ -66,72 +57,9 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _probe(args, model) -> tuple[torch.Tensor, str]:
-    from loopdyn.data import load_text
-    from loopdyn.models import protocol
-
-    vocab, max_len = protocol.token_limits(model)
-    S = args.seq_len if args.seq_len is not None else min(DEFAULT_SEQ_LEN, max_len or DEFAULT_SEQ_LEN)
-    if S < 2:
-        raise InputError(f"--seq-len must be at least 2, got {S}")
-    if max_len is not None and S > max_len:
-        raise InputError(f"a probe of {S} tokens is longer than the model's context ({max_len} tokens)")
-    if not 1 <= args.batch_size <= 64:
-        raise InputError(f"--batch-size must be in [1, 64], got {args.batch_size}")
-    data = load_text(args.data, max_bytes=None if args.data else CORPUS_BYTES)
-    x, _ = data.val_batches(1, args.batch_size, S)[0]
-    note = ""
-    if vocab is not None and vocab < 256:
-        x = x % vocab
-        note = f", byte ids modulo the vocabulary ({vocab})"
-    elif vocab is not None and vocab > 256:
-        note = f"; byte ids < 256 are valid ids of the {vocab}-id vocabulary (not its tokenizer's text)"
-    return x.to(args.device), f"{args.batch_size} × {S} byte ids from {data.source}{note}"
-
-
-def user_factory(spec: str):
-    """For PATH = MODULE:FUNCTION or FILE.py:FUNCTION (and no such file or folder), the function;
-    else None. The function is called with no arguments and must return a LoopedModel."""
-    import importlib
-    import importlib.util
-    from pathlib import Path
-
-    if ":" not in spec or Path(spec).exists():
-        return None
-    where, _, name = spec.rpartition(":")
-    if not where or not name.isidentifier():
-        return None
-    try:
-        if where.endswith(".py"):
-            if not Path(where).is_file():
-                raise InputError(f"{spec}: no file {where}")
-            module_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(where)
-    except ImportError as err:
-        raise InputError(f"{spec}: cannot import {where}: {err}") from None
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise InputError(f"{spec}: {where} has no function {name}")
-
-    def build():
-        from loopdyn.models import protocol
-
-        model = fn()
-        if hasattr(model, "eval"):
-            model.eval()
-        if not protocol.is_looped(model):
-            protocol.require_looped(model)  # raises the one-line reason
-        return model
-    return build
-
-
 def run(args) -> int:
     from loopdyn.dynamics.audit_report import MAX_HORIZON, MAX_LOOPS, audit
-    from loopdyn.models import load, protocol
-    from loopdyn.io import atomic_write_json
+    from loopdyn.inputs import load_model, probe_batch
 
     if args.loops is not None and not 1 <= args.loops <= MAX_LOOPS:
         raise InputError(f"--loops must be in [1, {MAX_LOOPS}], got {args.loops}")
@@ -146,19 +74,12 @@ def run(args) -> int:
     check_outputs(files={"--json": args.json}, dirs={"--plots": args.plots}, inputs={"--data": args.data})
     check_device(args.device)
     set_threads(args.threads)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # non-finite weights are reported in the verdict
-        factory = user_factory(str(args.path))
-        model = load(args.path, device=args.device) if factory is None else factory()
-    try:
-        protocol.require_looped(model)
-    except protocol.ProtocolError as err:
-        raise InputError(f"{args.path}: {err}") from None
+    model = load_model(args.path, device=args.device)
     loops = args.loops if args.loops is not None else min(model.mean_loops, MAX_LOOPS)
     horizon = args.horizon if args.horizon is not None else min(4 * loops, MAX_HORIZON)
     if horizon < loops:
         raise InputError(f"--horizon ({horizon}) must be at least --loops ({loops})")
-    idx, probe = _probe(args, model)
+    idx, probe = probe_batch(model, args.data, args.batch_size, args.seq_len, args.device)
     from loopdyn.progress import stages
 
     bar, update = stages("audit", enabled=not args.no_progress)
