@@ -54,33 +54,7 @@ def _run_grid(specs: list[RunSpec], out: Path, resume: bool, jobs: int | None, p
     bar = _bar(sum(s.steps for s in todo), len(todo), progress)
     records = list(done)
     start = time.perf_counter()
-    if jobs == 1:
-        if threads != torch.get_num_threads():
-            torch.set_num_threads(threads)
-        for spec in todo:
-            records.append(run_one(spec, out / "runs" / spec.name, progress=bar.update if bar else None))
-            _after_run(records[-1], bar, log)
-    else:
-        import multiprocessing as mp
-        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
-        ctx = mp.get_context("spawn")  # fork after torch threads exist is unsafe
-        with mp.Manager() as manager, ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init) as pool:
-            queue = manager.Queue()
-            pending = {pool.submit(_worker, s, str(out / "runs" / s.name), threads, queue) for s in todo}
-            try:
-                while pending:
-                    finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                    _drain(queue, bar)
-                    for fut in finished:
-                        records.append(RunRecord(**fut.result()))
-                        _after_run(records[-1], bar, log)
-                _drain(queue, bar)
-            except BaseException:  # Ctrl-C or a failed run: stop the other runs now, not after they finish
-                for proc in list(getattr(pool, "_processes", {}).values()):
-                    proc.terminate()
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
+    records += (_run_here if jobs == 1 else _run_in_pool)(todo, out, jobs, threads, bar, log)
     if bar is not None:
         bar.close()
     order = {s.name: i for i, s in enumerate(specs)}
@@ -88,6 +62,44 @@ def _run_grid(specs: list[RunSpec], out: Path, resume: bool, jobs: int | None, p
     log(f"{len(todo)} run(s) in {time.perf_counter() - start:.0f} s ({jobs} process(es) × {threads} thread(s))")
     return CompareResult(out=out, records=records, skipped=[RunSpec(**r.spec).name for r in done],
                          jobs=jobs, threads=threads)
+
+
+def _run_here(todo: list[RunSpec], out: Path, jobs: int, threads: int, bar, log) -> list[RunRecord]:
+    """The runs one after another in this process."""
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    records = []
+    for spec in todo:
+        records.append(run_one(spec, out / "runs" / spec.name, progress=bar.update if bar else None))
+        _after_run(records[-1], bar, log)
+    return records
+
+
+def _run_in_pool(todo: list[RunSpec], out: Path, jobs: int, threads: int, bar, log) -> list[RunRecord]:
+    """The runs in `jobs` spawned local processes of `threads` torch threads each; Ctrl-C or a
+    failed run stops the others at once."""
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    records = []
+    ctx = mp.get_context("spawn")  # fork after torch threads exist is unsafe
+    with mp.Manager() as manager, ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init) as pool:
+        queue = manager.Queue()
+        pending = {pool.submit(_worker, s, str(out / "runs" / s.name), threads, queue) for s in todo}
+        try:
+            while pending:
+                finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                _drain(queue, bar)
+                for fut in finished:
+                    records.append(RunRecord(**fut.result()))
+                    _after_run(records[-1], bar, log)
+            _drain(queue, bar)
+        except BaseException:  # Ctrl-C or a failed run: stop the other runs now, not after they finish
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                proc.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return records
 
 
 def _bar(total_steps: int, n_runs: int, enabled: bool):
