@@ -33,13 +33,14 @@ from loopdyn.dynamics.jacobian import norm_lower_bound
 from loopdyn.dynamics.loopmap import MAX_HORIZON, MAX_LOOPS, Cost, Linearisation, nonfinite_parameters, require_loop
 from loopdyn.dynamics.lti import InjectionSpectrum, injection_spectrum
 from loopdyn.dynamics.lyapunov_exponents import LyapunovAccumulator, LyapunovResult
+from loopdyn.dynamics.verdict import Verdict, audit_verdict
 from loopdyn.dynamics.trajectory import (Trajectory, check_pure, encode_probe, measure_trajectory, run_loop,
                                          trajectory_of)
 from loopdyn.models import protocol
 from loopdyn.models.errors import InputError
 from loopdyn.models.weights import all_finite
 
-VERDICTS = ("stable", "marginal", "explosive")
+VERDICTS = tuple(v.value for v in Verdict)
 
 
 @dataclass
@@ -110,7 +111,7 @@ class AuditReport:
         return {"model": self.model.to_json(), "injection": self.injection.to_json(),
                 "trajectory": self.trajectory.to_json(), "jacobian": self.jacobian.to_json(),
                 "lyapunov": self.lyapunov.to_json(), "forecast": self.forecast.to_json(),
-                "gain_graph": gain, "verdict": self.verdict, "skipped": list(self.skipped),
+                "gain_graph": gain, "verdict": str(self.verdict), "skipped": list(self.skipped),
                 "normalised": None if self.normalised is None else self.normalised.to_json(),
                 "exit_gate": None if self.exit_gate is None else self.exit_gate.to_json(),
                 "phases": self.phases.to_json() if self.phases is not None else None}
@@ -228,14 +229,13 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
         forecast.overthinking = fc.overthinking(np.arange(1, H + 1), losses, model.mean_loops, forecast, phases)
         forecast.evidence.append(f"loops past the trained depth (probe loss): {forecast.overthinking.summary()}")
     norm_result = gate_result = None
-    verdict = forecast.verdict
     if protocol.state_norm_kind(model) != "none":
         from loopdyn.dynamics.normalised import normalised_loop
 
         report("normalised loop", 0, 1)
         norm_result = normalised_loop(model, loops=T, ctx=traj.ctx, states=traj.states, jacobian_loops=0, cost=cost)
-        if not broken:
-            verdict = norm_result.verdict
+    verdict, _ = audit_verdict((forecast.verdict, ""), None if norm_result is None else
+                               (norm_result.verdict, norm_result.evidence), broken)
     if callable(getattr(model, "exit_gate", None)) and not broken:
         from loopdyn.dynamics.exit_gate import exit_gate_audit
 

@@ -91,18 +91,17 @@ import torch
 
 from loopdyn.dynamics.jacobian import arnoldi, ritz_values
 from loopdyn.dynamics.loopmap import Cost, Linearisation, analysis, nonfinite_parameters
+from loopdyn.dynamics.verdict import (GROWTH_AT_CROSSING, UNIT_BAND, Verdict, large_state_unstable, lti_exit_loop,
+                                      loop_verdict, model_verdict)
 from loopdyn.models import protocol
 from loopdyn.models.weights import all_finite
 
 HINDCAST_TOL = 0.5  # a model reproduces the past when it predicts the measured residual vectors within this
 EXACT_HINDCAST = 1e-3  # an LTI hindcast this good means the loop is its LTI part
 SELECT_BAND = (3.0, 0.05)  # candidates: hindcast error ≤ max(3 × the best, 0.05)
-UNIT_BAND = 2e-3  # nats/loop: |rate| below this is a mode on the unit circle
-GROWTH_AT_CROSSING = 2.0  # residual growth by the crossing that makes leaving the safe region a burst
 RATE_FLOOR = -20.0  # nats/loop reported for residuals that vanish
 OVERFLOW = 3.0e38  # float32 max: beyond it the real loop is non-finite
 LONG_RUN = 2000  # loops the reduced models are run for their asymptotic rate
-SEVERITY = {"stable": 0, "marginal": 1, "explosive": 2}
 MODEL_ORDER = {"LTI": 0, "Jacobian": 1, "trajectory": 2}  # preference on exact ties
 BAND_PER_ERROR = 4.0  # a fitted rate's unit band is hindcast error / (4 w)
 SAFE_WIDEN = 2.0  # the largest factor a prediction is widened by for max_safe_loops (the 2× accuracy target)
@@ -153,7 +152,8 @@ class LargeState:
 
     @property
     def forbids_stable(self) -> bool:
-        return self.limit_is_lti and self.spectral_radius > 1.0
+        """The limit is Ā with ρ(Ā) above 1 beyond the unit band: explosive (docs/design.md §4)."""
+        return self.limit_is_lti and large_state_unstable(self.spectral_radius)
 
 
 @dataclass
@@ -186,7 +186,7 @@ class Forecast:
 
     def to_json(self) -> dict:
         """The docs/design.md §7 `forecast` record."""
-        return {"verdict": self.verdict, "growth_rate": float(self.growth_rate),
+        return {"verdict": str(self.verdict), "growth_rate": float(self.growth_rate),
                 "max_safe_loops": int(self.max_safe_loops), "loops": self.loops,
                 "state_norm": [float(x) for x in self.state_norm],
                 "measured_loops": int(self.measured_loops), "evidence": list(self.evidence)}
@@ -786,6 +786,25 @@ def large_state_limit(model, ctx, h: torch.Tensor, h_next: torch.Tensor, part, c
     return LargeState(bool(sublinear), rho, tuple(ratios), text)
 
 
+def large_state_floor(m: ForecastModel, large: LargeState) -> ForecastModel:
+    """A prediction corrected by the large-state limit (module docstring): when the loop tends to Ā at
+    large states with ρ(Ā) > 1, a state the core cannot hold grows like ρ(Ā)ᵗ, so a model that grows
+    slower (rate < log ρ(Ā) − UNIT_BAND: it does not know that growth) is raised to
+    ‖ĥ_{T+j}‖ ≥ ‖h_T‖ ρ(Ā)ʲ at the rate log ρ(Ā) (docs/design.md §4). Returns a new result."""
+    if not large.forbids_stable or not m.rate < math.log(large.spectral_radius) - UNIT_BAND:
+        return m
+    rate = math.log(large.spectral_radius)
+    j = np.arange(len(m.state_norm), dtype=float)
+    with np.errstate(over="ignore"):
+        grow = np.exp(rate * j)
+    from dataclasses import replace
+    return replace(m, total_norm=np.fmax(m.total_norm, m.total_norm[0] * grow),
+                   state_norm=np.fmax(m.state_norm, m.state_norm[0] * grow), rate=rate, exact_rate=True,
+                   limit_state=None,
+                   detail=m.detail + f"; raised to the large-state growth ‖h_T‖ ρ(Ā)ʲ (ρ(Ā) = {_fmt(large.spectral_radius)}: "
+                                     f"its own rate {_fmt(m.rate)}/loop is slower)")
+
+
 # ---- verdicts ---------------------------------------------------------------------------------------
 
 def judge(m: ForecastModel, T: int, H: int, limit_fn, settle_tol: float, w: int = 1) -> None:
@@ -816,16 +835,9 @@ def judge(m: ForecastModel, T: int, H: int, limit_fn, settle_tol: float, w: int 
         hit = np.nonzero(~np.isfinite(s) | (s > min(m.safe_limit, OVERFLOW)))[0]
         if hit.size:
             m.safe_bound = T + int(hit[0]) + 1
-    if first is not None:
-        burst = not np.isfinite(m.residual[first]) or \
-            np.nanmax(m.residual[1: first + 1]) > GROWTH_AT_CROSSING * max(m.residual[0], 1e-300)
-        m.verdict = "explosive" if burst or m.rate > band else "marginal"
-    elif m.rate > band:
-        m.verdict = "explosive"
-    elif m.rate >= -band:
-        m.verdict = "marginal"
-    else:
-        m.verdict = "stable"
+    burst = first is not None and (not np.isfinite(m.residual[first]) or
+                                   np.nanmax(m.residual[1: first + 1]) > GROWTH_AT_CROSSING * max(m.residual[0], 1e-300))
+    m.verdict = model_verdict(m.rate, crossing=m.first_unsafe, burst=burst, band=band)[0]
     # loops to settle
     m.settle_loops = None
     if m.verdict == "stable":
@@ -872,7 +884,7 @@ def _select(models: list[ForecastModel]) -> tuple[ForecastModel, str]:
                               f"fixed point, so the measured norms decide")
         return best, (f"no model reproduces the measured residuals within {HINDCAST_TOL:g}; the best "
                       f"({_fmt(best.hindcast_error)}) decides")
-    pick = max(cands, key=lambda m: (SEVERITY[m.verdict], -(m.hindcast_error if m.checked else 1e9),
+    pick = max(cands, key=lambda m: (Verdict(m.verdict).severity, -(m.hindcast_error if m.checked else 1e9),
                                      -MODEL_ORDER.get(m.name, 9)))
     return pick, why
 
@@ -924,6 +936,8 @@ def combine(traj, models, horizon: int, explosion_factor: float = 10.0, settle_t
         return explosion_factor * max(ref_of(m), 1e-30)
 
     w = max(min(3, (T - 1) // 2), 1)
+    if large is not None:
+        models = [large_state_floor(m, large) for m in models]
     for m in models:
         m.used = (not m.checked) or m.hindcast_error <= HINDCAST_TOL
         judge(m, T, H, limit_of, settle_tol, w)
@@ -942,10 +956,11 @@ def combine(traj, models, horizon: int, explosion_factor: float = 10.0, settle_t
         if not np.isfinite(measured[t]) or measured[t] > limit:
             first_unsafe = t
             break
-    verdict = pick.verdict
-    if first_unsafe is not None:
+    verdict, reason = Verdict(pick.verdict), ""
+    if first_unsafe is not None:  # the measured state already left the safe region
         burst = traj.total_residual[first_unsafe] > GROWTH_AT_CROSSING * traj.total_residual[mu] if mu >= 1 else True
-        verdict = "explosive" if burst or verdict == "explosive" else "marginal"
+        if verdict != Verdict.EXPLOSIVE:
+            verdict, reason = model_verdict(pick.rate, crossing=first_unsafe, burst=burst, band=pick.band)
         bound = first_unsafe
     else:
         first_unsafe = pick.first_unsafe
@@ -958,19 +973,17 @@ def combine(traj, models, horizon: int, explosion_factor: float = 10.0, settle_t
                 bound, crossing_by = m.safe_bound, m.name
         if bound is not None and crossing_by is None and bound != first_unsafe:
             crossing_by = pick.name
-    large_txt = None
-    if large is not None and large.forbids_stable and verdict == "stable":
-        verdict = "marginal"
-        large_txt = (f"large-state limit: ρ(Ā) = {_fmt(large.spectral_radius)} > 1 and the core fades at large "
-                     f"states, so the loop cannot be stable: the core holds this state, a large enough one "
-                     f"grows like ρ(Ā)ᵗ")
-    elif large is not None and large.limit_is_lti and large.spectral_radius < 1 and verdict == "explosive" \
-            and first_unsafe is None:
-        verdict = "marginal"
-        large_txt = (f"large-state limit: ρ(Ā) = {_fmt(large.spectral_radius)} < 1 and the core fades at large "
-                     f"states, so the growth {pick.name} predicts past the horizon cannot go on: it saturates "
-                     f"(bounded, not converging: marginal)")
     max_safe = H if bound is None else min(bound - 1, H)
+    large_rho = large.spectral_radius if large is not None and large.limit_is_lti else None
+    lti_exit = lti_exit_loop(float(measured[T]), limit, math.log(large_rho), T) \
+        if large_state_unstable(large_rho) else None
+    before = verdict
+    verdict, why_final = loop_verdict((verdict, reason), horizon=H, max_safe_loops=max_safe,
+                                      settles=pick.settle_loops is not None, band=pick.band,
+                                      large_state_radius=large_rho, leaves_past_horizon=first_unsafe is None,
+                                      lti_exit=lti_exit)
+    large_txt = None if verdict == before else (f"large-state limit: {why_final}" if large_rho is not None
+                                                else f"verdict: {why_final}")
 
     # curves in state_norm units, loops 1..H
     J = H - T
@@ -989,8 +1002,8 @@ def combine(traj, models, horizon: int, explosion_factor: float = 10.0, settle_t
         outcome = (f"the measured state already exceeds {explosion_factor:g}× ‖h_{mu}‖ at loop {first_unsafe} "
                    f"(‖h‖ {_fmt(measured[first_unsafe])} vs limit {_fmt(limit)})")
     elif first_unsafe is not None:
-        how = "grows geometrically" if pick.rate > UNIT_BAND else "bursts (transient growth)" \
-            if verdict == "explosive" else "drifts"
+        how = "grows geometrically" if pick.rate > pick.band else "drifts" if verdict != Verdict.EXPLOSIVE else \
+            "is carried by a bounded transient" if pick.rate < -pick.band else "bursts (transient growth)"
         outcome = (f"the state {how} past {explosion_factor:g}× the state at the trained depth (‖h_{mu}‖) at loop "
                    f"{first_unsafe}; {rate_txt}")
     elif verdict == "explosive":

@@ -21,6 +21,7 @@ import numpy as np
 
 from loopdyn.models.fileio import atomic_write_json, atomic_write_text, json_safe
 from loopdyn import style
+from loopdyn.dynamics import verdict
 from loopdyn.compare import (DIVERGE_MARGIN, EXPLOSION_LOOPS, EXPLOSION_RATIO, INJECTIONS, MIN_TREND_STEPS,
                              STEEP_DROP, STEEP_T, CompareResult, RunRecord, smoothed)
 
@@ -94,7 +95,7 @@ def findings(result: CompareResult) -> list[str]:
             sentence += f"; the state keeps growing with loops (‖h_4μ‖/‖h_μ‖ up to {max(growing):.2f})"
         verdicts = [x["audit_verdict"] for x in s if x["audit_verdict"]]
         if verdicts:
-            counts = {v: verdicts.count(v) for v in ("stable", "marginal", "explosive") if v in verdicts}
+            counts = {v.value: verdicts.count(v) for v in verdict.Verdict if v in verdicts}
             sentence += "; audit: " + ", ".join(f"{v} {n}/{len(verdicts)}" for v, n in counts.items())
         if inj == "fixed":
             vals = [x["val_by_loops"].get("0") for x in s if x["val_by_loops"].get("0") is not None]
@@ -142,18 +143,7 @@ def _best_run(result: CompareResult) -> tuple[str, float] | None:
     return best
 
 
-CRITERIA = {
-    "diverged": f"non-finite loss; or final smoothed loss > best smoothed loss + {DIVERGE_MARGIN} nats; or final "
-                f"validation loss not below the unigram baseline while the training loss stalled more than "
-                f"{DIVERGE_MARGIN} nats above it",
-    "residual explosion": f"not diverged, and a state norm is non-finite for T ≤ {EXPLOSION_LOOPS}·μ_rec "
-                          f"or ‖h_{{{EXPLOSION_LOOPS}μ}}‖/‖h_μ‖ > {EXPLOSION_RATIO:g}",
-    "inconclusive": f"too short to judge: not diverged, no explosion, the final validation loss not yet below the "
-                    f"unigram baseline, and the training loss still falling steeply (last quarter of the steps "
-                    f"≥ {STEEP_DROP} nats and {STEEP_T:g} standard errors below the quarter before) or resting on "
-                    f"the unigram plateau (within {DIVERGE_MARGIN} nats), or fewer than {MIN_TREND_STEPS} steps",
-    "converged": "otherwise",
-}
+CRITERIA = verdict.criteria()  # the outcome criteria, from the one rule table
 
 
 def summary(result: CompareResult) -> dict:
@@ -462,13 +452,7 @@ def _fmt(v, f="{:.3g}") -> str:
 
 
 def _css(outcome: str) -> str:
-    if not outcome:
-        return ""
-    if "diverged" in outcome or "explosion" in outcome:
-        return "bad"
-    if "inconclusive" in outcome:
-        return "wait"
-    return "ok"
+    return verdict.css_class(outcome) if outcome else ""
 
 
 def verdict_line(r: dict) -> str:
@@ -541,7 +525,7 @@ def render_html(data: dict, figures: dict[str, tuple[bytes, str]]) -> str:
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <link rel="icon" href="data:,">
 <style>
-:root {{ --ok: #d9efe6; --bad: #f7dccb; --wait: #ececec; }}
+:root {{ --ok: {verdict.COLOURS['ok']}; --bad: {verdict.COLOURS['bad']}; --wait: {verdict.COLOURS['wait']}; }}
 body {{ font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.5em auto; max-width: 1000px;
         padding: 0 1em; color: #1a1a1a; }}
 h1 {{ font-size: 1.5em; margin: 0 0 .2em; }} h2 {{ font-size: 1.15em; margin: 1.2em 0 .4em; }}
