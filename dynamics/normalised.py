@@ -44,24 +44,12 @@ from torch import nn
 from loopdyn.dynamics.jacobian import norm_lower_bound
 from loopdyn.dynamics.loopmap import MAX_LOOPS, Cost, DynamicsError, Linearisation, analysis
 from loopdyn.dynamics.trajectory import run_loop
+from loopdyn.dynamics.numbers import num as _num, nums as _nums, token_norms as _token_norms
 from loopdyn.dynamics.verdict import normalised_verdict
 from loopdyn.models.protocol import initial_state, require_looped, state_norm_kind
 from loopdyn.models.weights import all_finite
 
 PERIODS = 4  # cycle periods p = 1..PERIODS checked per token
-
-
-def _num(x) -> float | None:
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-def _nums(a) -> list:
-    return [_num(x) for x in np.asarray(a, dtype=float).ravel()]
-
-
-def _token_norms(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(x.detach().to(torch.float64), dim=-1)
 
 
 def _ratio(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:

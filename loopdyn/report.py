@@ -22,8 +22,8 @@ import numpy as np
 from loopdyn.models.fileio import atomic_write_json, atomic_write_text, json_safe
 from loopdyn import style
 from loopdyn.dynamics import verdict
-from loopdyn.compare import (DIVERGE_MARGIN, EXPLOSION_LOOPS, EXPLOSION_RATIO, INJECTIONS, MIN_TREND_STEPS,
-                             STEEP_DROP, STEEP_T, CompareResult, RunRecord, smoothed)
+from loopdyn.dynamics.numbers import fmt
+from loopdyn.compare import EXPLOSION_LOOPS, INJECTIONS, CompareResult, RunRecord, smoothed
 
 COLORS, LABELS = style.COLORS, style.LABELS
 OUTCOME_MARK = {"converged": "✓ converged", "inconclusive": "… inconclusive", "diverged": "✗ diverged",
@@ -447,10 +447,6 @@ def write_outputs(result: CompareResult, fmt: str = "png", command: str | None =
     return data
 
 
-def _fmt(v, f="{:.3g}") -> str:
-    return "n/a" if v is None else f.format(v)
-
-
 def _css(outcome: str) -> str:
     return verdict.css_class(outcome) if outcome else ""
 
@@ -462,13 +458,13 @@ def verdict_line(r: dict) -> str:
     audit = f"; audit {r['audit_verdict']}" if r.get("audit_verdict") else ""
     if r["outcome"] == "converged":
         extra = f", ‖h_4μ‖/‖h_μ‖ {r['state_growth']:.2f}" if r.get("state_growth") is not None else ""
-        return f"validation {_fmt(val, '{:.3f}')} {UNIT}{extra}{audit}"
+        return f"validation {fmt(val, '.3f')} {UNIT}{extra}{audit}"
     if r["outcome"] == "residual explosion":
         g = r.get("state_growth")
-        return (f"state explodes with loops ({'‖h_4μ‖/‖h_μ‖ ' + _fmt(g) if g is not None else 'non-finite'})"
+        return (f"state explodes with loops ({'‖h_4μ‖/‖h_μ‖ ' + fmt(g) if g is not None else 'non-finite'})"
                 f"{audit}")
     if r["outcome"] == "inconclusive":
-        return f"too short to judge (validation {_fmt(val, '{:.3f}')} {UNIT}, not yet below the baseline){audit}"
+        return f"too short to judge (validation {fmt(val, '.3f')} {UNIT}, not yet below the baseline){audit}"
     return (r["outcome_reason"].split(" (")[0] if r["outcome_reason"] else "diverged") + audit
 
 
@@ -497,15 +493,15 @@ def render_html(data: dict, figures: dict[str, tuple[bytes, str]]) -> str:
         evidence = r["audit_evidence"] or []
         if isinstance(evidence, str):
             evidence = [evidence]
-        vals = "; ".join(f"T = {k}: {_fmt(v, '{:.3f}')}" for k, v in
+        vals = "; ".join(f"T = {k}: {fmt(v, '.3f')}" for k, v in
                          sorted(r["val_by_loops"].items(), key=lambda kv: int(kv[0])))
         facts = [f"<b>why {e(r['outcome'])}</b>: {e(r['outcome_reason'])}"]
         if r["note"]:
             facts.append(f"<b>note</b>: {e(r['note'])}")
         facts.append(f"<b>validation loss by test-time loops</b> ({UNIT}): {e(vals)}")
-        facts.append(f"<b>final training loss</b>: {_fmt(r['final_train_loss'], '{:.3f}')} {UNIT}; "
-                     f"<b>max ρ(Ā)</b> {_fmt(r['spectral_radius_max'])}; <b>final ‖Ā‖₂</b> "
-                     f"{_fmt(r['spectral_norm_final'])}; <b>‖h_4μ‖/‖h_μ‖</b> {_fmt(r['state_growth'])}; "
+        facts.append(f"<b>final training loss</b>: {fmt(r['final_train_loss'], '.3f')} {UNIT}; "
+                     f"<b>max ρ(Ā)</b> {fmt(r['spectral_radius_max'])}; <b>final ‖Ā‖₂</b> "
+                     f"{fmt(r['spectral_norm_final'])}; <b>‖h_4μ‖/‖h_μ‖</b> {fmt(r['state_growth'])}; "
                      f"<b>alerts</b> {r['alerts']}; {r['steps']} steps, {r['tokens']:,} tokens, {r['seconds']} s")
         if evidence:
             facts.append("<b>audit evidence</b> (the first decided):<ol>"

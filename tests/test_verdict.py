@@ -232,3 +232,15 @@ def test_rho_above_one_behind_a_pre_norm_core_is_explosive_and_the_norm_is_right
     # it leaves the safe region within the horizon, and the forecast says so (the loop is only a bound on the
     # LTI rate from h_T: the real loop, pushed by the core, leaves earlier — at 48 for both seeds)
     assert truth.first_unsafe <= H and f.max_safe_loops < H
+
+
+def test_the_forecast_stages_return_frozen_results():
+    """No stage mutates another's result: the models, the large-state record and the forecast are frozen."""
+    from dataclasses import FrozenInstanceError
+
+    f = forecast(affine_loop(with_spectrum(fill([0.9]), np.random.default_rng(0))), torch.zeros(1, 4, dtype=torch.long),
+                 H, T, lyapunov_k=0)
+    for obj, name in ((f, "verdict"), (f.models[0], "verdict"), (f.large_state, "limit_is_lti")):
+        with pytest.raises(FrozenInstanceError):
+            setattr(obj, name, None)
+    assert all(m.verdict in ("stable", "marginal", "explosive") for m in f.models)  # judged copies

@@ -128,7 +128,7 @@ def user_factory(spec: str):
 
 
 def run(args) -> int:
-    from loopdyn.dynamics.audit_report import MAX_HORIZON, MAX_LOOPS, audit
+    from loopdyn.dynamics.auditing import MAX_HORIZON, MAX_LOOPS, audit
     from loopdyn.models import load, protocol
     from loopdyn.models.fileio import atomic_write_json
 
