@@ -10,7 +10,7 @@ report, JSON). Inside the child
 
 * `loopdyn.models.load` is wrapped: load seconds and the peak resident memory of loading
   (VmHWM), after which the high-water mark is reset (/proc/self/clear_refs),
-* `loopdyn.dynamics.audit_report.audit` is wrapped so that the forward pass of the model on
+* `loopdyn.dynamics.auditing.audit` is wrapped so that the forward pass of the model on
   the same probe is timed right before and right after the audit (same process, same
   threads): forward equivalents = audit wall time ÷ median forward time, and the audit's
   peak memory (VmHWM from the reset on: weights, audit, forwards).
@@ -58,7 +58,7 @@ CHILD = textwrap.dedent(r"""
     import torch
     torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
     import loopdyn.models as lm
-    import loopdyn.dynamics.audit_report as da
+    import loopdyn.dynamics.auditing as da
     from loopdyn.cli import main
 
     def hwm_gib():

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from loopdyn.dynamics.explosion import forecast  # noqa: E402
+from loopdyn.dynamics import forecast  # noqa: E402
 from tests.forecast_cases import CASES, H, T, idx_of, run_truth  # noqa: E402
 
 

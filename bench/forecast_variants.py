@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from loopdyn.dynamics.explosion import forecast  # noqa: E402
+from loopdyn.dynamics import forecast  # noqa: E402
 from tests.forecast_cases import (D, H, LM_IDX, MU, T, Case, PreNormCore, affine_loop, circle_map, fill,  # noqa: E402
                                   idx_of, linear_lm, nonnormal, run_truth, slow_parcae_lm, with_spectrum)
 from tests.helpers import small_loop_model  # noqa: E402

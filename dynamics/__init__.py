@@ -13,15 +13,19 @@ import importlib.util
 # Public name → the submodule that defines it. Submodules are imported on first use, so that
 # importing one of them does not load networkx and the whole analysis stack.
 _EXPORTS = {
-    "audit_report": ["AuditReport", "JacobianSweep", "ModelInfo", "audit", "format_report"],
-    "explosion": ["Forecast", "ForecastModel", "forecast"],
+    "audit_report": ["AuditReport", "JacobianSweep", "ModelInfo"],
+    "auditing": ["audit"],
+    "audit_text": ["format_report"],
+    "forecasting": ["Forecast", "ForecastModel", "forecast"],
     "gain": ["gain_graph", "gain_graph_json"],
     "jacobian": ["LoopJacobian", "LTIJacobian", "PerTokenSpectra", "SpectralEstimate", "loop_jacobian",
                  "lti_jacobian", "per_token_spectra", "token_block", "top_eigenvalues", "top_singular_values"],
     "loopmap": ["Cost", "DynamicsError", "Linearisation"],
     "lti": ["InjectionSpectrum", "injection_spectrum", "kreiss_constant", "lti_fixed_point"],
     "lyapunov_exponents": ["LyapunovResult", "lyapunov"],
+    "overthinking": ["Overthinking"],
     "trajectory": ["Trajectory", "measure_trajectory"],
+    "verdict": ["Verdict", "Outcome", "RunStatus"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -30,7 +30,6 @@ tolerance has not converged within T (c = None, written 0 in the arrays). Then
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,13 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from loopdyn.dynamics.loopmap import MAX_LOOPS, Cost, DynamicsError, quiet_hooks
+from loopdyn.dynamics.numbers import num as _num
 from loopdyn.models.protocol import initial_state, require_looped
 from loopdyn.models.weights import all_finite
-
-
-def _num(x) -> float | None:
-    x = float(x)
-    return x if math.isfinite(x) else None
 
 
 def _exit_probs(gate, dtype: torch.dtype | None) -> torch.Tensor:

@@ -31,7 +31,7 @@ from loopdyn.models import protocol
 from loopdyn.models.errors import InputError
 from loopdyn.models.weights import nonfinite_parameters  # noqa: F401 - re-exported for the dynamics modules
 
-MAX_LOOPS = 256  # measured loops an audit accepts
+MAX_LOOPS = 1000  # the most loops any analysis or command runs or measures (larger values are refused as a typo)
 MAX_HORIZON = 10000  # forecast horizon an audit accepts
 
 try:  # torch ≥ 2.3

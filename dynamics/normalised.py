@@ -44,23 +44,12 @@ from torch import nn
 from loopdyn.dynamics.jacobian import norm_lower_bound
 from loopdyn.dynamics.loopmap import MAX_LOOPS, Cost, DynamicsError, Linearisation, analysis
 from loopdyn.dynamics.trajectory import run_loop
+from loopdyn.dynamics.numbers import num as _num, nums as _nums, token_norms as _token_norms
+from loopdyn.dynamics.verdict import normalised_verdict
 from loopdyn.models.protocol import initial_state, require_looped, state_norm_kind
 from loopdyn.models.weights import all_finite
 
 PERIODS = 4  # cycle periods p = 1..PERIODS checked per token
-
-
-def _num(x) -> float | None:
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-def _nums(a) -> list:
-    return [_num(x) for x in np.asarray(a, dtype=float).ravel()]
-
-
-def _token_norms(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(x.detach().to(torch.float64), dim=-1)
 
 
 def _ratio(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
@@ -188,7 +177,7 @@ class NormalisedLoop:
             "cycle_distance": {str(p + 1): _nums(self.cycle_distance[p]) for p in range(PERIODS)},
             "convergence": self.convergence.to_json(),
             "nonfinite_at": self.nonfinite_at,
-            "verdict": self.verdict,
+            "verdict": str(self.verdict),
             "evidence": self.evidence,
         }
 
@@ -357,25 +346,20 @@ def normalised_loop(model, idx: torch.Tensor | None = None, loops: int | None = 
 
 
 def _verdict(nonfinite_at, pre_rate, conv: Convergence, rate_tol, jl, jn, log_gain) -> tuple[str, str]:
+    """The verdict by `verdict.normalised_verdict` (one rule table), with the measured gains as evidence."""
     gain = f"the norm absorbs ×{math.exp(log_gain):.3g} per loop" if math.isfinite(log_gain) else ""
     sig = f"‖J‖₂ through the norm ≈ {jn[-1]:.3g} at loop {jl[-1]}" if len(jn) and np.isfinite(jn[-1]) else ""
     extra = "; ".join(x for x in (gain, sig) if x)
     if nonfinite_at is not None:
-        return "explosive", f"non-finite state at loop {nonfinite_at}"
-    if math.isfinite(pre_rate) and pre_rate > 1 + rate_tol:
-        return "explosive", f"pre-norm state grows ×{pre_rate:.3g} per loop; {extra}"
+        return normalised_verdict(nonfinite_at=nonfinite_at, pre_norm_rate=math.nan, all_fixed=False, cycles=0,
+                                  not_converging=0, n_tokens=0)
     c = conv.counts()
     cyc = sum(c["cycle"].values()) + sum(v for k, v in c["approaching"].items() if k != "1")
-    if conv.all_fixed:
-        settle = conv.to_json()["settle_loops_max"]
-        more = f", settling within {settle} more loops" if settle else ""
-        return "stable", f"all {conv.n_tokens} tokens at or approaching a fixed point{more}; {extra}"
-    parts = []
-    if cyc:
-        parts.append(f"{cyc} tokens in or approaching a cycle")
-    if c["not_converging"]:
-        parts.append(f"{c['not_converging']} tokens not converging")
-    return "marginal", f"{', '.join(parts)} of {conv.n_tokens}; {extra}"
+    verdict, reason = normalised_verdict(nonfinite_at=None, pre_norm_rate=pre_rate, all_fixed=conv.all_fixed,
+                                         cycles=cyc, not_converging=c["not_converging"], n_tokens=conv.n_tokens,
+                                         settle=conv.to_json()["settle_loops_max"] if conv.all_fixed else None,
+                                         rate_tol=rate_tol)
+    return verdict, f"{reason}; {extra}"
 
 
 __all__ = ["NormalisedLoop", "Convergence", "normalised_loop", "run_normalised", "convergence", "jacobian_norms",

@@ -16,6 +16,7 @@ import torch
 from loopdyn.dynamics.loopmap import analysis, require_loop
 from loopdyn.models import protocol
 from loopdyn.models.weights import all_finite
+from loopdyn.dynamics.numbers import token_norms
 
 
 @dataclass
@@ -46,10 +47,6 @@ class Trajectory:
                 "rel_residual": [float(x) for x in self.rel_residual[1:]]}
 
 
-def _token_norms(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(x.to(torch.float64), dim=-1)
-
-
 def trajectory_stats(states: list[torch.Tensor], ctx=None, keep_states: bool = True) -> Trajectory:
     """Statistics of a list of states h_0..h_T (each (B, S, ds))."""
     T = len(states) - 1
@@ -59,12 +56,12 @@ def trajectory_stats(states: list[torch.Tensor], ctx=None, keep_states: bool = T
         if not all_finite(h):
             nonfinite_at = t
             break
-        norms = _token_norms(h)
+        norms = token_norms(h)
         sn[t] = float(norms.mean())
         tn[t] = float(torch.linalg.vector_norm(h.to(torch.float64)))
         if t > 0:
             d = h.to(torch.float64) - states[t - 1].to(torch.float64)
-            dn = _token_norms(d)
+            dn = token_norms(d)
             rn[t] = float(dn.mean())
             rr[t] = float((dn / norms.clamp_min(1e-30)).mean())
             tr[t] = float(torch.linalg.vector_norm(d))

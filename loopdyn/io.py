@@ -25,6 +25,7 @@ uses it without importing torch.
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import json
 import math
@@ -341,7 +342,9 @@ class JsonlWriter:
 
 def json_safe(obj: Any) -> Any:
     """Plain JSON types: 0-d tensors and numpy scalars become numbers, paths strings, tuples
-    lists, and NaN/±Inf null (JSON has no such numbers)."""
+    lists, enums their values (the verdict words), and NaN/±Inf null (JSON has no such numbers)."""
+    if isinstance(obj, enum.Enum):
+        return json_safe(obj.value)
     if isinstance(obj, dict):
         return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

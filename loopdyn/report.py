@@ -19,16 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
-from loopdyn.compare import (DIVERGE_MARGIN, EXPLOSION_LOOPS, EXPLOSION_RATIO, MIN_TREND_STEPS, STEEP_DROP, STEEP_T,
-                             UNIT, CompareResult, RunRecord, injections_in_order)
+from loopdyn.compare import UNIT, CompareResult, RunRecord, injections_in_order
 from loopdyn.io import atomic_write_json, atomic_write_text, json_safe
 from loopdyn.plots import style
 from loopdyn.plots.compare import PLOTS
+from loopdyn.dynamics import verdict
+from loopdyn.dynamics.numbers import fmt
 
 LABELS = style.LABELS
 OUTCOME_MARK = {"converged": "✓ converged", "inconclusive": "… inconclusive", "diverged": "✗ diverged",
                 "residual explosion": "✗ residual explosion"}
-OUTCOME_COLOURS = {"ok": "#d9efe6", "bad": "#f7dccb", "wait": "#ececec"}  # CSS class (`_css`) → cell colour
 
 
 # ---- numbers ---------------------------------------------------------------------------------
@@ -88,7 +88,7 @@ def findings(result: CompareResult) -> list[str]:
             sentence += f"; the state keeps growing with loops (‖h_4μ‖/‖h_μ‖ up to {max(growing):.2f})"
         verdicts = [x["audit_verdict"] for x in s if x["audit_verdict"]]
         if verdicts:
-            counts = {v: verdicts.count(v) for v in ("stable", "marginal", "explosive") if v in verdicts}
+            counts = {v.value: verdicts.count(v) for v in verdict.Verdict if v in verdicts}
             sentence += "; audit: " + ", ".join(f"{v} {n}/{len(verdicts)}" for v, n in counts.items())
         if inj == "fixed":
             vals = [x["val_by_loops"].get("0") for x in s if x["val_by_loops"].get("0") is not None]
@@ -136,18 +136,7 @@ def _best_run(result: CompareResult) -> tuple[str, float] | None:
     return best
 
 
-CRITERIA = {
-    "diverged": f"non-finite loss; or final smoothed loss > best smoothed loss + {DIVERGE_MARGIN} nats; or final "
-                f"validation loss not below the unigram baseline while the training loss stalled more than "
-                f"{DIVERGE_MARGIN} nats above it",
-    "residual explosion": f"not diverged, and a state norm is non-finite for T ≤ {EXPLOSION_LOOPS}·μ_rec "
-                          f"or ‖h_{{{EXPLOSION_LOOPS}μ}}‖/‖h_μ‖ > {EXPLOSION_RATIO:g}",
-    "inconclusive": f"too short to judge: not diverged, no explosion, the final validation loss not yet below the "
-                    f"unigram baseline, and the training loss still falling steeply (last quarter of the steps "
-                    f"≥ {STEEP_DROP} nats and {STEEP_T:g} standard errors below the quarter before) or resting on "
-                    f"the unigram plateau (within {DIVERGE_MARGIN} nats), or fewer than {MIN_TREND_STEPS} steps",
-    "converged": "otherwise",
-}
+CRITERIA = verdict.criteria()  # the outcome criteria, from the one rule table
 
 
 def summary(result: CompareResult) -> dict:
@@ -242,18 +231,8 @@ def write_outputs(result: CompareResult, fmt: str = "png", command: str | None =
     return data
 
 
-def _fmt(v, f="{:.3g}") -> str:
-    return "n/a" if v is None else f.format(v)
-
-
 def _css(outcome: str) -> str:
-    if not outcome:
-        return ""
-    if "diverged" in outcome or "explosion" in outcome:
-        return "bad"
-    if "inconclusive" in outcome:
-        return "wait"
-    return "ok"
+    return verdict.css_class(outcome) if outcome else ""
 
 
 def verdict_line(r: dict) -> str:
@@ -263,13 +242,13 @@ def verdict_line(r: dict) -> str:
     audit = f"; audit {r['audit_verdict']}" if r.get("audit_verdict") else ""
     if r["outcome"] == "converged":
         extra = f", ‖h_4μ‖/‖h_μ‖ {r['state_growth']:.2f}" if r.get("state_growth") is not None else ""
-        return f"validation {_fmt(val, '{:.3f}')} {UNIT}{extra}{audit}"
+        return f"validation {fmt(val, '.3f')} {UNIT}{extra}{audit}"
     if r["outcome"] == "residual explosion":
         g = r.get("state_growth")
-        return (f"state explodes with loops ({'‖h_4μ‖/‖h_μ‖ ' + _fmt(g) if g is not None else 'non-finite'})"
+        return (f"state explodes with loops ({'‖h_4μ‖/‖h_μ‖ ' + fmt(g) if g is not None else 'non-finite'})"
                 f"{audit}")
     if r["outcome"] == "inconclusive":
-        return f"too short to judge (validation {_fmt(val, '{:.3f}')} {UNIT}, not yet below the baseline){audit}"
+        return f"too short to judge (validation {fmt(val, '.3f')} {UNIT}, not yet below the baseline){audit}"
     return (r["outcome_reason"].split(" (")[0] if r["outcome_reason"] else "diverged") + audit
 
 
@@ -291,14 +270,14 @@ def render_html(data: dict, figures: dict[str, tuple[bytes, str]]) -> str:
         rows.append({
             "name": r["name"], "css": _css(r["outcome"]), "mark": OUTCOME_MARK.get(r["outcome"], r["outcome"]),
             "verdict": verdict_line(r), "outcome": r["outcome"], "reason": r["outcome_reason"], "note": r["note"],
-            "val_by_loops": "; ".join(f"T = {k}: {_fmt(v, '{:.3f}')}" for k, v in
+            "val_by_loops": "; ".join(f"T = {k}: {fmt(v, '.3f')}" for k, v in
                                       sorted(r["val_by_loops"].items(), key=lambda kv: int(kv[0]))),
-            "final_train_loss": _fmt(r["final_train_loss"], "{:.3f}"), "rho_max": _fmt(r["spectral_radius_max"]),
-            "norm_final": _fmt(r["spectral_norm_final"]), "growth": _fmt(r["state_growth"]), "alerts": r["alerts"],
+            "final_train_loss": fmt(r["final_train_loss"], ".3f"), "rho_max": fmt(r["spectral_radius_max"]),
+            "norm_final": fmt(r["spectral_norm_final"]), "growth": fmt(r["state_growth"]), "alerts": r["alerts"],
             "steps": r["steps"], "tokens": f"{r['tokens']:,}", "seconds": r["seconds"],
             "evidence": [evidence] if isinstance(evidence, str) else list(evidence)})
     return _template().render(
-        setup=data["setup"], prov=prov, machine=prov["machine"], unit=UNIT, colours=OUTCOME_COLOURS,
+        setup=data["setup"], prov=prov, machine=prov["machine"], unit=UNIT, colours=verdict.COLOURS,
         lrs=[f"{lr:g}" for lr in lrs], matrix=matrix, criteria=data["criteria"], findings=data["findings"], runs=rows,
         figures=[{"name": name, "png": base64.b64encode(png).decode(), "caption": caption}
                  for name, (png, caption) in figures.items()])

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from loopdyn.dynamics.verdict import RunStatus, run_line, run_status, validation_failure
 from loopdyn.models import LoopedLM, save
 from loopdyn.models.errors import InputError
 from loopdyn.io import JsonlWriter
@@ -251,12 +252,10 @@ def run_verdict(result: TrainResult, baseline: float | None, monitor=None) -> st
     diverged = "loss became non-finite" if result.diverged else None
     if monitor is not None and hasattr(monitor, "verdict"):
         return monitor.verdict(result.final_val_loss, baseline, diverged=diverged).line()
-    failed = [diverged] if diverged else []
     val = result.final_val_loss
-    if val is not None and baseline is not None and not (val < baseline):
-        failed.append(f"validation loss {val:.3f} above the unigram baseline {baseline:.3f}")
-    if failed:
-        return "run failed: " + "; ".join(failed)
+    status, failed = run_status([x for x in (diverged, validation_failure(val, baseline)) if x], [])
+    if status == RunStatus.FAILED:
+        return run_line(status, failed)
     if val is not None and baseline is not None:
         return f"run ok: validation loss {val:.3f} below the unigram baseline {baseline:.3f} (no monitor attached)"
     return "run ok (no validation, no monitor attached)"

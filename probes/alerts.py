@@ -28,6 +28,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from loopdyn.dynamics.numbers import num as _num
+
 # Ordered: a larger index is more severe (the distributed reduction takes the MAX).
 SEVERITIES = ("info", "warning", "critical")
 KINDS = ("loop_instability", "spike_warning", "spike", "nonfinite", "action", "probe_error")
@@ -43,13 +45,6 @@ class InstabilityError(RuntimeError):
     def __init__(self, alert: "Alert"):
         super().__init__(alert.line())
         self.alert = alert
-
-
-def _num(v):
-    if v is None:
-        return None
-    v = float(v)
-    return v if math.isfinite(v) else None
 
 
 @dataclass

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from loopdyn.dynamics.numbers import mean_token_norm
 from loopdyn.models.protocol import find_looped_model, initial_state
 from loopdyn.probes.history import SignalBuffer
 from loopdyn.probes.spectral import InjectionTracker, loop_jacobian_sigma
@@ -70,7 +71,7 @@ def _find_embedding(model: nn.Module) -> nn.Module | None:
 
 
 def _mean_norm(h: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(h.detach().float(), dim=-1).mean()
+    return mean_token_norm(h, torch.float32)  # float32, no host sync: the per-step probe path
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

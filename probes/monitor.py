@@ -69,6 +69,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from loopdyn.dynamics.verdict import RunStatus, run_line, run_status, validation_failure
 from loopdyn.probes.actions import ACTIONS, LRCut, ParamGroupLRCut, SnapshotRing
 from loopdyn.probes.alerts import Alert, InstabilityError
 from loopdyn.probes.bus import SignalBus
@@ -229,13 +230,13 @@ def _replace_path(obj, path: list[str], value):
 
 @dataclass
 class RunVerdict:
-    """One line about the whole run: `status` ok | warned | failed, and the reasons."""
+    """One line about the whole run: `status` ok | warned | failed (`verdict.RunStatus`), and the reasons."""
 
-    status: str
+    status: RunStatus
     reasons: list
 
     def line(self) -> str:
-        return f"run {self.status}: " + ("; ".join(self.reasons) if self.reasons else "no instability seen")
+        return run_line(self.status, self.reasons)
 
 
 class StabilityMonitor:
@@ -390,8 +391,9 @@ class StabilityMonitor:
         failed, reasons = [], []
         if diverged:
             failed.append(diverged)
-        if val_loss is not None and baseline is not None and not (val_loss < baseline):
-            failed.append(f"validation loss {val_loss:.3f} above the unigram baseline {baseline:.3f}")
+        below = validation_failure(val_loss, baseline)
+        if below:
+            failed.append(below)
         nonfinite = p.first("nonfinite")
         if nonfinite is not None:
             (failed if not self.recovers_nonfinite else reasons).append(
@@ -417,8 +419,8 @@ class StabilityMonitor:
             acted.append(f"{len(p.lr_cuts)} learning-rate cut{'s' if len(p.lr_cuts) > 1 else ''}")
         if acted:
             reasons.append(", ".join(acted))
-        status = "failed" if failed else ("warned" if reasons else "ok")
-        return RunVerdict(status, failed + reasons)
+        status, reasons = run_status(failed, reasons)
+        return RunVerdict(status, reasons)
 
     def close(self) -> None:
         """Final sync, detach every hook, close the sinks. Idempotent."""

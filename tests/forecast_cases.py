@@ -6,12 +6,14 @@ truth is exact), or a small `LoopedLM` with hand-set weights. The forecast measu
 loops by plain `model.step` calls (nothing from loopdyn.dynamics), and labelled with the docs/design.md §4
 meanings:
 
-* explosive — a non-finite state, a state above 10 × ‖h_μ‖ within the horizon reached while the
-  residual grows (a burst), or geometric growth after it (‖h_{4H}‖ > 10 × max_{t≤H} ‖h_t‖ with
-  ‖h‖ still growing by > 0.1%/loop over the last half);
+* explosive — a non-finite state; a state above 10 × ‖h_μ‖ within the horizon reached while the
+  residual grows (a burst) or by a bounded transient (the loop converges, to a state outside the
+  safe region: a distant fixed point); geometric growth after it (‖h_{4H}‖ > 10 × max_{t≤H} ‖h_t‖
+  with ‖h‖ still growing by > 0.1%/loop over the last half); and any loop whose large-state limit is
+  Ā with ρ(Ā) > 1 (by construction; docs/design.md §4: a large enough state grows like ρ(Ā)ᵗ);
 * stable — bounded and converging: the residual decays (‖r_{4H}‖ ≤ ½‖r_{2H}‖) or is at round-off;
-* marginal — everything else (a cycle, quasi-periodic motion, drift), and a converging loop whose
-  large-state limit is Ā with ρ(Ā) > 1 (docs/design.md §4: such a loop cannot be stable).
+* marginal — everything else (a cycle, quasi-periodic motion, drift — also a drift that leaves the
+  safe region within the horizon).
 """
 from __future__ import annotations
 
@@ -154,6 +156,18 @@ def nonnormal(peak_after=True, core=None, seed=0):
     return affine_loop(A, np.diag(gains), core=core, seed=seed)
 
 
+def nonnormal_distant(core=None, seed=0):
+    """Ā = [[0.3 I, 0], [0, 0.96 I + 3N]] (a 2-long shift chain N, fed by the input): a bounded transient
+    that carries the state to a distant fixed point, ≈ 26× the state at the trained depth, leaving the safe
+    region (10 × ‖h_μ‖) at loop 33 — residual shrinking all the way (no burst), so a rule that calls only
+    bursts and geometric growth explosive calls it marginal (issue 20's first class)."""
+    d = D
+    A = np.zeros((d, d))
+    A[:d - 2, :d - 2] = 0.3 * np.eye(d - 2)
+    A[d - 2:, d - 2:] = 0.96 * np.eye(2) + 3.0 * np.eye(2, k=1)
+    return affine_loop(A, core=core, seed=seed)
+
+
 def slow_parcae_lm(a_max=0.985, seed=0, perturb=0.03):
     """A LoopedLM with the Parcae diagonal injection, Ā = diag(a), a spread up to a_max (hand-set
     A_log, dt_bias), and a small nonlinear core."""
@@ -214,6 +228,10 @@ def cases() -> list[Case]:
              lambda: nonnormal(True, core=PreNormCore(D, 0.2, 11))),
         Case("nonnormal_peak_before_core", "non-normal transient before the measured loops, with a core",
              lambda: nonnormal(False, core=PreNormCore(D, 0.2, 12))),
+        Case("nonnormal_distant_fixed_point", "non-normal transient to a distant fixed point",
+             lambda: nonnormal_distant()),
+        Case("nonnormal_distant_fixed_point_core", "non-normal transient to a distant fixed point, with a core",
+             lambda: nonnormal_distant(core=PreNormCore(D, 0.2, 11))),
         Case("contractive_expansive_core", "contractive Ā with an expansive core",
              lambda: affine_loop(0.5 * np.linalg.qr(r(13).standard_normal((D, D)))[0], core=PreNormCore(D, 3.0, 13))),
         Case("parcae_slow_0.98", "slow Parcae convergence",
@@ -234,6 +252,8 @@ def cases() -> list[Case]:
         Case("lm_linear_rho_1.03_core", "ρ(Ā) just above 1", lambda: linear_lm(1.03, 0.02), large_state_unstable=True,
              idx=LM_IDX),
         Case("lm_linear_rho_0.97_core", "ρ(Ā) just below 1", lambda: linear_lm(0.97, 0.02), idx=LM_IDX),
+        Case("lm_linear_rho_1.05_core_holds", "ρ(Ā) just above 1, a core that holds the state for a while",
+             lambda: linear_lm(1.05, 0.15, seed=2), large_state_unstable=True, idx=LM_IDX),
         Case("lm_sandwich_rho_1.3", "renormalised state, ρ(Ā) above 1", lambda: linear_lm(1.3, 0.05, block="sandwich"),
              idx=LM_IDX),
     ]
@@ -274,16 +294,17 @@ def run_truth(model, idx, case: Case, loops: int = TRUTH_LOOPS) -> Truth:
     limit = 10 * norms[MU]
     bad = [t for t in range(MU + 1, loops + 1) if not np.isfinite(norms[t]) or norms[t] > limit]
     first = bad[0] if bad else None
-    if n < loops + 1:
+    converging = n == loops + 1 and (resid[loops] <= 0.5 * resid[loops // 2] or resid[loops] <= 1e-9 * norms[loops])
+    if n < loops + 1 or case.large_state_unstable:
         verdict = "explosive"
     elif first is not None and first <= H:
         burst = np.nanmax(resid[T + 1: first + 1]) > 2 * resid[T]
-        verdict = "explosive" if burst else "marginal"
+        verdict = "explosive" if burst or converging else "marginal"  # a bounded transient out, or drift
     elif norms[loops] > 10 * np.nanmax(norms[: H + 1]) and \
             norms[loops] / norms[loops // 2] > math.exp(1e-3 * loops / 2):
         verdict = "explosive"
-    elif resid[loops] <= 0.5 * resid[loops // 2] or resid[loops] <= 1e-9 * norms[loops]:  # decaying, or converged
-        verdict = "marginal" if case.large_state_unstable else "stable"
+    elif converging:  # decaying, or converged
+        verdict = "stable"
     else:
         verdict = "marginal"
     return Truth(norms, resid, verdict, first)

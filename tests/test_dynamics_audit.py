@@ -216,7 +216,7 @@ def test_audit_in_training_mode_leaves_the_global_rng_and_mode_alone():
 def test_the_head_of_an_arnoldi_run_is_the_shorter_run(steps):
     """KrylovResult.head(m) of a 10-step run is, exactly, the m-step run from the same vector
     (the audit reads ρ(J_t) from the head of the run it hands to the forecast)."""
-    from loopdyn.dynamics.explosion import krylov_at
+    from loopdyn.dynamics.forecasting import krylov_at
     from loopdyn.dynamics.loopmap import Linearisation
 
     model = make()
@@ -238,8 +238,8 @@ def test_the_head_of_an_arnoldi_run_is_the_shorter_run(steps):
 def test_the_forecast_reuses_the_sweeps_arnoldi_runs_without_changing_a_number():
     """The audit hands its Arnoldi runs at T and T − w to the forecast: the forecast is the one
     it computes on its own, number for number, for krylov_dim fewer J·v products at T − w."""
-    from loopdyn.dynamics import explosion as fc
-    from loopdyn.dynamics.audit_report import _jacobian_loops, _sweep
+    from loopdyn.dynamics import forecasting as fc
+    from loopdyn.dynamics.auditing import _jacobian_loops, _sweep
     from loopdyn.dynamics.loopmap import Cost
     from loopdyn.dynamics.trajectory import encode_probe, trajectory_of
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from loopdyn.dynamics.explosion import overthinking
+from loopdyn.dynamics.overthinking import overthinking
 from tests.helpers import small_loop_model
 
 

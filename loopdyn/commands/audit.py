@@ -58,7 +58,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from loopdyn.dynamics.audit_report import MAX_HORIZON, MAX_LOOPS, audit
+    from loopdyn.dynamics.auditing import MAX_HORIZON, MAX_LOOPS, audit
     from loopdyn.inputs import load_model, probe_batch
 
     if args.loops is not None and not 1 <= args.loops <= MAX_LOOPS:

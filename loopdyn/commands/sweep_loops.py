@@ -16,7 +16,7 @@ A non-finite loss (a loop count where the model blows up) is written as `nan`/`i
 in a warning: `loopdyn fit` refuses such rows, so lower `--max-loops` to fit.
 
 Loops past the trained depth. The sweep also says whether the model *overthinks* — the loss rises
-past the trained depth μ (by more than 0.5%, `loopdyn.dynamics.explosion.overthinking`) — and
+past the trained depth μ (by more than 0.5%, `loopdyn.dynamics.overthinking.overthinking`) — and
 the best test-time loop count, with the dynamical reason from a forecast of the loop on the first
 validation sequence to N loops and its per-token phases (`--no-dynamics` skips that forecast).
 """
@@ -28,19 +28,17 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from loopdyn.scaling.flops import unrolled_params
+from loopdyn.dynamics.loopmap import MAX_LOOPS  # larger --max-loops values are refused as a typo
+from loopdyn.dynamics.overthinking import loop_overthinking, sweep_losses  # noqa: F401 - sweep_losses re-exported
 from loopdyn.models import LoopConfig, LoopedLM, load, protocol
 from loopdyn.models.errors import InputError
 from loopdyn.io import atomic_write_text, check_outputs
 from loopdyn.commands.common import add_device_option, add_threads_option, check_device, set_threads
 
-MAX_LOOPS = 1000  # larger --max-loops values are refused as a typo
 CSV_HEADER = ("loops", "mean_recurrence", "params", "tokens", "loss")
 DEFAULT_CSV = "loop-sweep.csv"
 
@@ -55,7 +53,7 @@ class LoopSweep:
     params: int | None  # unrolled parameters N(μ_rec); None when the model is not a loopdyn config
     tokens: float | None  # training tokens D, if known
     eval_tokens: int  # validation tokens per loss value
-    overthinking: object = None  # loopdyn.dynamics.explosion.Overthinking
+    overthinking: object = None  # loopdyn.dynamics.overthinking.Overthinking
 
     def to_csv(self) -> str:
         buf = io.StringIO()
@@ -84,42 +82,6 @@ def _require_loop(model) -> None:
         protocol.require_looped(model)
     except protocol.ProtocolError as err:
         raise InputError(str(err)) from None
-
-
-@torch.no_grad()
-def sweep_losses(model: LoopedLM, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                 max_loops: int, on_step: Callable[[], None] | None = None) -> np.ndarray:
-    """Mean loss over `batches` at T = 1..max_loops, from one unroll per batch.
-
-    For each batch: ctx = encode(x), h = init_state(ctx), then max_loops times h = step(h),
-    loss_T = cross_entropy(decode(h), y). Runs in eval mode (restored afterwards); returns
-    an array of shape (max_loops,) (float64).
-    """
-    _require_loop(model)
-    if isinstance(max_loops, bool) or not isinstance(max_loops, int) or max_loops < 1:
-        raise InputError(f"max_loops must be a positive integer, got {max_loops!r}")
-    if not batches:
-        raise InputError("no batches to evaluate")
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total = torch.zeros(max_loops, dtype=torch.float64)
-    try:
-        for x, y in batches:
-            x, y = x.to(device), y.to(device)
-            ctx = model.encode(x)
-            h = model.init_state(ctx)
-            per_t = []
-            for _ in range(max_loops):
-                h = model.step(h, ctx)
-                logits = model.decode(h, ctx)
-                per_t.append(F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100))
-                if on_step is not None:
-                    on_step()
-            total += torch.stack(per_t).double().cpu()  # one host sync per batch
-    finally:
-        model.train(was_training)
-    return (total / len(batches)).numpy()
 
 
 def sweep_loops(model: LoopedLM, data, max_loops: int | None = None, *, n_batches: int = 16,
@@ -157,28 +119,8 @@ def sweep_loops(model: LoopedLM, data, max_loops: int | None = None, *, n_batche
     params = unrolled_params(config, mu) if isinstance(config, LoopConfig) else None
     sweep = LoopSweep(loops=np.arange(1, max_loops + 1), loss=loss, mean_recurrence=mu, params=params, tokens=tokens,
                       eval_tokens=n_batches * batch_size * seq_len)
-    sweep.overthinking = loop_overthinking(model, sweep, batches[0][0][:1] if dynamics else None)
+    sweep.overthinking = loop_overthinking(model, sweep.loops, sweep.loss, mu, batches[0][0][:1] if dynamics else None)
     return sweep
-
-
-def loop_overthinking(model, sweep: LoopSweep, probe: torch.Tensor | None):
-    """Overthinking of the swept loss; with a probe (1, S), the forecast of the loop to the sweep's
-    largest loop count and the probe's phases give the dynamical reason."""
-    from loopdyn.dynamics.explosion import forecast, overthinking
-    from loopdyn.dynamics.phases import token_phases
-    from loopdyn.dynamics.trajectory import measure_trajectory
-
-    f = ph = None
-    mu, N = sweep.mean_recurrence, int(sweep.loops[-1])
-    if probe is not None and N > mu:
-        was_training = model.training
-        model.eval()
-        try:
-            f = forecast(model, probe, N, mu, lyapunov_k=0)
-            ph = token_phases(measure_trajectory(model, probe, mu).states, f.leading_eigenvalues, f.eigenvalue_source)
-        finally:
-            model.train(was_training)
-    return overthinking(sweep.loops, sweep.loss, mu, f, ph)
 
 
 def _check_positive(name: str, v) -> None:

@@ -27,13 +27,9 @@ import warnings
 
 import numpy as np
 
-DIVERGE_MARGIN = 0.5  # nats
-EXPLOSION_LOOPS = 4  # state norms are measured up to 4·μ_rec loops
-EXPLOSION_RATIO = 10.0  # ‖h_{4μ}‖ / ‖h_μ‖ above this is a residual explosion
-MARGINAL_RATIO = 1.5
-STEEP_T = 2.0  # the last quarter's mean loss must be this many standard errors below the previous quarter's
-STEEP_DROP = 0.02  # nats, and at least this much lower
-MIN_TREND_STEPS = 8  # fewer steps cannot show a trend: such a run is inconclusive unless it diverged
+# the outcome thresholds and the rule live in one table: loopdyn.dynamics.verdict (docs/design.md §8)
+from loopdyn.dynamics.verdict import (DIVERGE_MARGIN, EXPLOSION_LOOPS, EXPLOSION_RATIO, MARGINAL_RATIO,  # noqa: E402,F401
+                                      MIN_TREND_STEPS, STEEP_DROP, STEEP_T, training_outcome)
 
 
 def smoothed(losses: list[float], window: int) -> np.ndarray:
@@ -70,54 +66,17 @@ def still_falling(losses: list[float]) -> tuple[bool, float, float]:
 
 def classify(losses: list[float], final_val: float | None, unigram: float,
              state_norms: list[float], mean_loops: int | None) -> tuple[str, str, str]:
-    """(outcome, reason, note) by the criteria in the module docstring.
+    """(outcome, reason, note) by the criteria in the module docstring (the rule table:
+    `loopdyn.dynamics.verdict.training_outcome`).
 
     `state_norms` are ‖h_t‖ of the trained model for t = 0..EXPLOSION_LOOPS·μ (empty for a
     fixed-depth model, with mean_loops None)."""
     x = np.asarray(losses, dtype=float)
-    if len(x) == 0:
-        return "diverged", "no training step finished", ""
-    if not np.isfinite(x).all():
-        step = int(np.argmin(np.isfinite(x))) + 1
-        return "diverged", f"the loss became {x[step - 1]} at step {step}", ""
-    s = smoothed(losses, max(5, len(x) // 10))
-    if s[-1] > s.min() + DIVERGE_MARGIN:
-        return "diverged", (f"the smoothed loss rose from {s.min():.2f} to {s[-1]:.2f} "
-                            f"(> {DIVERGE_MARGIN} nats above its best)"), ""
-    if final_val is not None and not math.isfinite(final_val):
-        return "diverged", f"the validation loss is {final_val}", ""
-    learned = final_val is not None and final_val < unigram
-    pending = ""  # why the run is inconclusive, if it is
-    if not learned:
-        shown = "n/a" if final_val is None else f"{final_val:.3f}"
-        falling, drop, t = still_falling(losses)
-        if len(x) < MIN_TREND_STEPS:
-            pending = (f"too short to judge: {len(x)} step(s) are too few to tell a trend (validation loss {shown}, "
-                       f"unigram baseline {unigram:.3f}); nothing diverged")
-        elif falling:
-            pending = (f"too short to judge: validation loss {shown} is not yet below the unigram baseline "
-                       f"{unigram:.3f}, and the training loss is still falling steeply (by {drop:.3f} nats "
-                       f"between the last two quarters of the run, t = {t:.1f})")
-        elif s[-1] <= unigram + DIVERGE_MARGIN:
-            pending = (f"too short to judge: the training loss ({s[-1]:.3f}) rests on the unigram plateau "
-                       f"({unigram:.3f}) without having risen; validation loss {shown}; "
-                       f"a longer run decides whether it learns context")
-        else:
-            return "diverged", (f"validation loss {shown} is not below the unigram baseline {unigram:.3f}, and the "
-                                f"training loss stalled at {s[-1]:.3f} (> {DIVERGE_MARGIN} above the baseline, "
-                                f"not falling)"), ""
-    if mean_loops is None or not state_norms:
-        return ("inconclusive", pending, "") if pending else ("converged", f"validation loss {final_val:.3f}", "")
-    norms = np.asarray(state_norms, dtype=float)
-    if not np.isfinite(norms).all():
-        t = int(np.argmin(np.isfinite(norms)))
-        return "residual explosion", f"the state norm is not finite at T = {t}", ""
-    mu, last = mean_loops, len(norms) - 1
-    ratio = norms[last] / max(norms[mu], 1e-30)
-    if ratio > EXPLOSION_RATIO:
-        return "residual explosion", (f"‖h_{last}‖ / ‖h_{mu}‖ = {ratio:.3g} > {EXPLOSION_RATIO:g} "
-                                      f"(the state grows geometrically with loops)"), ""
-    note = f"state grows with loops (‖h_{last}‖ / ‖h_{mu}‖ = {ratio:.2f})" if ratio > MARGINAL_RATIO else ""
-    if pending:
-        return "inconclusive", pending, note
-    return "converged", f"validation loss {final_val:.3f}; ‖h_{last}‖ / ‖h_{mu}‖ = {ratio:.2f}", note
+    if len(x) and np.isfinite(x).all():
+        s = smoothed(losses, max(5, len(x) // 10))
+        last, best = float(s[-1]), float(s.min())
+        falling = still_falling(losses)
+    else:
+        last = best = math.nan
+        falling = (False, 0.0, 0.0)
+    return training_outcome(list(x), last, best, final_val, unigram, falling, state_norms, mean_loops)
