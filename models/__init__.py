@@ -2,6 +2,7 @@
 from loopdyn.models.checkpoint import CheckpointInfo, load, save
 from loopdyn.models.config import PRESETS, LoopConfig
 from loopdyn.models.errors import CheckpointError, ConfigError, InputError
+from loopdyn.models.kernels import fast_paths, under_transform
 from loopdyn.models.operator import DenseOperator, DiagonalOperator, IdentityOperator, Operator, as_operator
 from loopdyn.models.protocol import (LinearPart, LoopAdapter, LoopedModel, ProtocolError, Sublayer,
                                     find_looped_model, validate)
@@ -12,4 +13,5 @@ __all__ = [
     "save", "load", "CheckpointInfo", "InputError", "ConfigError", "CheckpointError",
     "value_embedding_layout", "LoopedModel", "LoopAdapter", "Sublayer", "ProtocolError", "validate",
     "find_looped_model", "IdentityOperator", "DiagonalOperator", "DenseOperator", "as_operator",
+    "fast_paths", "under_transform",
 ]
