@@ -165,10 +165,10 @@ class LTIJacobian(LinearOperator):
         return self.A.apply_adjoint(v).to("cpu", torch.float64).reshape(-1).numpy()
 
     def _dtype(self):
-        return torch.float32 if self.A.values is None else self.A.values.dtype
+        return self.A.dtype or torch.float32
 
     def _device(self):
-        return "cpu" if self.A.values is None else self.A.values.device
+        return self.A.device or "cpu"
 
 
 def lti_jacobian(model, state_shape) -> LTIJacobian:

@@ -394,7 +394,7 @@ def lti_fixed_point(part, e: torch.Tensor) -> torch.Tensor | None:
     A_op, B_op = part.A, part.B
     bias = getattr(part, "bias", None)
     with torch.no_grad():
-        rhs = B_op.apply(e.to(torch.float64 if B_op.values is None else B_op.values.dtype))
+        rhs = B_op.apply(e.to(B_op.dtype or torch.float64))
         rhs = rhs.to(torch.float64)
         if bias is not None:
             rhs = rhs + bias.to(torch.float64)

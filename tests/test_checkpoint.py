@@ -373,9 +373,11 @@ def test_non_finite_weights_load_with_a_warning_and_a_flag(tmp_path):
 
 
 def test_official_loader_helpers_are_strict():
-    assert checkpoint._strip_prefixes("_orig_mod.module.transformer.wte.weight") == "transformer.wte.weight"
+    from loopdyn.models.importers import parcae
+
+    assert parcae._strip_prefixes("_orig_mod.module.transformer.wte.weight") == "transformer.wte.weight"
     with pytest.raises(CheckpointError, match="unknown config field.*surprise"):
-        checkpoint.official_config_to_loop_config(dict(ref.official_parcae_config(), surprise=1))
+        parcae.official_config_to_loop_config(dict(ref.official_parcae_config(), surprise=1))
 
 
 def test_outputs_get_the_permissions_a_plain_write_would(tmp_path):
