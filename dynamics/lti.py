@@ -38,9 +38,8 @@ from scipy import optimize
 from scipy.sparse.linalg import LinearOperator, eigs, svds
 
 from loopdyn.models import protocol
+from loopdyn.models.sizes import DENSE_LIMIT, SVD_LIMIT  # dense-size limits: models/sizes.py
 
-DENSE_LIMIT = 2048  # state channels above which Ā is handled matrix-free
-_SVD_LIMIT = 256  # dense 2-norms by full SVD up to this size, ARPACK above
 _BATCHED_RESOLVENT_LIMIT = 128  # Kreiss grid by batched SVD up to this size, Schur + inverse iteration above
 _MAX_SETTLE = 2 ** 40
 
@@ -100,7 +99,7 @@ def norm2(M: np.ndarray) -> float:
     matrix (the largest eigenvalue keeps full relative accuracy, at a third of an SVD's cost)."""
     if not np.all(np.isfinite(M)):
         return math.inf
-    if min(M.shape) <= _SVD_LIMIT:
+    if min(M.shape) <= SVD_LIMIT:
         return float(np.linalg.norm(M, 2))
     gram = M.T @ M if M.shape[1] <= M.shape[0] else M @ M.T
     return float(math.sqrt(max(np.linalg.eigvalsh(gram)[-1], 0.0)))

@@ -43,12 +43,12 @@ import numpy as np
 import torch
 
 from loopdyn.models import LoopConfig, LoopedLM, protocol, save
+from loopdyn.models.config import INJECTIONS, canonical_injection
 from loopdyn.models.errors import InputError
 from loopdyn.models.fileio import atomic_write_json, json_safe
 from loopdyn.data import load_text
 from loopdyn.train import TrainConfig, evaluate, train
 
-INJECTIONS = ("diagonal", "linear", "additive", "autonomous", "fixed")
 DIVERGE_MARGIN = 0.5  # nats
 EXPLOSION_LOOPS = 4  # state norms are measured up to 4·μ_rec loops
 EXPLOSION_RATIO = 10.0  # ‖h_{4μ}‖ / ‖h_μ‖ above this is a residual explosion
@@ -348,6 +348,7 @@ class CompareResult:
 
 
 def grid(injections: list[str], lrs: list[float], seeds: list[int], **common: Any) -> list[RunSpec]:
+    injections = [canonical_injection(i) for i in injections]  # "none" → "fixed"
     unknown = [i for i in injections if i not in INJECTIONS]
     if unknown:
         raise InputError(f"unknown injection(s) {', '.join(unknown)}; choose from {', '.join(INJECTIONS)}")

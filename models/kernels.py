@@ -19,7 +19,8 @@ decided in three layers, each once:
    decided in the module's constructor, as nanoGPT decides `self.flash`;
 3. per call, what the inputs allow: dtype, device, whether a gradient is wanted, whether the call
    runs under a function transform (`under_transform`) or is traced by torch.compile
-   (`fast_paths_enabled`), and whether a module the fused path would skip is watched (`watched`).
+   (`fast_paths_enabled`), and whether a module the fused path would skip is watched
+   (`models.hooks.watched`).
 
 `fast_paths(False)` turns the fast paths off for the duration: tests and benchmarks use it to
 reproduce the official kernel choice bit for bit (tests/test_official_parity.py) or to measure the
@@ -33,7 +34,6 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 # Sequences up to this length use explicit causal attention (matmul, masked softmax, matmul)
 # instead of PyTorch's fused CPU kernel when the inputs are float32/float64 on the CPU; the
@@ -103,14 +103,6 @@ def use_fast(*tensors: torch.Tensor) -> bool:
     """The per-call rule shared by every fast path: switched on, not traced by torch.compile,
     not under a function transform."""
     return _FAST and not torch.compiler.is_compiling() and not under_transform(*tensors)
-
-
-def watched(*modules: nn.Module) -> bool:
-    """Some forward (pre-)hook would fire when one of `modules` is called, so a fused path that
-    skips the call (the fused QKV product, the split injection, the fused ReLU² MLP) must not be
-    taken: a probe never changes what a hook sees. Reads torch's hook registries (there is no
-    public query); never modifies them."""
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 def _wants_grad(*tensors: torch.Tensor | None) -> bool:

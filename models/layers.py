@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loopdyn.models.hooks import watched
 from loopdyn.models.kernels import (apply_rope, causal_attention, fast_linear, fast_paths_enabled, head_rms_norm,
-                                    relu2, rms_norm, use_fast, watched)
+                                    relu2, rms_norm, use_fast)
 
 
 class RMSNorm(nn.Module):

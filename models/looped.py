@@ -9,7 +9,7 @@
 state; `forward` is what training calls. In training mode each sequence draws its own depth
 T ~ max(Poisson(μ_rec), 1) and only its last k = min(T, μ_bwd) loops carry gradients
 (truncated backprop); in eval mode the loop runs `n_loops` (default μ_rec) times,
-deterministically. A fixed-depth model (`injection="none"`) is the same network without the
+deterministically. A fixed-depth model (`injection="fixed"`) is the same network without the
 loop: a plain GPT of `n_prelude` blocks.
 """
 from __future__ import annotations
@@ -24,10 +24,12 @@ from torch import nn
 from loopdyn.models.config import LoopConfig
 from loopdyn.models.errors import ConfigError, InputError
 from loopdyn.models.injection import make_injection
-from loopdyn.models.kernels import fast_paths_enabled, watched
+from loopdyn.models.hooks import watched
+from loopdyn.models.kernels import fast_paths_enabled
 from loopdyn.models.layers import Block, Linear, make_norm, rope_table
 from loopdyn.models.operator import DenseOperator
 from loopdyn.models.protocol import LinearPart, Sublayer, config_field
+from loopdyn.models.sizes import count_params
 
 
 @dataclass
@@ -227,7 +229,7 @@ class LoopedLM(nn.Module):
 
     def _require_loop(self) -> None:
         if not self.config.looped:
-            raise ConfigError(f"model '{self.config.name}' is fixed-depth (injection='none'): it has no loop")
+            raise ConfigError(f"model '{self.config.name}' is fixed-depth (injection='fixed'): it has no loop")
 
     def init_state(self, ctx: LoopContext, generator: torch.Generator | None = None) -> torch.Tensor:
         """h_0 of shape (B, S, ds). Random kinds use the global RNG in training mode and a fixed
@@ -488,12 +490,6 @@ class LoopedLM(nn.Module):
 
     # ---- bookkeeping ---------------------------------------------------------------------
     def num_params(self, exclude_embeddings: bool = False) -> int:
-        """Unique parameters (tied weights counted once)."""
-        seen, total = set(), 0
-        skip = {id(self.wte.weight), id(self.lm_head.weight)} | {id(t.weight) for t in self.value_embeds.values()}
-        for p in self.parameters():
-            if id(p) in seen or (exclude_embeddings and id(p) in skip):
-                continue
-            seen.add(id(p))
-            total += p.numel()
-        return total
+        """Unique parameters (tied weights counted once; `models.sizes.count_params`)."""
+        skip = [self.wte.weight, self.lm_head.weight, *(t.weight for t in self.value_embeds.values())]
+        return count_params(self.parameters(), exclude=skip if exclude_embeddings else ())

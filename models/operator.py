@@ -24,6 +24,7 @@ import math
 import numpy as np
 import torch
 
+from loopdyn.models.sizes import DENSE_LIMIT, SVD_LIMIT
 from loopdyn.models.weights import all_finite
 
 
@@ -178,7 +179,7 @@ class DiagonalOperator(Operator):
 
 class DenseOperator(Operator):
     kind, normal = "dense", False
-    dense_limit = 2048  # above this many channels, spectra are computed matrix-free (ARPACK)
+    dense_limit = DENSE_LIMIT  # above this many channels, spectra are computed matrix-free (ARPACK)
 
     def __init__(self, matrix: torch.Tensor):
         M = matrix.detach()
@@ -214,7 +215,7 @@ class DenseOperator(Operator):
         from scipy.sparse.linalg import svds
 
         M = self.dense_numpy()
-        if min(M.shape) <= 256:
+        if min(M.shape) <= SVD_LIMIT:
             return float(np.linalg.norm(M, 2))
         if min(M.shape) <= self.dense_limit:
             gram = M.T @ M if M.shape[1] <= M.shape[0] else M @ M.T

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from loopdyn.models.hooks import in_analysis
 from loopdyn.models.kernels import under_transform
 from loopdyn.models.protocol import find_looped_model, initial_state
 from loopdyn.probes.history import SignalBuffer
@@ -190,7 +191,7 @@ class SignalBus:
         self._depth += 1
         if self._depth > 1:
             return None
-        self._active = bool(not self.paused and module.training and torch.is_grad_enabled() and not under_transform())
+        self._active = bool(not self.paused and module.training and torch.is_grad_enabled() and not under_transform() and not in_analysis())
         if not self._active:
             return None
         if self.forwards_since_step == 0:

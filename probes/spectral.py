@@ -24,12 +24,13 @@ from __future__ import annotations
 import torch
 
 from loopdyn.models.operator import Operator, as_operator
+from loopdyn.models.sizes import EVERY_STEP_LIMIT
 from loopdyn.models.protocol import linear_part
 
 # Exact ρ of a dense Ā every step up to this width: eigvals costs ~1 ms at 64 (under 1 % of a
 # CPU training step of a model that narrow) but ~15-30 ms at 256, so wider ones get it every
 # `spectral_every` steps and the per-step ‖Ā‖₂ in between.
-EIG_EVERY_STEP_MAX = 96
+EIG_EVERY_STEP_MAX = EVERY_STEP_LIMIT
 
 
 def _normalise(v: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,7 @@ from loopdyn.models.kernels import causal_sdpa
 from loopdyn.models.layers import RMSNorm
 from loopdyn.models.looped import LMOutput, StateTap
 from loopdyn.models.protocol import Sublayer, config_field
+from loopdyn.models.sizes import count_params
 from loopdyn.models.weights import build_on_meta, fill, nonfinite_parameters
 
 EXIT_MODES = ("last", "threshold", "weighted")
@@ -379,7 +380,7 @@ class OuroLM(nn.Module):
 
     def num_params(self) -> int:
         """Unique parameters (a tied head counted once)."""
-        return sum({id(p): p.numel() for p in self.parameters()}.values())
+        return count_params(self.parameters())
 
 
 # ---- the official key layout ----------------------------------------------------------------------

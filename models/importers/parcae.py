@@ -170,7 +170,7 @@ def official_config_to_loop_config(raw: dict, source: str = "config.json") -> Lo
     try:
         if not parcae:
             common["logit_scale"] = 1.0  # the official GPT applies no logit scale (reference §7.3)
-            return LoopConfig(**common, n_prelude=int(raw["n_layer"]), n_core=0, n_coda=0, injection="none",
+            return LoopConfig(**common, n_prelude=int(raw["n_layer"]), n_core=0, n_coda=0, injection="fixed",
                               prelude_norm=False)
         injection = _INJECTIONS.get(raw["injection_type"])
         if injection is None:
