@@ -34,7 +34,7 @@ PROBE_TOKENS = 256  # `loopdyn audit`'s default probe length (DEFAULT_SEQ_LEN)
 
 
 def huginn_config(d: int | None = None):
-    from loopdyn.models.huginn import HuginnConfig
+    from loopdyn.models.importers.huginn import HuginnConfig
     cfg = HuginnConfig.huginn_0125()
     if d is None:
         return cfg
@@ -43,7 +43,7 @@ def huginn_config(d: int | None = None):
 
 
 def ouro_config(d: int | None = None, layers: int = 24):
-    from loopdyn.models.ouro import OuroConfig
+    from loopdyn.models.importers.ouro import OuroConfig
     if d is None:
         return OuroConfig.ouro_1_4b() if layers == 24 else OuroConfig.ouro_2_6b()
     return OuroConfig(name=f"ouro-d{d}", hidden_size=d, num_attention_heads=d // 128, num_key_value_heads=d // 128,
@@ -54,9 +54,9 @@ def build(family: str, d: int | None, layers: int = 24, device: str = "cpu"):
     """The model on `device`; on the CPU it is built on meta and filled in place, as `load` does
     (no construction transients in the peak memory): N(0, 1) embeddings, N(0, 1/fan_in) linears,
     unit norms, RoPE recomputed, a tied head re-tied."""
-    from loopdyn.models.huginn import HuginnLM
+    from loopdyn.models.importers.huginn import HuginnLM
     from loopdyn.models.layers import rope_table
-    from loopdyn.models.ouro import OuroLM
+    from loopdyn.models.importers.ouro import OuroLM
     with torch.device("meta"):
         model = HuginnLM(huginn_config(d)) if family == "huginn" else OuroLM(ouro_config(d, layers))
     if device == "meta":

@@ -64,7 +64,7 @@ import time
 import torch
 
 from loopdyn.models import LoopConfig, LoopedLM, load
-from loopdyn.models.layers import fast_paths
+from loopdyn.models.kernels import fast_paths
 
 
 # ---- contestants ---------------------------------------------------------------------------------

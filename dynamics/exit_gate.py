@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from loopdyn.dynamics.loopmap import MAX_LOOPS, Cost, DynamicsError, quiet_hooks
+from loopdyn.dynamics.loopmap import MAX_LOOPS, Cost, DynamicsError
 from loopdyn.dynamics.numbers import num as _num
+from loopdyn.models.hooks import silenced
 from loopdyn.models.protocol import initial_state, require_looped
 from loopdyn.models.weights import all_finite
 
@@ -207,7 +207,7 @@ def exit_gate_audit(model, idx: torch.Tensor | None = None, loops: int | None = 
     if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T <= MAX_LOOPS:
         raise DynamicsError(f"loops must be an integer in [1, {MAX_LOOPS}], got {loops!r}")
     cost = cost if cost is not None else Cost()
-    quiet = quiet_hooks(model if isinstance(model, nn.Module) else None)
+    quiet = silenced(model)
     with torch.no_grad(), quiet:
         if ctx is None:
             if idx is None:

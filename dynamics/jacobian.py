@@ -36,6 +36,7 @@ from scipy.sparse.linalg import LinearOperator, eigs, svds
 
 from loopdyn.dynamics import loopmap
 from loopdyn.models import protocol
+from loopdyn.models.sizes import JACOBIAN_BLOCK_LIMIT
 from loopdyn.dynamics.loopmap import Cost, Linearisation
 
 # A Krylov direction smaller than this fraction of the column is round-off of float32 products
@@ -165,10 +166,10 @@ class LTIJacobian(LinearOperator):
         return self.A.apply_adjoint(v).to("cpu", torch.float64).reshape(-1).numpy()
 
     def _dtype(self):
-        return torch.float32 if self.A.values is None else self.A.values.dtype
+        return self.A.dtype or torch.float32
 
     def _device(self):
-        return "cpu" if self.A.values is None else self.A.values.device
+        return self.A.device or "cpu"
 
 
 def lti_jacobian(model, state_shape) -> LTIJacobian:
@@ -412,7 +413,7 @@ def token_block(model, h: torch.Tensor, ctx, token: tuple[int, int], cost: Cost 
     return cols.detach().to("cpu", torch.float64).numpy().T
 
 
-def per_token_spectra(model, h: torch.Tensor, ctx, tokens=None, dense_limit: int = 256,
+def per_token_spectra(model, h: torch.Tensor, ctx, tokens=None, dense_limit: int = JACOBIAN_BLOCK_LIMIT,
                       cost: Cost | None = None) -> PerTokenSpectra:
     """‖J_ss‖₂ and ρ(J_ss) for the given tokens (default: every token of batch row 0).
 

@@ -9,8 +9,7 @@ recorded graph, batched over several vectors with vmapped backward passes). Deta
   float32 round-off).
 * Training monitors watch the model through forward hooks (`model.state_tap`, attention,
   the head). Analysis states (and batched or graph-carrying tensors) must never reach those
-  hooks, so every submodule's hooks are detached for the duration of an analysis and put
-  back afterwards (`quiet_hooks`).
+  hooks: every evaluation runs inside `loopdyn.models.hooks.silenced(model)`.
 * Gradients are taken with respect to h only (`torch.autograd.grad` with explicit inputs):
   parameters' `.grad` are never touched, so an analysis can run in the middle of training.
 
@@ -21,7 +20,6 @@ Jacobian-vector products J·v and vector-Jacobian products Jᵀ·w (about one st
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -29,6 +27,7 @@ import torch
 
 from loopdyn.models import protocol
 from loopdyn.models.errors import InputError
+from loopdyn.models.hooks import silenced
 from loopdyn.models.weights import nonfinite_parameters  # noqa: F401 - re-exported for the dynamics modules
 
 MAX_LOOPS = 1000  # the most loops any analysis or command runs or measures (larger values are refused as a typo)
@@ -111,28 +110,9 @@ def frozen_weights(model) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def quiet_hooks(model) -> Iterator[None]:
-    """Detach the forward (pre-)hooks of every submodule of `model` for the duration and put
-    them back afterwards: a training monitor's hooks (on `state_tap`, attention, the head) must
-    not see analysis inputs, nor the batched or graph-carrying tensors of an analysis."""
-    if not isinstance(model, torch.nn.Module):  # a protocol model that is not a Module has no hooks
-        yield
-        return
-    saved = [(m, m._forward_hooks, m._forward_pre_hooks) for m in model.modules()
-             if m._forward_hooks or m._forward_pre_hooks]
-    for m, _, _ in saved:
-        m._forward_hooks, m._forward_pre_hooks = OrderedDict(), OrderedDict()
-    try:
-        yield
-    finally:
-        for m, post, pre in saved:
-            m._forward_hooks, m._forward_pre_hooks = post, pre
-
-
-@contextlib.contextmanager
 def analysis(model) -> Iterator[None]:
     """No parameter graph, no monitor hooks."""
-    with torch.no_grad(), quiet_hooks(model):
+    with torch.no_grad(), silenced(model):
         yield
 
 
@@ -172,7 +152,7 @@ class Linearisation:
         # vmapped backward passes pay off for small states only (large ones are matmul-bound)
         self.batched = self.h.numel() <= 65536 if batched is None else batched
         f = fn if fn is not None else step_fn(model, ctx)
-        with torch.enable_grad(), quiet_hooks(model), frozen_weights(model), forward_mode_attention():
+        with torch.enable_grad(), silenced(model), frozen_weights(model), forward_mode_attention():
             self._x = self.h.clone().requires_grad_(True)
             self._y = f(self._x)
             # g(u) = Jᵀu is linear in u: its recorded graph, hence every J·v, is the same for any u
@@ -231,5 +211,5 @@ class Linearisation:
 
 def forward_jvp(model, ctx, h: torch.Tensor, v: torch.Tensor):
     """(F(h), J·v) by forward-mode AD (torch.func.jvp); slower, kept as an independent route."""
-    with torch.no_grad(), quiet_hooks(model), forward_mode_attention():
+    with torch.no_grad(), silenced(model), forward_mode_attention():
         return torch.func.jvp(step_fn(model, ctx), (h,), (v.to(h.dtype),))

@@ -38,9 +38,8 @@ from scipy import optimize
 from scipy.sparse.linalg import LinearOperator, eigs, svds
 
 from loopdyn.models import protocol
+from loopdyn.models.sizes import DENSE_LIMIT, SVD_LIMIT  # dense-size limits: models/sizes.py
 
-DENSE_LIMIT = 2048  # state channels above which Ā is handled matrix-free
-_SVD_LIMIT = 256  # dense 2-norms by full SVD up to this size, ARPACK above
 _BATCHED_RESOLVENT_LIMIT = 128  # Kreiss grid by batched SVD up to this size, Schur + inverse iteration above
 _MAX_SETTLE = 2 ** 40
 
@@ -100,7 +99,7 @@ def norm2(M: np.ndarray) -> float:
     matrix (the largest eigenvalue keeps full relative accuracy, at a third of an SVD's cost)."""
     if not np.all(np.isfinite(M)):
         return math.inf
-    if min(M.shape) <= _SVD_LIMIT:
+    if min(M.shape) <= SVD_LIMIT:
         return float(np.linalg.norm(M, 2))
     gram = M.T @ M if M.shape[1] <= M.shape[0] else M @ M.T
     return float(math.sqrt(max(np.linalg.eigvalsh(gram)[-1], 0.0)))
@@ -394,7 +393,7 @@ def lti_fixed_point(part, e: torch.Tensor) -> torch.Tensor | None:
     A_op, B_op = part.A, part.B
     bias = getattr(part, "bias", None)
     with torch.no_grad():
-        rhs = B_op.apply(e.to(torch.float64 if B_op.values is None else B_op.values.dtype))
+        rhs = B_op.apply(e.to(B_op.dtype or torch.float64))
         rhs = rhs.to(torch.float64)
         if bias is not None:
             rhs = rhs + bias.to(torch.float64)

@@ -1,8 +1,13 @@
 """LoopConfig: every architecture field of a looped (or fixed-depth) language model.
 
 A looped LM is prelude → prelude norm → loop (inject, core blocks) × T → readout C → coda →
-final norm → head. A fixed-depth model (`injection="none"`) is the same stack without a
-loop: its blocks all sit in the prelude, as in a plain GPT.
+final norm → head. A fixed-depth model (`injection="fixed"`, the fixed-depth twin) is the same
+stack without a loop: its blocks all sit in the prelude, as in a plain GPT.
+
+Injection kinds (`INJECTIONS`, the one list; docs/design.md §3): diagonal, linear, additive,
+autonomous, and "fixed" for the fixed-depth twin. "none", the fixed twin's name in loopdyn 0.1
+model configs, is accepted on input as an alias (LoopConfig(...), config.json, the CLI's
+--injection) and stored as "fixed".
 
 Presets: `tiny` (a CPU demo model), `small`, the four Parcae paper models (matching the
 official configs in shared/reference/parcae-checkpoint-format.md §7) and fixed-depth
@@ -17,7 +22,8 @@ from typing import Any
 
 from loopdyn.models.errors import ConfigError
 
-INJECTIONS = ("diagonal", "linear", "additive", "autonomous", "none")
+INJECTIONS = ("diagonal", "linear", "additive", "autonomous", "fixed")
+INJECTION_ALIASES = {"none": "fixed"}  # accepted on input only
 MLPS = ("relu2", "relu", "gelu", "swiglu", "geglu")
 NORMS = ("rmsnorm", "layernorm")
 BLOCKS = ("prenorm", "sandwich")
@@ -57,7 +63,7 @@ class LoopConfig:
     n_state_heads: int | None = None
     d_state_mlp: int | None = None
     # the loop
-    injection: str = "diagonal"  # | linear | additive | autonomous (no input: h_0 = e, h ← Norm(core(h))) | none
+    injection: str = "diagonal"  # | linear | additive | autonomous (no input: h_0 = e, h ← Norm(core(h))) | fixed
     input_gain: str = "euler"  # diagonal only: Δ·B (euler) or (1 − e^{−Δa})/a ⊙ B (zoh)
     state_init: str = "like-init"
     prelude_norm: bool = True
@@ -72,6 +78,7 @@ class LoopConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # provenance, never architectural
 
     def __post_init__(self) -> None:
+        self.injection = canonical_injection(self.injection)
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.d_mlp is None:
@@ -89,7 +96,7 @@ class LoopConfig:
     # ---- derived sizes -------------------------------------------------------------
     @property
     def looped(self) -> bool:
-        return self.injection != "none"
+        return self.injection != "fixed"
 
     @property
     def head_dim(self) -> int:
@@ -148,7 +155,7 @@ class LoopConfig:
             need(self.injection not in ("additive", "autonomous") or self.d_state == self.d_model,
                  f"{self.injection} injection needs d_state == d_model")
         else:
-            need(self.n_core == 0, "a fixed-depth model (injection='none') has n_core = 0")
+            need(self.n_core == 0, "a fixed-depth model (injection='fixed') has n_core = 0")
         if self.value_embeds:
             need(min(self.d_model, self.d_state) >= 32, "value-embedding gates read 32 channels: widths must be ≥ 32")
 
@@ -251,7 +258,7 @@ class LoopConfig:
         if unknown:
             raise ConfigError(f"unknown config field(s) {', '.join(unknown)}")
         data.update(overrides)
-        if data.get("injection") == "none":
+        if canonical_injection(data.get("injection")) == "fixed":
             data = _as_fixed_depth(data)
         return cls(**data)
 
@@ -300,6 +307,12 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:,.1f} GiB" if n >= 2**28 else f"{n / 2**20:,.1f} MiB"
 
 
+def canonical_injection(kind: Any) -> Any:
+    """The canonical name of an injection kind: an alias (INJECTION_ALIASES) mapped, anything
+    else returned unchanged (validation reports unknown kinds)."""
+    return INJECTION_ALIASES.get(kind, kind) if isinstance(kind, str) else kind
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -311,7 +324,7 @@ def _is_number(x: Any) -> bool:
 def _as_fixed_depth(data: dict[str, Any]) -> dict[str, Any]:
     """Move every block into the prelude and drop the loop (a plain GPT)."""
     n_layer = data.get("n_prelude", 0) + data.get("n_core", 0) + data.get("n_coda", 0)
-    data = dict(data, injection="none", n_prelude=n_layer, n_core=0, n_coda=0, prelude_norm=False)
+    data = dict(data, injection="fixed", n_prelude=n_layer, n_core=0, n_coda=0, prelude_norm=False)
     data.update(d_state=None, n_state_heads=None, d_state_mlp=None)
     return data
 

@@ -1,9 +1,7 @@
-"""Hugging Face-style looped checkpoints: format detection, weight reading, config checking.
+"""Hugging Face-style checkpoint folders: weight layouts and config reading for the importers.
 
-`loopdyn.models.load(dir)` calls `detect_format(config)` first; a Huginn-0125/Raven folder
-(`RavenForCausalLM`, shared/reference/huginn-checkpoint-format.md) or an Ouro folder
-(`OuroForCausalLM`, shared/reference/ouro-checkpoint-format.md) is handed to `load_imported`,
-everything else to the loopdyn/Parcae loaders in checkpoint.py.
+The Huginn-0125/Raven and Ouro importers (models/importers/, docs/design.md §3) read their
+folders through here.
 
 Weights may be stored as
 
@@ -31,23 +29,6 @@ from loopdyn.models.weights import StoredTensor, open_weights
 
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-
-
-# ---- detection ------------------------------------------------------------------------------
-
-def detect_format(raw: dict) -> str | None:
-    """'huginn' | 'ouro' for a Raven or Ouro config.json (by `model_type`, `architectures` or
-    `auto_map`), None for anything else (loopdyn's own format, official Parcae)."""
-    model_type = str(raw.get("model_type", "")).lower()
-    archs = raw.get("architectures") or []
-    archs = [str(a) for a in archs] if isinstance(archs, list) else [str(archs)]
-    auto_map = raw.get("auto_map")
-    auto = " ".join(str(v) for v in auto_map.values()) if isinstance(auto_map, dict) else ""
-    if model_type == "huginn_raven" or "RavenForCausalLM" in archs or "raven_modeling" in auto:
-        return "huginn"
-    if model_type == "ouro" or "OuroForCausalLM" in archs or "modeling_ouro" in auto:
-        return "ouro"
-    return None
 
 
 # ---- reading weights ------------------------------------------------------------------------
@@ -110,10 +91,10 @@ def check_weights(state: dict[str, torch.Tensor], expected: dict[str, tuple], op
                   source: str) -> None:
     """Strict key set: every `expected` key present with its shape, `optional` keys allowed
     (shape checked), nothing else; one line naming the keys."""
-    from loopdyn.models.checkpoint import _check_keys_and_shapes
+    from loopdyn.models.checkpoint import check_keys_and_shapes
 
     present_optional = {k: v for k, v in optional.items() if k in state}
-    _check_keys_and_shapes(state, {**expected, **present_optional}, Path(source))
+    check_keys_and_shapes(state, {**expected, **present_optional}, Path(source))
     for key, tensor in state.items():
         if not tensor.is_floating_point():
             raise CheckpointError(f"{source}: {key} has dtype {tensor.dtype}; expected floating-point weights")
@@ -236,21 +217,6 @@ def check_h0(h0: torch.Tensor, shape: tuple, like: torch.Tensor) -> torch.Tensor
         got = tuple(h0.shape) if isinstance(h0, torch.Tensor) else type(h0).__name__
         raise InputError(f"h0 must be a floating-point tensor of shape {tuple(shape)}, got {got}")
     return h0.detach().to(device=like.device, dtype=like.dtype).clone()
-
-
-# ---- loading ----------------------------------------------------------------------------------
-
-def load_imported(directory: Path, raw: dict, fmt: str, device: str | torch.device = "cpu",
-                  dtype: torch.dtype | None = None):
-    """Build and fill the importer for `fmt` ('huginn' | 'ouro'); in eval mode on `device`."""
-    if fmt == "huginn":
-        from loopdyn.models.huginn import from_official
-    elif fmt == "ouro":
-        from loopdyn.models.ouro import from_official
-    else:  # pragma: no cover - detect_format only returns the two
-        raise CheckpointError(f"{directory}: unknown format {fmt!r}")
-    model = from_official(directory, raw, dtype=dtype)
-    return model.to(device).eval()
 
 
 def stored_dtype_note(state: dict[str, StoredTensor], compute: torch.dtype) -> list[str]:

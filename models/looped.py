@@ -9,7 +9,7 @@
 state; `forward` is what training calls. In training mode each sequence draws its own depth
 T ~ max(Poisson(μ_rec), 1) and only its last k = min(T, μ_bwd) loops carry gradients
 (truncated backprop); in eval mode the loop runs `n_loops` (default μ_rec) times,
-deterministically. A fixed-depth model (`injection="none"`) is the same network without the
+deterministically. A fixed-depth model (`injection="fixed"`) is the same network without the
 loop: a plain GPT of `n_prelude` blocks.
 """
 from __future__ import annotations
@@ -24,9 +24,12 @@ from torch import nn
 from loopdyn.models.config import LoopConfig
 from loopdyn.models.errors import ConfigError, InputError
 from loopdyn.models.injection import make_injection
-from loopdyn.models.layers import Block, Linear, fast_paths_enabled, make_norm, rope_table
+from loopdyn.models.hooks import watched
+from loopdyn.models.kernels import fast_paths_enabled
+from loopdyn.models.layers import Block, Linear, make_norm, rope_table
 from loopdyn.models.operator import DenseOperator
 from loopdyn.models.protocol import LinearPart, Sublayer, config_field
+from loopdyn.models.sizes import count_params
 
 
 @dataclass
@@ -226,7 +229,7 @@ class LoopedLM(nn.Module):
 
     def _require_loop(self) -> None:
         if not self.config.looped:
-            raise ConfigError(f"model '{self.config.name}' is fixed-depth (injection='none'): it has no loop")
+            raise ConfigError(f"model '{self.config.name}' is fixed-depth (injection='fixed'): it has no loop")
 
     def init_state(self, ctx: LoopContext, generator: torch.Generator | None = None) -> torch.Tensor:
         """h_0 of shape (B, S, ds). Random kinds use the global RNG in training mode and a fixed
@@ -257,22 +260,57 @@ class LoopedLM(nn.Module):
                 h = (h - h.mean(-1, keepdim=True)) / (h.std(-1, keepdim=True) + 1e-8)
         return self.state_tap(h.to(device=ctx.e.device, dtype=ctx.e.dtype))
 
+    def _step_fn(self, ctx: LoopContext, hoist: bool = False):
+        """The loop step F(h) = Tap(Norm?(R(inject(h, e)))), written once: `step`,
+        `pre_norm_state` and the training/eval loops all call it.
+
+        F accepts the first m sequences h[:m] of the batch, (m, S, ds) -> (m, S, ds), m ≤ B (it
+        then uses the first m rows of e and of the value embeddings), which the per-sequence depth
+        loop uses to run only the sequences still active. hoist (the loop's fast path): the
+        injection's h-independent part B̄e is computed once, here, instead of once per call
+        (`injection.split`, where it exists and no hook watches the injection); bit for bit the
+        same numbers as computing it in every call. Returns (F, pre), pre = F without the final
+        state norm and tap.
+        """
+        self._require_loop()
+        inj, e, rope, core = self.injection, ctx.e, ctx.rope, list(zip(self.core, ctx.core_ve))
+        B = e.shape[0]
+
+        def rows(t, m):  # the first m sequences of a per-sequence tensor
+            return t if t is None or m == B else t[:m]
+
+        if hoist and hasattr(inj, "split") and not watched(inj):
+            state_map, drive = inj.split(e)  # inj(h, e) = state_map(h) + drive, bit for bit
+
+            def inject(h, m):
+                return state_map(h) + rows(drive, m)
+        else:  # e.g. the linear injection: its one matmul over [h, e] cannot be split bit for bit
+            def inject(h, m):
+                return inj(h, rows(e, m))
+
+        def pre(h: torch.Tensor) -> torch.Tensor:  # R(inject(h, e)), (m, S, ds) -> (m, S, ds)
+            m = h.shape[0]
+            u = inject(h, m)
+            for blk, ve in core:
+                u = blk(u, rope, rows(ve, m))
+            return u
+
+        def step(h: torch.Tensor) -> torch.Tensor:
+            u = pre(h)
+            if self.state_norm is not None:  # the autonomous loop renormalises its state
+                u = self.state_norm(u)
+            return self.state_tap(u)
+        return step, pre
+
     def pre_norm_state(self, h: torch.Tensor, ctx: LoopContext) -> torch.Tensor:
         """R(inject(h, e)): the step before its final renormalisation (only the autonomous loop
         renormalises, h_{t+1} = Norm(R(h_t)); for the other kinds this is the step itself)."""
-        self._require_loop()
-        u = self.injection(h, ctx.e)
-        for blk, ve in zip(self.core, ctx.core_ve):
-            u = blk(u, ctx.rope, ve)
-        return u
+        return self._step_fn(ctx)[1](h)
 
     def step(self, h: torch.Tensor, ctx: LoopContext) -> torch.Tensor:
         """One loop iteration h_{t+1} = R(inject(h_t, e)) (autonomous: Norm(R(h_t))), a pure
         function of h for fixed ctx."""
-        u = self.pre_norm_state(h, ctx)
-        if self.state_norm is not None:
-            u = self.state_norm(u)
-        return self.state_tap(u)
+        return self._step_fn(ctx)[0](h)
 
     def decode(self, h: torch.Tensor, ctx: LoopContext) -> torch.Tensor:
         """Readout C, coda, final norm, head: float32 logits (B, S, V)."""
@@ -358,37 +396,10 @@ class LoopedLM(nn.Module):
         return total - k, k
 
     def _loop_fn(self, ctx: LoopContext):
-        """F(h) = step(h, ctx) for the loops of one forward pass.
-
-        Fast path: the injection's h-independent part B̄e is computed once per forward pass
-        instead of once per loop (`injection.split`, where it exists), and F also accepts the first m
-        sequences h[:m] of the batch (it then uses the first m rows of e and of the value
-        embeddings), which the per-sequence depth loop uses to run only the sequences still
-        active. Plain path (`fast_paths(False)`): `step`. Both give the same
-        numbers as `step` bit for bit on the full batch.
-        """
-        inj = self.injection
-        if not fast_paths_enabled():
-            return lambda h: self.step(h, ctx)
-        B, e, rope, core = ctx.e.shape[0], ctx.e, ctx.rope, list(zip(self.core, ctx.core_ve))
-        if hasattr(inj, "split") and not (inj._forward_hooks or inj._forward_pre_hooks):
-            state_map, drive = inj.split(e)  # inj(h, e) = state_map(h) + drive, bit for bit
-
-            def inject(h, m):
-                return state_map(h) + (drive if m == B else drive[:m])
-        else:  # e.g. the linear injection: its one matmul over [h, e] cannot be split bit for bit
-            def inject(h, m):
-                return inj(h, e if m == B else e[:m])
-
-        def loop_fn(h: torch.Tensor) -> torch.Tensor:  # (m, S, ds) -> (m, S, ds), m ≤ B
-            m = h.shape[0]
-            u = inject(h, m)
-            for blk, ve in core:
-                u = blk(u, rope, ve if ve is None or m == B else ve[:m])
-            if self.state_norm is not None:  # the autonomous loop renormalises its state (see `step`)
-                u = self.state_norm(u)
-            return self.state_tap(u)
-        return loop_fn
+        """F(h) for the loops of one forward pass: `_step_fn` with B̄e hoisted out of the loop on
+        the fast path (`fast_paths(False)`: as in `step`). Both give the same numbers as `step`
+        bit for bit on the full batch."""
+        return self._step_fn(ctx, hoist=fast_paths_enabled())[0]
 
     def _run_sampled(self, h: torch.Tensor, ctx: LoopContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training loop with per-sequence depths: max(n) loops without gradients, then max(k)
@@ -479,12 +490,6 @@ class LoopedLM(nn.Module):
 
     # ---- bookkeeping ---------------------------------------------------------------------
     def num_params(self, exclude_embeddings: bool = False) -> int:
-        """Unique parameters (tied weights counted once)."""
-        seen, total = set(), 0
-        skip = {id(self.wte.weight), id(self.lm_head.weight)} | {id(t.weight) for t in self.value_embeds.values()}
-        for p in self.parameters():
-            if id(p) in seen or (exclude_embeddings and id(p) in skip):
-                continue
-            seen.add(id(p))
-            total += p.numel()
-        return total
+        """Unique parameters (tied weights counted once; `models.sizes.count_params`)."""
+        skip = [self.wte.weight, self.lm_head.weight, *(t.weight for t in self.value_embeds.values())]
+        return count_params(self.parameters(), exclude=skip if exclude_embeddings else ())

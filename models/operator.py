@@ -10,7 +10,9 @@ facts are computed, so no caller ever switches on a kind string:
 | `DiagonalOperator`  | diag(a)    | max |aᵢ| (closed) | the aᵢ            |
 | `DenseOperator`     | M          | SVD / eigvals    | numpy, or ARPACK above `dense_limit` |
 
-`kind` ("identity" | "diagonal" | "dense") is kept for display and JSON only. `normal` is
+`kind` ("identity" | "diagonal" | "dense") is kept for display and JSON only. The stored
+tensor is `DiagonalOperator.diagonal` / `DenseOperator.matrix`; `dtype` and `device` are its
+(None for the identity). `normal` is
 True for identity and diagonal operators (then ‖Aᵏ‖₂ = ρᵏ exactly and sup_k ‖Aᵏ‖ has a
 closed form). Values are detached float tensors; numpy views (`dense_numpy()`,
 `diagonal_numpy()`) are float64.
@@ -22,6 +24,7 @@ import math
 import numpy as np
 import torch
 
+from loopdyn.models.sizes import DENSE_LIMIT, SVD_LIMIT
 from loopdyn.models.weights import all_finite
 
 
@@ -78,7 +81,13 @@ class Operator:
         raise NotImplementedError
 
     @property
-    def values(self):  # backwards compatible view: the diagonal, the matrix, or None
+    def dtype(self) -> torch.dtype | None:
+        """The dtype of the stored tensor (None for the identity, which stores none)."""
+        return None
+
+    @property
+    def device(self) -> torch.device | None:
+        """The device of the stored tensor (None for the identity)."""
         return None
 
     def __repr__(self) -> str:
@@ -128,8 +137,12 @@ class DiagonalOperator(Operator):
         self._d = d
 
     @property
-    def values(self):
+    def diagonal(self) -> torch.Tensor:
+        """a, the stored diagonal (n,)."""
         return self._d
+
+    dtype = property(lambda self: self._d.dtype)
+    device = property(lambda self: self._d.device)
 
     def apply(self, x):
         return x * self._d.to(x.dtype)
@@ -166,7 +179,7 @@ class DiagonalOperator(Operator):
 
 class DenseOperator(Operator):
     kind, normal = "dense", False
-    dense_limit = 2048  # above this many channels, spectra are computed matrix-free (ARPACK)
+    dense_limit = DENSE_LIMIT  # above this many channels, spectra are computed matrix-free (ARPACK)
 
     def __init__(self, matrix: torch.Tensor):
         M = matrix.detach()
@@ -174,8 +187,12 @@ class DenseOperator(Operator):
         self._m = M
 
     @property
-    def values(self):
+    def matrix(self) -> torch.Tensor:
+        """M, the stored matrix (n_out, n_in)."""
         return self._m
+
+    dtype = property(lambda self: self._m.dtype)
+    device = property(lambda self: self._m.device)
 
     def apply(self, x):
         return x @ self._m.to(x.dtype).T
@@ -198,7 +215,7 @@ class DenseOperator(Operator):
         from scipy.sparse.linalg import svds
 
         M = self.dense_numpy()
-        if min(M.shape) <= 256:
+        if min(M.shape) <= SVD_LIMIT:
             return float(np.linalg.norm(M, 2))
         if min(M.shape) <= self.dense_limit:
             gram = M.T @ M if M.shape[1] <= M.shape[0] else M @ M.T

@@ -46,6 +46,7 @@ from torch import nn
 
 from loopdyn.models.errors import InputError
 from loopdyn.models.operator import IdentityOperator, Operator, as_operator
+from loopdyn.models.sizes import count_params
 from loopdyn.models.weights import all_finite
 
 STATE_NORM_KINDS = ("none", "pre", "post")
@@ -132,8 +133,7 @@ def num_params(model) -> int:
     params = getattr(model, "parameters", None)
     if not callable(params):
         return 0
-    seen = {id(p): p.numel() for p in params()}
-    return int(sum(seen.values()))
+    return count_params(params())
 
 
 def initial_state(model, ctx, seed: int = 0) -> torch.Tensor:

@@ -28,19 +28,14 @@ import torch
 from torch import nn
 
 from loopdyn.dynamics.numbers import mean_token_norm
+from loopdyn.models.hooks import in_analysis
+from loopdyn.models.kernels import under_transform
 from loopdyn.models.protocol import find_looped_model, initial_state
 from loopdyn.probes.history import SignalBuffer
 from loopdyn.probes.spectral import InjectionTracker, loop_jacobian_sigma
 
 # optimiser group keys that are not settings (or change by design)
 _NOT_SETTINGS = ("params", "lr", "lr_scale", "initial_lr", "name", "param_names")
-
-
-def _in_functorch() -> bool:
-    try:
-        return torch._C._functorch.peek_interpreter_stack() is not None
-    except Exception:  # an older/newer torch without this internal: assume not
-        return False
 
 
 def _find_head(model: nn.Module) -> nn.Module | None:
@@ -197,7 +192,7 @@ class SignalBus:
         self._depth += 1
         if self._depth > 1:
             return None
-        self._active = bool(not self.paused and module.training and torch.is_grad_enabled() and not _in_functorch())
+        self._active = bool(not self.paused and module.training and torch.is_grad_enabled() and not under_transform() and not in_analysis())
         if not self._active:
             return None
         if self.forwards_since_step == 0:

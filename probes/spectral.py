@@ -24,12 +24,13 @@ from __future__ import annotations
 import torch
 
 from loopdyn.models.operator import Operator, as_operator
+from loopdyn.models.sizes import EVERY_STEP_LIMIT
 from loopdyn.models.protocol import linear_part
 
 # Exact ρ of a dense Ā every step up to this width: eigvals costs ~1 ms at 64 (under 1 % of a
 # CPU training step of a model that narrow) but ~15-30 ms at 256, so wider ones get it every
 # `spectral_every` steps and the per-step ‖Ā‖₂ in between.
-EIG_EVERY_STEP_MAX = 96
+EIG_EVERY_STEP_MAX = EVERY_STEP_LIMIT
 
 
 def _normalise(v: torch.Tensor) -> torch.Tensor:
@@ -38,9 +39,9 @@ def _normalise(v: torch.Tensor) -> torch.Tensor:
 
 def full_operator(op: Operator) -> Operator:
     """The operator on the full parameter: a sharded (DTensor) one is gathered (a collective)."""
-    values = op.values
-    if values is not None and hasattr(values, "full_tensor"):
-        return as_operator(values.full_tensor())
+    stored = getattr(op, "matrix", getattr(op, "diagonal", None))
+    if isinstance(stored, torch.Tensor) and hasattr(stored, "full_tensor"):
+        return as_operator(stored.full_tensor())
     return op
 
 
@@ -79,11 +80,11 @@ class InjectionTracker:
         return {"injection_norm": norm, "injection_radius": norm if A.normal else A.radius()}  # ρ = ‖Ā‖ when normal
 
     def _norm_step(self, A: Operator, iters: int) -> torch.Tensor:
-        M = A.values if A.values is not None else A.dense()
+        device, dtype = A.device or torch.device("cpu"), A.dtype or torch.float32
         v = self._v
-        if v is None or v.shape[0] != A.n_in or v.device != M.device:
+        if v is None or v.shape[0] != A.n_in or v.device != device:
             g = torch.Generator().manual_seed(self._seed)
-            v = _normalise(torch.randn(A.n_in, generator=g).to(M.device, M.dtype))
+            v = _normalise(torch.randn(A.n_in, generator=g).to(device, dtype))
         for _ in range(iters):
             v = _normalise(A.apply_adjoint(A.apply(v)))
         self._v = v

@@ -33,7 +33,7 @@ def set_linear(model, A):
 def simulate(part, e, loops):
     """LTI surrogate from h_0 = 0, in float64: states h_1..h_loops."""
     A = part.A.dense().double()
-    Bx = part.B.apply(e.double() if part.B.values is None else e.to(part.B.values.dtype)).double()
+    Bx = part.B.apply(e.double() if part.B.dtype is None else e.to(part.B.dtype)).double()
     h = torch.zeros(*e.shape[:-1], A.shape[0], dtype=torch.float64)
     out = []
     for _ in range(loops):

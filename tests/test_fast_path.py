@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 
 from loopdyn.models import LoopConfig, LoopedLM
 from loopdyn.models.injection import make_injection
-from loopdyn.models.layers import (_causal_sdpa, apply_rope, causal_attention, fast_linear, fast_paths,
-                                   fast_paths_enabled, relu2, rope_table)
+from loopdyn.models.kernels import (apply_rope, causal_attention, causal_sdpa, fast_linear, fast_paths,
+                                    fast_paths_enabled, relu2)
+from loopdyn.models.layers import rope_table
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -122,15 +123,15 @@ def test_fixed_depth_training_matches_plain_path():
 
 def test_training_gradients_match_plain_path_long_sequence():
     # S above the explicit-attention limit: the fused kernel in both paths, the loop still fast
-    import loopdyn.models.layers as layers
+    import loopdyn.models.kernels as kernels
 
     model = make_model(block_size=64)
-    old = layers.EXPLICIT_ATTENTION_MAX_LEN
-    layers.EXPLICIT_ATTENTION_MAX_LEN = 16
+    old = kernels.EXPLICIT_ATTENTION_MAX_LEN
+    kernels.EXPLICIT_ATTENTION_MAX_LEN = 16
     try:
         assert_same_training(model, tokens(batch=3, seq=40))
     finally:
-        layers.EXPLICIT_ATTENTION_MAX_LEN = old
+        kernels.EXPLICIT_ATTENTION_MAX_LEN = old
 
 
 def test_each_sequence_equals_running_it_alone_at_its_depth():
@@ -233,7 +234,7 @@ def test_explicit_attention_matches_definition_and_fused_kernel(dtype):
         torch.testing.assert_close(causal_attention(q, k, v, scale), fast, rtol=1e-5, atol=1e-6)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(fast, reference_attention(q, k, v, scale), **tol)
-    torch.testing.assert_close(fast, _causal_sdpa(q, k, v, scale), **tol)
+    torch.testing.assert_close(fast, causal_sdpa(q, k, v, scale), **tol)
 
 
 def test_explicit_attention_first_and_second_derivatives():
@@ -349,7 +350,7 @@ def test_relu2_mlp_no_grad_path_is_bit_identical():
 def test_rmsnorm_function_gradients_match_definition():
     # closed-form backward of the fast RMS norm vs autograd through the definition (float64),
     # plus gradcheck / gradgradcheck, with and without a gain
-    from loopdyn.models.layers import fast_rms_norm
+    from loopdyn.models.kernels import fast_rms_norm
 
     g = torch.Generator().manual_seed(9)
     x = (torch.randn(3, 5, 12, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
@@ -390,7 +391,8 @@ def test_fused_qkv_falls_back_when_a_projection_is_hooked():
 
 def test_fast_linear_values_and_gradients_match_f_linear():
     # oneDNN product (when this build has it) vs F.linear: values, first and second derivatives
-    from loopdyn.models.layers import Linear, fast_linear
+    from loopdyn.models.kernels import fast_linear
+    from loopdyn.models.layers import Linear
 
     g = torch.Generator().manual_seed(12)
     x = torch.randn(3, 7, 40, generator=g).requires_grad_(True)
@@ -451,7 +453,7 @@ def test_code_traced_by_torch_compile_takes_the_plain_path_with_onednn_linear():
     the linear layers: inductor cannot lower oneDNN's own op with non-constant weights, so the
     traced graph calls the custom operator loopdyn::onednn_linear instead (F.linear without
     oneDNN, or with fast_paths(False))."""
-    from loopdyn.models.layers import _COMPILED_ONEDNN
+    from loopdyn.models.kernels import _COMPILED_ONEDNN
 
     lin = torch.nn.Linear(8, 4)
     fn = lambda x: fast_linear(x, lin.weight, lin.bias) * (2.0 if fast_paths_enabled() else 3.0)  # noqa: E731

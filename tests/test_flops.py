@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from loopdyn.scaling import flops
 from loopdyn.models import LoopConfig, LoopedLM
 from loopdyn.models.errors import InputError
-from loopdyn.models.layers import fast_paths
+from loopdyn.models.kernels import fast_paths
 
 B, S = 2, 16
 

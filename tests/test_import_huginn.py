@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from loopdyn.models import CheckpointError, InputError, load, validate
-from loopdyn.models.huginn import HuginnConfig, HuginnLM
+from loopdyn.models.importers.huginn import HuginnConfig, HuginnLM
 from loopdyn.models.protocol import initial_state, linear_part, state_norm_kind
 from tests import huginn_reference as ref
 from tests.helpers import rewrite_config

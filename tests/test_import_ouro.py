@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from loopdyn.models import CheckpointError, InputError, load, validate
-from loopdyn.models.ouro import OuroConfig, OuroLM
+from loopdyn.models.importers.ouro import OuroConfig, OuroLM
 from loopdyn.models.protocol import linear_part, state_norm_kind
 from tests import ouro_reference as ref
 from tests.helpers import rewrite_config

@@ -318,7 +318,7 @@ def test_diagonal_A_bar_is_stable_for_any_finite_parameters(A_log, dt_bias):
         A = inj.A_bar()
         assert not torch.isnan(A).any()
         assert (A >= 0).all() and (A < 1).all()  # ρ(Ā) = max |Ā_ii| < 1
-        assert inj.linear_part().A.values.abs().max() < 1
+        assert inj.linear_part().A.diagonal.abs().max() < 1
         g = inj.input_gains()
         assert torch.isfinite(g).all() and (g >= 0).all(), (gain, g)
 
@@ -364,9 +364,9 @@ def test_diagonal_A_bar_formula_in_float64():
     delta = np.log1p(np.exp(dt))
     want = np.exp(-delta * np.exp(A_log))
     np.testing.assert_allclose(inj.A_bar().detach().numpy(), want, rtol=1e-13)
-    np.testing.assert_allclose(inj.linear_part().A.values.numpy(), want, rtol=1e-13)
+    np.testing.assert_allclose(inj.linear_part().A.diagonal.numpy(), want, rtol=1e-13)
     B = inj.B.detach().numpy()
-    np.testing.assert_allclose(inj.linear_part().B.values.numpy(), delta[:, None] * B, rtol=1e-13)
+    np.testing.assert_allclose(inj.linear_part().B.matrix.numpy(), delta[:, None] * B, rtol=1e-13)
 
 
 @pytest.mark.parametrize("a_log_scale,a_log_shift", [(1.0, 0.0), (1.0, -16.0)])
@@ -402,8 +402,8 @@ def test_official_initialisation():
     model = LoopedLM(tiny_config())
     inj = model.injection
     A, B = inj.linear_part()
-    np.testing.assert_allclose(A.values.numpy(), math.sqrt(1 / 5), rtol=1e-6)  # 0.4472
-    np.testing.assert_allclose(B.values.numpy(), 0.8047190 * np.eye(64), atol=1e-6)
+    np.testing.assert_allclose(A.diagonal.numpy(), math.sqrt(1 / 5), rtol=1e-6)  # 0.4472
+    np.testing.assert_allclose(B.matrix.numpy(), 0.8047190 * np.eye(64), atol=1e-6)
     assert abs(float(inj.dt_bias.detach()[0]) - 0.2119354) < 1e-6 and float(inj.A_log.detach().abs().max()) == 0
     e = torch.randn(64)
     fixed = torch.linalg.solve(torch.eye(64) - A.dense(), B.dense() @ e)  # (1 − Ā)⁻¹ B̄ e
@@ -429,11 +429,11 @@ def test_linear_blocks_follow_the_concat_order_state_first():
     model = make_model(injection="linear", bias=True, d_state=ds, n_state_heads=2, d_state_mlp=64, n_kv_heads=2)
     W, b = model.injection.W.weight.detach(), model.injection.W.bias.detach()
     A, B = model.injection.linear_part()
-    assert A.values.shape == (ds, ds) and B.values.shape == (ds, d)
-    assert torch.equal(A.values, W[:, :ds]) and torch.equal(B.values, W[:, ds:])
+    assert A.matrix.shape == (ds, ds) and B.matrix.shape == (ds, d)
+    assert torch.equal(A.matrix, W[:, :ds]) and torch.equal(B.matrix, W[:, ds:])
     h, e = torch.randn(4, ds), torch.randn(4, d)
     want = F.linear(torch.cat([h, e], -1), W, b)  # the state first in the concatenation
-    torch.testing.assert_close(h @ A.values.T + e @ B.values.T + b, want)
+    torch.testing.assert_close(h @ A.matrix.T + e @ B.matrix.T + b, want)
     with torch.no_grad():
         torch.testing.assert_close(model.injection(h, e), want)
         model.injection.W.weight[:, :ds] = 0  # with Ā = 0 the output ignores h

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from loopdyn.models import load
-from loopdyn.models.checkpoint import official_state_dict_shapes
-from loopdyn.models.layers import fast_paths
+from loopdyn.models.importers.parcae import official_state_dict_shapes
+from loopdyn.models.kernels import fast_paths
 
 if os.environ.get("PARCAE_LM_PATH"):
     sys.path.insert(0, os.environ["PARCAE_LM_PATH"])

@@ -19,10 +19,10 @@ from torch import nn
 
 import loopdyn.models.weights as weights
 from loopdyn.models import CheckpointError, InputError, LoopedLM, load, save
-from loopdyn.models.checkpoint import official_config_to_loop_config, official_state_dict_shapes
-from loopdyn.models.huginn import HuginnConfig, HuginnLM
+from loopdyn.models.importers.parcae import official_config_to_loop_config, official_state_dict_shapes
+from loopdyn.models.importers.huginn import HuginnConfig, HuginnLM
 from loopdyn.models.layers import rope_table
-from loopdyn.models.ouro import OuroLM
+from loopdyn.models.importers.ouro import OuroLM
 from tests import huginn_reference as href
 from tests import ouro_reference as oref
 from tests import parcae_reference as pref
@@ -230,6 +230,9 @@ def test_at_most_one_stored_tensor_is_alive_while_loading(tmp_path, monkeypatch,
 
         def keys(self):
             return self.file.keys()
+
+        def metadata(self):
+            return self.file.metadata()
 
         def get_slice(self, key):
             return self.file.get_slice(key)

@@ -11,6 +11,7 @@ import argparse
 import json
 
 from loopdyn.models import LoopConfig
+from loopdyn.models.config import INJECTION_ALIASES, INJECTIONS
 from loopdyn.models.errors import InputError
 
 DATA_HELP = "a text file or folder of text files (default: the Python standard library's sources)"
@@ -44,8 +45,9 @@ def add_threads_option(parser, what: str = "training",
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
-    g.add_argument("--injection", choices=["diagonal", "linear", "additive", "autonomous", "none"],
-                   help="injection kind (default: the preset's; 'none' = the fixed-depth twin)")
+    g.add_argument("--injection", choices=[*INJECTIONS, *INJECTION_ALIASES],
+                   help="injection kind (default: the preset's; 'fixed' = the fixed-depth twin, 'none' "
+                        "is accepted for it)")
     g.add_argument("--mean-loops", type=int, metavar="N", help="μ_rec, the mean loop count (default: the preset's)")
     g.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any LoopConfig field, e.g. --set d_model=128; repeatable (default: none)")

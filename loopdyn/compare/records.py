@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from loopdyn.models import LoopConfig
+from loopdyn.models.config import INJECTIONS, canonical_injection
 from loopdyn.models.errors import InputError
 
-INJECTIONS = ("diagonal", "linear", "additive", "autonomous", "fixed")
 OUTCOMES = ("converged", "inconclusive", "residual explosion", "diverged")
 RECORD = "record.json"
 UNIT = "nats/byte"  # loopdyn.data reads every corpus as bytes (a 256-id vocabulary): losses are per byte
@@ -117,6 +117,7 @@ class CompareResult:
 
 
 def grid(injections: list[str], lrs: list[float], seeds: list[int], **common: Any) -> list[RunSpec]:
+    injections = [canonical_injection(i) for i in injections]  # "none" → "fixed"
     unknown = [i for i in injections if i not in INJECTIONS]
     if unknown:
         raise InputError(f"unknown injection(s) {', '.join(unknown)}; choose from {', '.join(INJECTIONS)}")

@@ -225,7 +225,7 @@ def _check_loops(config: LoopConfig, loops) -> int:
     if isinstance(loops, bool) or not isinstance(loops, int) or loops < 0:
         raise InputError(f"loops must be a non-negative integer, got {loops!r}")
     if loops and not config.looped:
-        raise InputError(f"model '{config.name}' is fixed-depth (injection='none'): it has no loop")
+        raise InputError(f"model '{config.name}' is fixed-depth (injection='fixed'): it has no loop")
     return loops
 
 
@@ -336,5 +336,5 @@ def training_flops(config: LoopConfig, tokens: float = 1, *, n_no_grad: float | 
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v >= 0):
             raise InputError(f"{name} must be a finite number ≥ 0, got {v!r}")
     if (n_no_grad or n_grad) and not config.looped:
-        raise InputError(f"model '{config.name}' is fixed-depth (injection='none'): it has no loop")
+        raise InputError(f"model '{config.name}' is fixed-depth (injection='fixed'): it has no loop")
     return _count(config, tokens, n_no_grad, n_grad, True, attention, seq_len)

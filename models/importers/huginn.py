@@ -51,6 +51,7 @@ from loopdyn.models.layers import Block, RMSNorm, rope_table
 from loopdyn.models.looped import LMOutput, StateTap, block_sublayers
 from loopdyn.models.operator import DenseOperator
 from loopdyn.models.protocol import LinearPart, Sublayer, config_field
+from loopdyn.models.sizes import count_params
 from loopdyn.models.weights import StoredTensor, build_on_meta, fill, nonfinite_parameters
 
 INIT_MODES = ("random", "zero")
@@ -296,7 +297,7 @@ class HuginnLM(nn.Module):
 
     def num_params(self) -> int:
         """Unique parameters (a tied head counted once)."""
-        return sum({id(p): p.numel() for p in self.parameters()}.values())
+        return count_params(self.parameters())
 
 
 # ---- the official key layout ----------------------------------------------------------------------

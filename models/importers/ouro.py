@@ -49,9 +49,11 @@ from loopdyn.models.errors import CheckpointError, ConfigError, InputError
 from loopdyn.models.formats import (ConfigReader, check_h0, check_layer_count, check_loops,
                                     check_tokens, check_weights, make_embedding, read_weights,
                                     stored_dtype_note)
-from loopdyn.models.layers import RMSNorm, _causal_sdpa
+from loopdyn.models.kernels import causal_sdpa
+from loopdyn.models.layers import RMSNorm
 from loopdyn.models.looped import LMOutput, StateTap
 from loopdyn.models.protocol import Sublayer, config_field
+from loopdyn.models.sizes import count_params
 from loopdyn.models.weights import build_on_meta, fill, nonfinite_parameters
 
 EXIT_MODES = ("last", "threshold", "weighted")
@@ -189,7 +191,7 @@ class OuroAttention(nn.Module):
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         scale = 1.0 / math.sqrt(self.head_dim)
         if x.dtype == torch.float32:
-            y = _causal_sdpa(q, k, v, scale)  # (B, H, S, hd); eager differs by ~1e-7 relative
+            y = causal_sdpa(q, k, v, scale)  # (B, H, S, hd); eager differs by ~1e-7 relative
         else:  # the official eager path: softmax in float32, cast back (SDPA differs by ~1e-2 in bf16)
             scores = (q @ k.transpose(-1, -2)) * scale
             causal = torch.ones(S, S, dtype=torch.bool, device=x.device).tril()
@@ -378,7 +380,7 @@ class OuroLM(nn.Module):
 
     def num_params(self) -> int:
         """Unique parameters (a tied head counted once)."""
-        return sum({id(p): p.numel() for p in self.parameters()}.values())
+        return count_params(self.parameters())
 
 
 # ---- the official key layout ----------------------------------------------------------------------
