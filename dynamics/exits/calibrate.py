@@ -122,9 +122,14 @@ def pareto_front(points) -> list:
 
 
 def pick_for_budget(points, budget: float):
-    """Among `points` with loss_change ≤ budget, the fewest mean loops (then the smallest loss change)."""
+    """Among `points` with loss_change ≤ budget, the fewest mean loops, then the smallest loss
+    change, then the threshold nearest the criterion's default (on a log scale)."""
     ok = [p for p in points if math.isfinite(p.loss_change) and p.loss_change <= budget]
-    return min(ok, key=lambda p: (p.mean_loops, p.loss_change)) if ok else None
+
+    def distance(p):
+        d = C.DEFAULTS[p.criterion]
+        return abs(math.log(p.threshold / d)) if p.threshold > 0 and 0 < d < math.inf else 0.0
+    return min(ok, key=lambda p: (p.mean_loops, p.loss_change, distance(p))) if ok else None
 
 
 @dataclass(frozen=True)
@@ -158,7 +163,7 @@ class Calibration:
 
     def table(self) -> str:
         """Per criterion: the published default and the calibrated threshold side by side."""
-        head = (f"{'criterion':<17} {'threshold':>10} {'loops':>6} {'saved':>6} {'Δloss':>8} {'top-1':>6} "
+        head = (f"{'criterion':<28} {'threshold':>10} {'loops':>6} {'saved':>6} {'Δloss':>8} {'top-1':>6} "
                 f"{'early':>5} {'non-conv':>8}")
         lines = [f"exit criteria against the oracle (budget T = {self.budget_loops} loops, long run H = "
                  f"{self.horizon}, oracle KL ε = {self.oracle_kl:g} nats; loss at T = {self.loss_ref:.4g})",
@@ -168,9 +173,9 @@ class Calibration:
         def row(tag, p):
             thr = "—" if p is None else ("∞" if math.isinf(p.threshold) else f"{p.threshold:.3g}")
             if p is None:
-                return f"  {tag:<17} {'none meets the budget':>10}"
+                return f"  {tag:<28} {'none meets the budget':>10}"
             lc = f"{100 * p.loss_change:+.2f}%" if math.isfinite(p.loss_change) else "n/a"
-            return (f"  {tag:<17} {thr:>10} {p.mean_loops:>6.2f} {p.loops_saved:>6.2f} {lc:>8} "
+            return (f"  {tag:<28} {thr:>10} {p.mean_loops:>6.2f} {p.loops_saved:>6.2f} {lc:>8} "
                     f"{100 * p.top1_agreement:>5.1f}% {p.early_exits:>5} {p.fires_on_nonconvergent:>8}")
         for name in self.criteria:
             if name in self.defaults:

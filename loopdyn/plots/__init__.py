@@ -1,0 +1,1 @@
+"""Figures of loopdyn, drawn in one style."""
