@@ -167,8 +167,9 @@ class Calibration:
                 f"{'early':>5} {'non-conv':>8}")
         lines = [f"exit criteria against the oracle (budget T = {self.budget_loops} loops, long run H = "
                  f"{self.horizon}, oracle KL ε = {self.oracle_kl:g} nats; loss at T = {self.loss_ref:.4g})",
-                 f"  oracle: mean {self.oracle_mean():.3g} loops, {int(self.settled.sum())} of {self.oracle.size} "
-                 f"tokens settle", "  " + head]
+                 f"  oracle loop: mean {float(self.oracle.mean()):.3g} over the long run, {self.oracle_mean():.3g} "
+                 f"within T; {int((self.oracle <= self.budget_loops).sum())} of {self.oracle.size} tokens settle within "
+                 f"T, {int(self.settled.sum())} within the long run", "  " + head]
 
         def row(tag, p):
             thr = "—" if p is None else ("∞" if math.isinf(p.threshold) else f"{p.threshold:.3g}")
