@@ -99,3 +99,23 @@ def overthinking(t0: torch.Tensor, targets: torch.Tensor, V: int = 10, saturate:
 
     return LoopAdapter(encode=lambda idx: {"e": torch.zeros(B, S, 2, dtype=DT)}, step=step, decode=decode,
                        mean_loops=mean_loops, name="overthinking")
+
+
+def uneven_cycle(B: int = 1, S: int = 4, V: int = 8, mean_loops: int = 4) -> LoopAdapter:
+    """Every token cycles with period 3 through A, B, C whose steps shrink twice before the jump
+    back (‖B − A‖ = 4, ‖C − B‖ ≈ 2.55, ‖A − C‖ ≈ 1.58, then 4 again): into loops 2 and 3 the
+    residual ratios are below one, as in a contraction. State = [0.01 × counter mod 3, x (2)]."""
+    pts = torch.tensor([[0.0, 0.0], [4.0, 0.0], [1.5, 0.5]], dtype=DT) + 10.0
+    W = torch.randn(2, V, generator=_gen(9), dtype=DT)
+
+    def init(ctx):
+        h = torch.zeros(B, S, 3, dtype=DT)
+        h[..., 1:] = pts[0]
+        return h
+
+    def step(h, ctx):
+        c = torch.remainder((100 * h[..., 0]).round() + 1, 3)
+        return torch.cat([0.01 * c[..., None], pts[c.long()]], -1)
+
+    return LoopAdapter(encode=lambda idx: {"e": torch.zeros(B, S, 3, dtype=DT)}, init_state=init, step=step,
+                       decode=lambda h, ctx: h[..., 1:] @ W, mean_loops=mean_loops, name="uneven-cycle")

@@ -13,7 +13,7 @@ from hypothesis import given, strategies as st
 from loopdyn.dynamics.exits import (CRITERIA, DEFAULTS, HUGINN, best_depth, calibrate, check_criteria, criterion_values, exit_loops,
                                     exits, loop_signals, oracle_loops, predicted_distance)
 from loopdyn.dynamics.exits.calibrate import pareto_front, pick_for_budget
-from loopdyn.dynamics.exits.criteria import WINDOW
+from loopdyn.dynamics.exits.criteria import FIRST, WINDOW
 from loopdyn.dynamics.loopmap import DynamicsError
 from loopdyn.models import LoopAdapter
 from tests import exits_cases as cases
@@ -30,8 +30,8 @@ RATES = torch.tensor([[0.2, 0.5, 0.7, 0.85], [0.3, 0.6, 0.8, 0.9]])
 
 def expected_contraction_exit(q: float, eps: float, T: int) -> int:
     """From h_0 = 0: ‖h_t − h*‖ = q^t ‖h*‖, ‖h_t‖ = (1 − q^t)‖h*‖, r_t = (1 − q) q^{t−1} h*, so the
-    value is q^t/(1 − q^t), known from loop WINDOW + 1 on (WINDOW residual ratios needed)."""
-    for t in range(WINDOW + 1, T + 1):
+    value is q^t/(1 − q^t), known from loop FIRST on."""
+    for t in range(FIRST, T + 1):
         if q ** t / (1 - q ** t) < eps:
             return t
     return T
@@ -57,7 +57,7 @@ def test_contraction_bound_holds_for_every_token_and_loop():
     true = np.stack([qs ** t / (1 - qs ** t) for t in range(1, 61)])  # ‖h_t − h*‖/‖h_t‖
     v = predicted_distance(sig)
     known = np.isfinite(v)
-    assert known[WINDOW:].all() and not known[:WINDOW].any()
+    assert known[FIRST - 1:].all() and not known[:FIRST - 1].any()
     exact = known & (true > 1e-10)  # below, h_t = h* to round-off
     assert exact.sum() > 200
     np.testing.assert_allclose(v[exact], true[exact], rtol=1e-7, atol=1e-14)  # float64 round-off in r_t
@@ -82,7 +82,7 @@ def test_contraction_bound_holds_for_every_token_and_loop():
     np.testing.assert_allclose(with_J.jacobian_rate, rates.amax(-1).flatten().numpy(), rtol=1e-9)
     bound = predicted_distance(with_J)
     ok = np.isfinite(bound)
-    assert ok[WINDOW:].all()
+    assert ok[FIRST - 1:].all()
     ok &= real
     assert ok.sum() > 200 and (dist[ok] <= bound[ok] * (1 + 1e-7)).all()
 
@@ -135,6 +135,22 @@ def test_contraction_exits_on_settled_tokens_soon_after_they_settle(settle_signa
     k = SETTLE.flatten().numpy()
     s = k > 0
     assert (e[s] >= k[s]).all() and (e[s] <= k[s] + WINDOW).all()
+
+
+def test_contraction_never_fires_on_a_cycle_whose_residuals_shrink_for_two_loops():
+    """Residual ratios alone would call the uneven 3-cycle contracting at loop 3; the online phase
+    (the DMD of r_1..r_t has a unit-modulus pair) keeps the criterion from firing."""
+    import dataclasses
+
+    from loopdyn.dynamics.exits import threshold_grid
+
+    sig = loop_signals(cases.uneven_cycle(), probe(1, 4), 24)
+    assert set(sig.phases) == {"cycle 3"}
+    assert not sig.online_fixed[FIRST - 1:].any()
+    for eps in threshold_grid("contraction"):
+        assert (exit_loops(sig, "contraction", eps, 24) == 24).all()
+    ungated = dataclasses.replace(sig, online_fixed=None, dmd_rate=None)
+    assert (exit_loops(ungated, "contraction", 1.0, 24) == FIRST).all()  # what the ratios alone would do
 
 
 # ---- overthinking: the loss rises after a known loop -----------------------------------------------
@@ -255,3 +271,25 @@ def test_bad_input_is_one_clear_error():
     with pytest.raises(DynamicsError, match="non-finite"):
         loop_signals(diverging, probe(2, 4), 16)
     assert math.isfinite(sig.loss[:, :3].sum())
+
+
+@given(st.integers(0, 10_000), st.sampled_from([c for c in CRITERIA if c not in ("exit-gate", "none")]),
+       st.floats(1e-6, 1.0), st.floats(1.0, 100.0), st.integers(1, 12))
+def test_exit_loops_are_monotone_in_the_threshold_and_within_the_budget(seed, name, thr, factor, T):
+    """A looser threshold never exits later; every exit is within 1..T (on random signals)."""
+    from loopdyn.dynamics.exits import LoopSignals
+
+    rng = np.random.default_rng(seed)
+    H, N = 12, 7
+    pos = lambda: rng.lognormal(-4, 3, (H, N))  # noqa: E731
+    sig = LoopSignals(4, H, (1, N), pos(), pos(), pos(), 1 + pos(), pos(), pos(), pos(),
+                      rng.integers(0, 3, (H, N)), pos(), rng.random((H, N)) < 0.5, pos(), np.full((H, N), np.nan),
+                      tuple(["fixed point"] * N))
+    if name == "argmax-stability":
+        thr, loose = float(round(thr * 10)), float(round(thr * 10 / factor))
+    else:
+        loose = thr * factor
+    tight_e = exit_loops(sig, name, thr, T)
+    loose_e = exit_loops(sig, name, loose, T)
+    assert ((1 <= tight_e) & (tight_e <= T)).all() and (loose_e <= tight_e).all()
+    assert (exit_loops(sig, "none", None, T) == T).all()

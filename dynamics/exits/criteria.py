@@ -25,19 +25,23 @@ thr = 1.0), with Ouro's exit distribution over the budget T.
 
 **contraction** (new): the predicted distance to the fixed point. If the loop contracts at rate
 q near the token's trajectory, ‖h_t − h*‖ ≤ ‖r_t‖·q/(1 − q) with r_t = h_t − h_{t−1} (the
-a-posteriori bound of the contraction mapping theorem). With
+a-posteriori bound of the contraction mapping theorem). From loop 3 on, with
 
-    q_t = max_{t−w < j ≤ t} ‖r_j‖ / ‖r_{j−1}‖       (the measured rate over the last w = `window` loops)
-    q   = max(q_t, ‖J_nn‖₂)                          (when the Jacobian rate was measured)
-    v_t = ‖r_t‖·q/(1 − q) / ‖h_t‖   if q < 1, else ∞ (relative predicted distance to h*)
+    q_t = max( max_{t−w < j ≤ t} ‖r_j‖/‖r_{j−1}‖,  |λ_t|,  ‖J_nn‖₂ )
+          (the residual ratios over the last w = min(`WINDOW`, t − 1) loops; λ_t the leading DMD
+          eigenvalue of the token's residuals r_1..r_t; the Jacobian block norm when measured)
+    v_t = ‖r_t‖·q_t/(1 − q_t) / ‖h_t‖   (relative predicted distance to h*)
 
-it fires when v_t < ε (default 1e-3). Where the residual contracts at a constant rate (a linear
-contraction along one mode, and asymptotically any contraction with a dominant mode) q_t is the
-rate and v_t equals the relative distance ‖h_t − h*‖/‖h_t‖ exactly; with the Jacobian rate (a
-local Lipschitz constant) it bounds it for a linear loop. It cannot fire on an exact cycle of
-period ≤ w (the ratios over a period multiply to 1, so one is ≥ 1) nor on a drifting token
-(ratios → 1, v_t → ∞). `LoopSignals.phases` then says, per token, whether a criterion fired on a
-token that does not converge (`Calibration`'s `fires_on_nonconvergent`).
+it fires when the token's phase *from h_0..h_t alone* (`loopdyn.dynamics.phases.classify_token`,
+`LoopSignals.online_fixed`) is "fixed point", q_t < 1 and v_t < ε (default 1e-3); v_t = ∞
+otherwise. Where the residual contracts at one rate (a linear contraction along one mode, and
+asymptotically any contraction with a dominant mode) q_t is that rate and v_t equals the relative
+distance ‖h_t − h*‖/‖h_t‖ exactly; with the Jacobian rate (a local Lipschitz constant) it bounds it
+for a linear loop. It does not fire on an exact cycle (the online phase is a cycle, or a DMD mode
+sits on the unit circle; also the ratios over a period multiply to 1) nor on a drifting token
+(a unit DMD mode at angle 0; ratios → 1, v_t → ∞). `LoopSignals.phases` (the long-run phase) then
+says, per token, whether a criterion fired on a token that does not converge (`Calibration`'s
+`fires_on_nonconvergent`).
 
 **none**: never exits (every token runs T loops).
 """
@@ -56,7 +60,8 @@ DEFAULTS = {"entropy-diff": 1e-3, "latent-diff": 0.03, "kl": 1e-3, "minp-kl": 1e
             "cosine": 1e-3, "exit-gate": 1.0, "contraction": 1e-3, "none": math.inf}
 # criteria whose firing claims "the token has converged" (the gate and argmax-stability claim less)
 CLAIMS_CONVERGENCE = ("entropy-diff", "latent-diff", "kl", "minp-kl", "cosine", "contraction")
-WINDOW = 3  # contraction: ratios over the last WINDOW loops
+WINDOW = 3  # contraction: residual ratios over the last WINDOW loops (fewer before loop WINDOW + 1)
+FIRST = 3  # contraction: the first loop at which it may fire (two residual pairs for the DMD)
 
 
 def threshold_grid(name: str, horizon: int = 32) -> np.ndarray:
@@ -93,17 +98,19 @@ def check_criteria(names, has_gate: bool = True) -> tuple[str, ...]:
 
 
 def contraction_rate(signals, window: int = WINDOW) -> np.ndarray:
-    """(H, N) q_t: the largest residual ratio ‖r_j‖/‖r_{j−1}‖ over the last `window` loops (∞ where
-    fewer than `window` ratios exist or a residual is zero before a non-zero one), combined with
-    the measured Jacobian rate when there is one."""
+    """(H, N) q_t of the contraction criterion (module docstring); ∞ before loop `FIRST`, or where
+    a residual is zero before a non-zero one."""
     r = signals.residual
     H = r.shape[0]
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(r[:-1] > 0, r[1:] / r[:-1], np.where(r[1:] > 0, np.inf, 0.0))  # ratio into loop t, t=2..H
     ratio = np.vstack([np.full((1, r.shape[1]), np.inf), ratio])  # no ratio into loop 1
     q = np.full_like(r, np.inf)
-    for t in range(window, H):
-        q[t] = ratio[t - window + 1: t + 1].max(0)
+    for t in range(FIRST - 1, H):  # index t = loop t + 1
+        w = min(window, t)
+        q[t] = ratio[t - w + 1: t + 1].max(0)
+    if signals.dmd_rate is not None:
+        q = np.maximum(q, signals.dmd_rate)
     if signals.jacobian_rate is not None:
         q = np.maximum(q, signals.jacobian_rate[None, :])
     return q
@@ -111,11 +118,15 @@ def contraction_rate(signals, window: int = WINDOW) -> np.ndarray:
 
 def predicted_distance(signals, window: int = WINDOW) -> np.ndarray:
     """(H, N) the contraction criterion's value v_t (module docstring): ‖r_t‖·q/(1 − q)/‖h_t‖, ∞
-    where q ≥ 1 or is not known yet; 0 where the state has stopped (r_t = 0, q = 0)."""
+    where q ≥ 1, is not known yet, or the online phase is not a fixed point; 0 where the state
+    has stopped (r_t = 0)."""
     q = contraction_rate(signals, window)
     with np.errstate(divide="ignore", invalid="ignore"):
         v = signals.residual * q / (1 - q) / signals.state_norm
-    v = np.where(q < 1, v, np.inf)
+    ok = q < 1
+    if signals.online_fixed is not None:
+        ok &= signals.online_fixed
+    v = np.where(ok, v, np.inf)
     return np.where(np.isnan(v), np.inf, v)
 
 
@@ -214,5 +225,5 @@ class Criterion:
         return {"name": self.name, "threshold": None if math.isinf(self.threshold) else self.threshold}
 
 
-__all__ = ["Criterion", "CRITERIA", "HUGINN", "DEFAULTS", "CLAIMS_CONVERGENCE", "WINDOW", "exit_loops",
+__all__ = ["Criterion", "CRITERIA", "HUGINN", "DEFAULTS", "CLAIMS_CONVERGENCE", "WINDOW", "FIRST", "exit_loops",
            "criterion_values", "contraction_rate", "predicted_distance", "threshold_grid", "check_criteria"]

@@ -20,7 +20,9 @@ the next-token distribution (all in float64):
     gate_t          = exit_gate(h_t) (λ_t, models with a gate; else NaN)
 
 and per token the long-run phase (`loopdyn.dynamics.phases.classify_token` on h_0..h_H: "fixed
-point", "cycle k", "quasi-periodic", "drifting", "divergent").
+point", "cycle k", "quasi-periodic", "drifting", "divergent"); and per loop t ≥ 3 the *online*
+phase, the same classification from h_0..h_t alone, with the modulus of its leading DMD
+eigenvalue (what the contraction criterion may use at loop t).
 
 Arrays are (H, N), index t − 1 for loop t. Memory: the H + 1 states (on the CPU, in the model's
 dtype) while the loop runs, then H·N floats per signal; the H decodes run one loop at a time.
@@ -45,6 +47,24 @@ from loopdyn.models.weights import all_finite
 
 MIN_P = 0.1  # Huginn's minp-kl filter: entries below MIN_P × the top probability are floored
 NONCONVERGENT = ("cycle", "quasi-periodic", "drifting", "divergent")  # phase labels that do not settle
+
+
+def online_phases(X: np.ndarray, eps: float, first: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """(online_fixed, dmd_rate), each (H, N): per loop t ≥ `first` the phase classification
+    (`phases.classify_token`) of the token's states h_0..h_t alone — what a criterion could know
+    at loop t — and the modulus of its leading DMD eigenvalue. X: (H+1, N, d) float64. From loop 3
+    the DMD has two residual pairs, enough to see a rotation (one pair sees only its projection)."""
+    from loopdyn.dynamics.phases import classify_token
+
+    H, N = X.shape[0] - 1, X.shape[1]
+    fixed = np.zeros((H, N), dtype=bool)
+    rate = np.full((H, N), np.inf)
+    for n in range(N):
+        for t in range(first, H + 1):
+            label, lam = classify_token(X[: t + 1, n, :], eps)
+            fixed[t - 1, n] = label == "fixed point"
+            rate[t - 1, n] = abs(lam) if np.isfinite(lam) else np.inf
+    return fixed, rate
 
 
 def min_p_filter(logp: torch.Tensor, min_p: float = MIN_P) -> torch.Tensor:
@@ -89,6 +109,8 @@ class LoopSignals:
     phases: tuple  # (N,) long-run phase labels
     has_gate: bool = False
     jacobian_rate: np.ndarray | None = None  # (N,) ‖J_nn‖₂ at h_μ, when measured
+    online_fixed: np.ndarray | None = None  # (H, N) bool: the phase from h_0..h_t alone is "fixed point"
+    dmd_rate: np.ndarray | None = None  # (H, N) |λ| of the leading DMD eigenvalue of r_1..r_t (∞ before loop 3)
     cost: Cost = field(default_factory=Cost, compare=False)
 
     @property
@@ -212,10 +234,11 @@ def loop_signals(model, idx: torch.Tensor, horizon: int | None = None, *, target
     eps = float(torch.finfo(states[-1].dtype).eps) if states[-1].is_floating_point() else 1.2e-7
     Xn = X.numpy()
     phases = tuple(classify_token(Xn[:, n, :], eps)[0] for n in range(B * S))
+    online, dmd = online_phases(Xn, eps)
     return LoopSignals(mu, H, (B, S), rn.numpy(), (rn / hn[1:].clamp_min(1e-300)).numpy(), cosine.numpy(),
                        hn[1:].numpy(), arr["entropy"], arr["kl_prev"], arr["minp_kl_prev"], arr["argmax"].astype(int),
                        arr["kl_final"], arr["top1_final"].astype(bool), arr["loss"], gate, phases,
-                       gate_fn is not None, None if rate is None else np.asarray(rate, float), cost)
+                       gate_fn is not None, None if rate is None else np.asarray(rate, float), online, dmd, cost)
 
 
-__all__ = ["LoopSignals", "loop_signals", "min_p_filter", "kl", "is_nonconvergent", "MIN_P", "NONCONVERGENT"]
+__all__ = ["LoopSignals", "loop_signals", "online_phases", "min_p_filter", "kl", "is_nonconvergent", "MIN_P", "NONCONVERGENT"]
