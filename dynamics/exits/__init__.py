@@ -33,7 +33,7 @@ from loopdyn.dynamics.exits.depth import REASONS, BestDepth, best_depth
 from loopdyn.dynamics.exits.lens import LoopLens, loop_lens
 from loopdyn.dynamics.exits.signals import LoopSignals, loop_signals
 from loopdyn.dynamics.loopmap import Cost, DynamicsError
-from loopdyn.models.protocol import model_name
+from loopdyn.models.protocol import model_name, require_looped
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,8 @@ def exits(model, idx: torch.Tensor, *, criteria=("all",), max_loops: int | None 
     and calibrate `criteria` within the loop budget `max_loops` (default μ) for the relative loss
     `budget` (0.005 = 0.5 %). See the module docstring and `calibrate` for the definitions."""
     start = time.perf_counter()
-    mu = int(getattr(model, "mean_loops", 0) or 0)
+    require_looped(model)
+    mu = int(model.mean_loops)
     T = mu if max_loops is None else max_loops
     if isinstance(T, bool) or not isinstance(T, int) or T < 1:
         raise DynamicsError(f"max_loops must be a positive integer, got {max_loops!r}")

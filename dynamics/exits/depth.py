@@ -92,18 +92,30 @@ class BestDepth:
 
 def best_depth(signals, tol: float = TOL, n_resamples: int = 1000, seed: int = 0) -> BestDepth:
     """Best depth per token and for the probe (module docstring) from measured `LoopSignals`."""
+    return best_depth_of(signals.loss, signals.phases, signals.mean_loops, tol, n_resamples, seed)
+
+
+def best_depth_of(loss, phases, mean_loops: int, tol: float = TOL, n_resamples: int = 1000,
+                  seed: int = 0) -> BestDepth:
+    """Best depth from a per-token loss matrix `loss` (H, N) (loops 1..H; a column with a NaN has no
+    target and is skipped) and the tokens' phase labels (N strings, or None: every token is taken
+    as a fixed point) — e.g. the audit's probe losses and phases."""
     from scipy.stats import bootstrap
 
-    scored = np.nonzero(signals.has_targets)[0]
-    L = signals.loss[:, scored]  # (H, M)
-    H = signals.horizon
+    loss = np.asarray(loss, float)
+    H, N = loss.shape
+    labels = list(phases) if phases is not None else ["fixed point"] * N
+    if len(labels) != N:
+        raise ValueError(f"{len(labels)} phase labels for {N} tokens")
+    scored = np.nonzero(np.isfinite(loss).all(0))[0]
+    L = loss[:, scored]  # (H, M)
     best = best_loops(L, tol) if scored.size else np.zeros(0, int)
     mins = L.min(0) if scored.size else np.zeros(0)
     d = _tol(mins, tol)
-    periods = signals.period()[scored]
+    periods = np.array([int(labels[n].split()[1]) if labels[n].startswith("cycle ") else 0 for n in scored], int)
     reasons, rise, out_best = [], np.zeros(scored.size), best.copy()
     for j, n in enumerate(scored):
-        label = signals.phases[n]
+        label = labels[n]
         if label.startswith("cycle"):
             reasons.append("cycling")
         elif label in ("drifting", "quasi-periodic"):
@@ -132,7 +144,7 @@ def best_depth(signals, tol: float = TOL, n_resamples: int = 1000, seed: int = 0
         except TypeError:  # SciPy < 1.15 names the generator random_state
             res = bootstrap((np.arange(scored.size),), stat, random_state=np.random.default_rng(seed), **kw)
         interval = (int(res.confidence_interval.low), int(res.confidence_interval.high))
-    return BestDepth(H, signals.mean_loops, scored, out_best, tuple(reasons), periods, rise, probe, interval, mean, tol)
+    return BestDepth(H, int(mean_loops), scored, out_best, tuple(reasons), periods, rise, probe, interval, mean, tol)
 
 
-__all__ = ["BestDepth", "best_depth", "best_loops", "REASONS"]
+__all__ = ["BestDepth", "best_depth", "best_depth_of", "best_loops", "REASONS"]

@@ -49,7 +49,7 @@ MIN_P = 0.1  # Huginn's minp-kl filter: entries below MIN_P × the top probabili
 NONCONVERGENT = ("cycle", "quasi-periodic", "drifting", "divergent")  # phase labels that do not settle
 
 
-def online_phases(X: np.ndarray, eps: float, first: int = 3) -> tuple[np.ndarray, np.ndarray]:
+def online_phases(X: np.ndarray, eps: float, first: int = 3, progress=None) -> tuple[np.ndarray, np.ndarray]:
     """(online_fixed, dmd_rate), each (H, N): per loop t ≥ `first` the phase classification
     (`phases.classify_token`) of the token's states h_0..h_t alone — what a criterion could know
     at loop t — and the modulus of its leading DMD eigenvalue. X: (H+1, N, d) float64. From loop 3
@@ -60,6 +60,8 @@ def online_phases(X: np.ndarray, eps: float, first: int = 3) -> tuple[np.ndarray
     fixed = np.zeros((H, N), dtype=bool)
     rate = np.full((H, N), np.inf)
     for n in range(N):
+        if progress is not None:
+            progress("online phases", n, N)
         for t in range(first, H + 1):
             label, lam = classify_token(X[: t + 1, n, :], eps)
             fixed[t - 1, n] = label == "fixed point"
@@ -234,7 +236,7 @@ def loop_signals(model, idx: torch.Tensor, horizon: int | None = None, *, target
     eps = float(torch.finfo(states[-1].dtype).eps) if states[-1].is_floating_point() else 1.2e-7
     Xn = X.numpy()
     phases = tuple(classify_token(Xn[:, n, :], eps)[0] for n in range(B * S))
-    online, dmd = online_phases(Xn, eps)
+    online, dmd = online_phases(Xn, eps, progress=report)
     return LoopSignals(mu, H, (B, S), rn.numpy(), (rn / hn[1:].clamp_min(1e-300)).numpy(), cosine.numpy(),
                        hn[1:].numpy(), arr["entropy"], arr["kl_prev"], arr["minp_kl_prev"], arr["argmax"].astype(int),
                        arr["kl_final"], arr["top1_final"].astype(bool), arr["loss"], gate, phases,
