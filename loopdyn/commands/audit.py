@@ -11,6 +11,8 @@ The model and the probe batch come from `loopdyn.inputs` (probe tokens are bytes
 """
 from __future__ import annotations
 
+import argparse
+
 from loopdyn.commands.common import (add_data_option, add_device_option, add_hidden_alias, add_threads_option,
                                      check_device, set_threads)
 from loopdyn.inputs import DEFAULT_SEQ_LEN
@@ -51,6 +53,11 @@ def register(subparsers) -> None:
     p.add_argument("--exit-threshold", type=float, default=0.5, metavar="Q",
                    help="exit-gate audit (models with an exit gate, e.g. Ouro): a token exits once its cumulative "
                         "exit probability reaches Q (default 0.5)")
+    p.add_argument("--exits", action="store_true",
+                   help="add the exit-criteria section (`loopdyn exits`: criteria calibrated against the oracle "
+                        "within --loops, the per-loop lens and the best depth per token to --horizon)")
+    p.add_argument("--budget", default="0.5%", metavar="B",
+                   help="with --exits: the loss budget, e.g. 0.5%% or 0.005 (default: 0.5%%)")
     add_device_option(p)
     add_threads_option(p, "the audit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -71,6 +78,10 @@ def run(args) -> int:
         raise InputError(f"--exit-threshold must be in (0, 1], got {args.exit_threshold}")
     if not args.explosion_factor > 1:
         raise InputError(f"--explosion-factor must be > 1, got {args.explosion_factor}")
+    if args.exits:
+        from loopdyn.commands.exits import parse_budget
+
+        budget = parse_budget(args.budget)
     check_outputs(files={"--json": args.json}, dirs={"--plots": args.plots}, inputs={"--data": args.data})
     check_device(args.device)
     set_threads(args.threads)
@@ -90,14 +101,35 @@ def run(args) -> int:
     finally:
         if bar is not None:
             bar.close()
+    exits_report = None
+    if args.exits:
+        from loopdyn.commands.exits import run_exits
+
+        bar, update = stages("exits", enabled=not args.no_progress)
+        try:
+            exits_report = run_exits(model, idx, argparse.Namespace(max_loops=loops, horizon=max(horizon, 2)), probe, budget,
+                                     progress=update)
+        finally:
+            if bar is not None:
+                bar.close()
     print(report.to_text())
+    if exits_report is not None:
+        print()
+        print(exits_report.to_text())
     if args.json:
-        atomic_write_json(args.json, report.to_json())
+        record = report.to_json()
+        if exits_report is not None:
+            record["exits"] = exits_report.to_json(per_token=False)
+        atomic_write_json(args.json, record)
         print(f"wrote {args.json}")
     if args.plots:
         from loopdyn.plots.audit import write_audit_plots
 
         figures = write_audit_plots(report, args.plots, args.format)
+        if exits_report is not None:
+            from loopdyn.plots.exits import write_exits_plots
+
+            figures += write_exits_plots(exits_report, args.plots, args.format)
         print(f"wrote {len(figures)} figures to {args.plots}:")
         for path, caption in figures:
             print(f"  {path.name}: {caption}")
