@@ -7,7 +7,9 @@ with the same number of distinct blocks) and the learning rate change. Along the
 the end, the validation loss at several test-time loop counts and an audit of the trained model.
 
 Each finished run is one folder `runs/<name>/` holding `record.json` (written last, atomically:
-its presence marks the run finished), the trained model, the step log and the alerts.
+its presence marks the run finished), the trained model, the step log and the alerts. A run
+trains in its own attempt folder and is renamed into `runs/` whole (loopdyn.gridstore); the
+grid runs on a launcher (local, Ray, Slurm: loopdyn.launchers) under loopdyn.coordinator.
 
 Outcome of a run (`classify`), by these stated criteria (tested on synthetic curves):
 
@@ -34,7 +36,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -330,12 +331,16 @@ class CompareResult:
     skipped: list[str]  # runs found finished in `out` and not redone
     jobs: int = 1  # parallel processes used for the runs done now (for the report's header)
     threads: int = 1  # torch threads per process
+    status: dict | None = None  # every run's state while the grid runs (loopdyn.coordinator.status_dict)
 
     def matrix(self) -> dict[str, dict[str, str]]:
         """injection → lr → outcome (one seed: its outcome; several: counts, e.g. '2/3 converged')."""
         cells: dict[str, dict[str, list[str]]] = {}
         for r in self.records:
             cells.setdefault(r.spec["injection"], {}).setdefault(f"{r.spec['lr']:g}", []).append(r.outcome)
+        for r in (self.status or {}).get("runs", []):  # runs not finished: pending, running, failed
+            if r["state"] != "done":
+                cells.setdefault(r["injection"], {}).setdefault(f"{r['lr']:g}", []).append(r["state"])
         out = {}
         for inj, by_lr in cells.items():
             out[inj] = {}
@@ -523,90 +528,14 @@ def _worker_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _worker(spec: RunSpec, run_dir: str, threads: int, queue) -> dict:
-    torch.set_num_threads(threads)
-    report = (lambda n: queue.put(("step", n))) if queue is not None else None
-    record = run_one(spec, Path(run_dir), progress=report)
-    return asdict(record)
-
-
 def run_grid(specs: list[RunSpec], out: Path, resume: bool = False, jobs: int | None = None,
-             progress: bool = True, log: Callable[[str], None] = print, threads: int | None = None) -> CompareResult:
-    """Run every spec not already finished in `out`, in parallel processes when jobs > 1.
-    `out` is locked for the whole time (OutLock): a second process on it is refused."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder")
-    with OutLock(out):
-        return _run_grid(specs, out, resume, jobs, progress, log, threads)
+             progress: bool = True, log: Callable[[str], None] = print, threads: int | None = None,
+             launcher=None, on_update: Callable[[CompareResult], None] | None = None) -> CompareResult:
+    """Run every spec not already finished in `out` on `launcher` (default: this machine, in
+    parallel processes when jobs > 1; loopdyn.launchers), through loopdyn.coordinator. `out` is
+    leased and locked for the whole time: a second coordinator on it is refused."""
+    from loopdyn.coordinator import coordinate
+    from loopdyn.launchers.local import LocalLauncher
 
-
-def _run_grid(specs: list[RunSpec], out: Path, resume: bool, jobs: int | None, progress: bool,
-              log: Callable[[str], None], threads: int | None) -> CompareResult:
-    todo, done = prepare_out(out, specs, resume)
-    if done:
-        log(f"resuming: {len(done)} finished run(s) kept, {len(todo)} to do")
-    cores = os.cpu_count() or 1
-    jobs = max(1, min(jobs or cores, len(todo) or 1))
-    threads = threads or max(1, cores // jobs)
-    bar = _bar(sum(s.steps for s in todo), len(todo), progress)
-    records = list(done)
-    start = time.perf_counter()
-    if jobs == 1:
-        if threads != torch.get_num_threads():
-            torch.set_num_threads(threads)
-        for spec in todo:
-            records.append(run_one(spec, out / "runs" / spec.name, progress=bar.update if bar else None))
-            _after_run(records[-1], bar, log)
-    else:
-        import multiprocessing as mp
-        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
-        ctx = mp.get_context("spawn")  # fork after torch threads exist is unsafe
-        with mp.Manager() as manager, ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init) as pool:
-            queue = manager.Queue()
-            pending = {pool.submit(_worker, s, str(out / "runs" / s.name), threads, queue) for s in todo}
-            try:
-                while pending:
-                    finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                    _drain(queue, bar)
-                    for fut in finished:
-                        records.append(RunRecord(**fut.result()))
-                        _after_run(records[-1], bar, log)
-                _drain(queue, bar)
-            except BaseException:  # Ctrl-C or a failed run: stop the other runs now, not after they finish
-                for proc in list(getattr(pool, "_processes", {}).values()):
-                    proc.terminate()
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
-    if bar is not None:
-        bar.close()
-    order = {s.name: i for i, s in enumerate(specs)}
-    records.sort(key=lambda r: order.get(RunSpec(**r.spec).name, len(order)))
-    log(f"{len(todo)} run(s) in {time.perf_counter() - start:.0f} s ({jobs} process(es) × {threads} thread(s))")
-    return CompareResult(out=out, records=records, skipped=[RunSpec(**r.spec).name for r in done],
-                         jobs=jobs, threads=threads)
-
-
-def _bar(total_steps: int, n_runs: int, enabled: bool):
-    from loopdyn.progress import progress as make_progress
-
-    return make_progress(total_steps, f"{n_runs} runs", "step", enabled=enabled, leave=True)
-
-
-def _drain(queue, bar) -> None:
-    while not queue.empty():
-        _, n = queue.get()
-        if bar is not None:
-            bar.update(n)
-
-
-def _after_run(record: RunRecord, bar, log) -> None:
-    spec = RunSpec(**record.spec)
-    line = f"{spec.name}: {record.outcome} — {record.outcome_reason}"
-    from loopdyn.progress import LineProgress
-
-    if bar is not None and not isinstance(bar, LineProgress):
-        bar.write(line)
-    else:
-        log(line)
+    launcher = launcher or LocalLauncher(jobs, threads)
+    return coordinate(specs, Path(out), launcher, resume=resume, progress=progress, log=log, on_update=on_update)

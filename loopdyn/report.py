@@ -21,12 +21,14 @@ import numpy as np
 
 from loopdyn.models.fileio import atomic_write_json, atomic_write_text, json_safe
 from loopdyn import style
+from loopdyn.gridstatus import status_html
 from loopdyn.compare import (DIVERGE_MARGIN, EXPLOSION_LOOPS, EXPLOSION_RATIO, INJECTIONS, MIN_TREND_STEPS,
                              STEEP_DROP, STEEP_T, CompareResult, RunRecord, smoothed)
 
 COLORS, LABELS = style.COLORS, style.LABELS
 OUTCOME_MARK = {"converged": "✓ converged", "inconclusive": "… inconclusive", "diverged": "✗ diverged",
-                "residual explosion": "✗ residual explosion"}
+                "residual explosion": "✗ residual explosion", "pending": "· pending", "running": "▸ running",
+                "failed": "✗ failed"}
 # loopdyn.data reads every corpus as bytes (a 256-id vocabulary): losses are per byte
 UNIT = style.loss_unit(byte_level=True)
 
@@ -166,6 +168,7 @@ def summary(result: CompareResult) -> dict:
         "matrix": result.matrix(),
         "findings": findings(result),
         "runs": runs,
+        **({"status": result.status} if result.status else {}),  # pending / running / failed runs
     })
 
 
@@ -439,14 +442,15 @@ def command_line(name: str, options: list[tuple[str, object]], flags: list[str] 
 
 # ---- writing everything ----------------------------------------------------------------------
 
-def write_outputs(result: CompareResult, fmt: str = "png", command: str | None = None) -> dict:
-    """Write summary.json, the figures (in `fmt`) and report.html into result.out; return the summary."""
+def write_outputs(result: CompareResult, fmt: str = "png", command: str | None = None, plots: bool = True) -> dict:
+    """Write summary.json, the figures (in `fmt`) and report.html into result.out; return the summary.
+    plots=False (partial results while a grid runs) leaves the figures out."""
     fmt = style.check_format(fmt)
     out = Path(result.out)
     data = summary(result)
     data["provenance"] = provenance(command, result)
     figures = {}
-    for name, plot in PLOTS.items():
+    for name, plot in (PLOTS if plots else {}).items():
         fig, caption = plot(result)
         style.save(fig, out / f"{name}.{fmt}", fmt, caption=caption)
         png = style.render(fig, "png", dpi=200)
@@ -464,9 +468,9 @@ def _fmt(v, f="{:.3g}") -> str:
 def _css(outcome: str) -> str:
     if not outcome:
         return ""
-    if "diverged" in outcome or "explosion" in outcome:
+    if "diverged" in outcome or "explosion" in outcome or "failed" in outcome:
         return "bad"
-    if "inconclusive" in outcome:
+    if "inconclusive" in outcome or "pending" in outcome or "running" in outcome:
         return "wait"
     return "ok"
 
@@ -491,8 +495,9 @@ def verdict_line(r: dict) -> str:
 def render_html(data: dict, figures: dict[str, tuple[bytes, str]]) -> str:
     e = html.escape
     runs = data["runs"]
-    lrs = sorted({r["lr"] for r in runs})
-    injections = _injections(r["injection"] for r in runs)
+    unfinished = (data.get("status") or {}).get("runs", [])
+    lrs = sorted({r["lr"] for r in runs} | {r["lr"] for r in unfinished})
+    injections = _injections({r["injection"] for r in runs} | {r["injection"] for r in unfinished})
     params = {r["injection"]: r["params"] for r in runs}
     setup = data["setup"]
     prov = data.get("provenance") or provenance(None)
@@ -503,7 +508,7 @@ def render_html(data: dict, figures: dict[str, tuple[bytes, str]]) -> str:
         for lr in lrs:
             outcome = data["matrix"].get(inj, {}).get(f"{lr:g}", "")
             cells.append(f'<td class="{_css(outcome)}">{e(OUTCOME_MARK.get(outcome, outcome))}</td>')
-        rows.append(f"<tr><th scope='row'>{e(LABELS.get(inj, inj))}</th><td class='num'>{params[inj]:,}</td>"
+        rows.append(f"<tr><th scope='row'>{e(LABELS.get(inj, inj))}</th><td class='num'>{f'{params[inj]:,}' if inj in params else '…'}</td>"
                     f"{''.join(cells)}</tr>")
     matrix = ("<table class='matrix' id='matrix'><thead><tr><th>parameterisation</th><th>parameters</th>"
               + "".join(f"<th>lr {lr:g}</th>" for lr in lrs) + "</tr></thead><tbody>" + "".join(rows)
@@ -575,7 +580,7 @@ torch {e(m['torch'])}, {e(m['platform'])}</p>
 <p>Preset <b>{e(str(setup.get('preset')))}</b>, {setup.get('steps')} steps of {setup.get('batch_size')} × {setup.get('seq_len')}
 tokens per run; the same seed, data and batch order for every run; data: {e(str(setup.get('data') or 'the Python standard library sources'))}.
 Losses in {UNIT}.</p>
-<h2>Convergence matrix</h2>{matrix}
+{status_html(data)}<h2>Convergence matrix</h2>{matrix}
 <ul class="criteria">{criteria}</ul>
 <h2>Findings</h2><ul>{''.join(f'<li>{e(f)}</li>' for f in data['findings'])}</ul>
 <h2>Runs</h2>
