@@ -103,6 +103,8 @@ class GridProgress:
 
     def __init__(self, total: int, enabled: bool, log: Callable[[str], None], every: float = 60.0):
         self.log, self.every = log, every
+        # the progress lines go to stderr, like every progress in loopdyn, unless the caller collects lines
+        self.status_log = log if log is not print else (lambda s: print(s, file=sys.stderr, flush=True))
         self.bar = None
         self.enabled = enabled and total > 0
         if self.enabled and sys.stderr.isatty():
@@ -133,7 +135,7 @@ class GridProgress:
         elif changed or time.monotonic() - self._last_line >= self.every:
             self._last_line = time.monotonic()
             retried = sum(r.retried for r in states)
-            self.log(f"grid: {counts['done']}/{len(states)} done, {counts['running']} running, "
+            self.status_log(f"grid: {counts['done']}/{len(states)} done, {counts['running']} running, "
                      f"{counts['failed']} failed, {counts['pending']} pending"
                      + (f", {retried} retried" if retried else "")
                      + (f"; running runs at {steps}/{total} steps" if total else "")

@@ -42,8 +42,8 @@ def add_launcher_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--slurm-time", default="60", metavar="TIME",
                    help="time limit per run: minutes, or HH:MM:SS, or D-HH:MM:SS (default: 60)")
     g.add_argument("--slurm-sbatch", action="append", default=[], metavar="LINE",
-                   help="an extra #SBATCH line, e.g. --slurm-sbatch '--account=proj' --slurm-sbatch "
-                        "'--qos=high'; repeatable (default: none)")
+                   help="an extra #SBATCH option, e.g. --slurm-sbatch account=proj --slurm-sbatch=--qos=high; "
+                        "repeatable (default: none)")
 
 
 def slurm_minutes(text: str) -> int:
@@ -88,10 +88,11 @@ def sbatch_lines(lines: list[str]) -> dict[str, object]:
 
 
 def resources_from_args(args: argparse.Namespace) -> Resources:
+    if args.cpus_per_run is not None and args.cpus_per_run < 1:
+        raise InputError("--cpus-per-run must be ≥ 1")
+    if args.gpus_per_run < 0:
+        raise InputError("--gpus-per-run must be ≥ 0")
     cpus = args.cpus_per_run or args.threads or 1
-    for option, value in (("--cpus-per-run", cpus), ("--gpus-per-run", args.gpus_per_run + 1)):
-        if value < 1:
-            raise InputError(f"{option} must be ≥ {1 if option == '--cpus-per-run' else 0}")
     if args.mem_per_run is not None and not args.mem_per_run > 0:
         raise InputError("--mem-per-run must be a positive number of GiB")
     if args.retries < 0:
