@@ -17,6 +17,7 @@ import pytest
 from loopdyn.cli import main
 from loopdyn.compare import RECORD, RunRecord, RunSpec
 from loopdyn.coordinator import RunState, eta_seconds
+from loopdyn.schemas import validate
 from loopdyn.gridstore import ATTEMPT, Attempt, Task, attempts_dir, bury_dead, run_dir, scan_attempts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,6 +103,7 @@ def test_a_failed_run_is_reported_with_reason_and_log_and_resume_redoes_only_it(
     assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "1 run(s) failed: linear-lr0.01-seed0 (RuntimeError: CUDA out of memory (on purpose)" in err
     summary = json.loads((out / "summary.json").read_text())
+    validate("summary", summary)  # the status object is part of the documented contract
     status = {r["name"]: r for r in summary["status"]["runs"]}
     failed = status["linear-lr0.01-seed0"]
     assert failed["state"] == "failed" and "CUDA out of memory" in failed["reason"]

@@ -18,6 +18,7 @@ ray = pytest.importorskip("ray")
 from loopdyn.cli import main  # noqa: E402
 from loopdyn.compare import RECORD, RunSpec, run_one  # noqa: E402
 from loopdyn.gridstore import ATTEMPT, attempts_dir, run_dir, scan_attempts  # noqa: E402
+from loopdyn.schemas import validate  # noqa: E402
 
 GRID = ["--injections", "diagonal,linear", "--lrs", "0.01,0.05", "--seeds", "3", "--steps", "4",
         "--batch-size", "4", "--seq-len", "32", "--no-progress"]
@@ -56,6 +57,7 @@ def test_a_ray_grid_gives_the_local_launchers_matrix(cluster, tmp_path, capsys):
     on_ray, here = _summary(ray_out), _summary(local_out)
     assert on_ray["matrix"] == here["matrix"] and len(on_ray["runs"]) == 4
     assert on_ray["status"]["complete"] and on_ray["status"]["launcher"].startswith("ray")
+    validate("summary", on_ray)
     assert all(r["attempts"] == 1 and not r["retried"] for r in on_ray["status"]["runs"])
     a, b = _records(ray_out), _records(local_out)
     assert sorted(a) == sorted(b) == sorted(f"{i}-lr{lr}-seed3" for i in ("diagonal", "linear") for lr in ("0.01", "0.05"))
