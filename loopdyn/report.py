@@ -17,6 +17,7 @@ import shlex
 from datetime import datetime, timezone
 from pathlib import Path
 
+import markupsafe
 import numpy as np
 
 from loopdyn.compare import UNIT, CompareResult, RunRecord, injections_in_order
@@ -25,10 +26,12 @@ from loopdyn.plots import style
 from loopdyn.plots.compare import PLOTS
 from loopdyn.dynamics import verdict
 from loopdyn.dynamics.numbers import fmt
+from loopdyn.gridstatus import status_html
 
 LABELS = style.LABELS
 OUTCOME_MARK = {"converged": "✓ converged", "inconclusive": "… inconclusive", "diverged": "✗ diverged",
-                "residual explosion": "✗ residual explosion"}
+                "residual explosion": "✗ residual explosion", "pending": "· pending", "running": "▸ running",
+                "failed": "✗ failed"}
 
 
 # ---- numbers ---------------------------------------------------------------------------------
@@ -149,6 +152,7 @@ def summary(result: CompareResult) -> dict:
         "matrix": result.matrix(),
         "findings": findings(result),
         "runs": runs,
+        **({"status": result.status} if result.status else {}),  # pending / running / failed runs
     })
 
 
@@ -198,13 +202,15 @@ def command_line(name: str, options: list[tuple[str, object]], flags: list[str] 
 
 
 def format_matrix(data: dict) -> str:
-    """The convergence matrix of a summary as a plain-text table, columns as wide as their contents."""
+    """The convergence matrix of a summary as a plain-text table, columns as wide as their contents;
+    runs of a grid not finished yet (summary "status") show as pending, running or failed."""
     runs = data["runs"]
-    lrs = sorted({r["lr"] for r in runs})
-    injections = injections_in_order(r["injection"] for r in runs)
+    unfinished = (data.get("status") or {}).get("runs", [])
+    lrs = sorted({r["lr"] for r in runs} | {r["lr"] for r in unfinished})
+    injections = injections_in_order({r["injection"] for r in runs} | {r["injection"] for r in unfinished})
     params = {r["injection"]: r["params"] for r in runs}
     header = ["", "params"] + [f"lr {lr:g}" for lr in lrs]
-    rows = [[inj, f"{params[inj]:,}"] + [data["matrix"].get(inj, {}).get(f"{lr:g}", "") for lr in lrs]
+    rows = [[inj, f"{params[inj]:,}" if inj in params else "…"] + [data["matrix"].get(inj, {}).get(f"{lr:g}", "") for lr in lrs]
             for inj in injections]
     widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
@@ -213,14 +219,15 @@ def format_matrix(data: dict) -> str:
 
 # ---- writing everything ----------------------------------------------------------------------
 
-def write_outputs(result: CompareResult, fmt: str = "png", command: str | None = None) -> dict:
-    """Write summary.json, the figures (in `fmt`) and report.html into result.out; return the summary."""
+def write_outputs(result: CompareResult, fmt: str = "png", command: str | None = None, plots: bool = True) -> dict:
+    """Write summary.json, the figures (in `fmt`) and report.html into result.out; return the summary.
+    plots=False (partial results while a grid runs) leaves the figures out."""
     fmt = style.check_format(fmt)
     out = Path(result.out)
     data = summary(result)
     data["provenance"] = provenance(command, result)
     figures = {}
-    for name, plot in PLOTS.items():
+    for name, plot in (PLOTS if plots else {}).items():
         fig, caption = plot(result)
         style.save(fig, out / f"{name}.{fmt}", fmt, caption=caption)
         png = style.render(fig, "png", dpi=200)
@@ -232,6 +239,10 @@ def write_outputs(result: CompareResult, fmt: str = "png", command: str | None =
 
 
 def _css(outcome: str) -> str:
+    if outcome in ("pending", "running"):  # runs of a grid not finished yet (loopdyn.coordinator)
+        return "wait"
+    if outcome == "failed":
+        return "bad"
     return verdict.css_class(outcome) if outcome else ""
 
 
@@ -256,13 +267,15 @@ def render_html(data: dict, figures: dict[str, tuple[bytes, str]]) -> str:
     """report.html from the summary and the figures (name → (PNG bytes, caption)): the template
     `loopdyn/templates/report.html` (jinja2, every value autoescaped), filled with text only."""
     runs = data["runs"]
-    lrs = sorted({r["lr"] for r in runs})
+    unfinished = (data.get("status") or {}).get("runs", [])  # pending / running / failed runs
+    lrs = sorted({r["lr"] for r in runs} | {r["lr"] for r in unfinished})
+    injections = injections_in_order({r["injection"] for r in runs} | {r["injection"] for r in unfinished})
     params = {r["injection"]: r["params"] for r in runs}
     prov = data.get("provenance") or provenance(None)
     matrix = []
-    for inj in injections_in_order(r["injection"] for r in runs):
+    for inj in injections:
         outcomes = [data["matrix"].get(inj, {}).get(f"{lr:g}", "") for lr in lrs]
-        matrix.append({"label": LABELS.get(inj, inj), "params": f"{params[inj]:,}",
+        matrix.append({"label": LABELS.get(inj, inj), "params": f"{params[inj]:,}" if inj in params else "…",
                        "cells": [{"css": _css(o), "text": OUTCOME_MARK.get(o, o)} for o in outcomes]})
     rows = []
     for r in runs:
@@ -277,7 +290,7 @@ def render_html(data: dict, figures: dict[str, tuple[bytes, str]]) -> str:
             "steps": r["steps"], "tokens": f"{r['tokens']:,}", "seconds": r["seconds"],
             "evidence": [evidence] if isinstance(evidence, str) else list(evidence)})
     return _template().render(
-        setup=data["setup"], prov=prov, machine=prov["machine"], unit=UNIT, colours=verdict.COLOURS,
+        setup=data["setup"], prov=prov, status=markupsafe.Markup(status_html(data)), machine=prov["machine"], unit=UNIT, colours=verdict.COLOURS,
         lrs=[f"{lr:g}" for lr in lrs], matrix=matrix, criteria=data["criteria"], findings=data["findings"], runs=rows,
         figures=[{"name": name, "png": base64.b64encode(png).decode(), "caption": caption}
                  for name, (png, caption) in figures.items()])

@@ -8,6 +8,8 @@ from loopdyn.models.errors import InputError
 from loopdyn.commands.common import add_data_option, add_threads_option
 from loopdyn.io import OutLock, check_outputs
 from loopdyn.compare import INJECTIONS, grid, run_grid
+from loopdyn.launchers import add_launcher_options, launcher_from_args, launcher_options
+from loopdyn.lease import Lease
 from loopdyn.report import format_matrix, write_outputs
 
 
@@ -28,12 +30,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="loopdyn-compare", metavar="DIR", help="output folder (default: ./loopdyn-compare)")
     p.add_argument("--resume", action="store_true",
                    help="keep finished runs in --out (made with the same settings) and do only the rest")
-    p.add_argument("--jobs", type=int, default=None, metavar="N", help="parallel processes (default: one per CPU core)")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="parallel processes (default: one per CPU core); with --launcher slurm, runs at once")
     add_threads_option(p, "each process", default="CPU cores / jobs")
     p.add_argument("--format", default="png", type=str.lower, choices=["png", "pdf", "svg"],
                    help="figure files: png (300 dpi), pdf or svg (vector); report.html embeds PNGs (default: png)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar on a terminal, no progress lines otherwise")
+    add_launcher_options(p)
     p.set_defaults(func=run)
 
 
@@ -45,7 +49,7 @@ def command(args: argparse.Namespace) -> str:
                                     ("--steps", args.steps), ("--preset", args.preset),
                                     ("--batch-size", args.batch_size), ("--seq-len", args.seq_len),
                                     ("--data", args.data), ("--out", args.out), ("--jobs", args.jobs),
-                                    ("--format", args.format)],
+                                    ("--format", args.format), *launcher_options(args)],
                         ["--resume"] if args.resume else [])
 
 
@@ -68,14 +72,22 @@ def run(args: argparse.Namespace) -> int:
     check_outputs(dirs={"--out": args.out}, inputs={"--data": args.data})
     if args.threads is not None and args.threads < 1:
         raise InputError("--threads must be ≥ 1")
-    specs[0].config().check_fits(factor=4.0 * (args.jobs or 1), what="training")  # before any process starts
-    with OutLock(Path(args.out)):  # held through the report too
-        result = run_grid(specs, Path(args.out), resume=args.resume, jobs=args.jobs, progress=not args.no_progress,
-                          threads=args.threads)
+    launcher = launcher_from_args(args)  # its options checked, its extra installed
+    if args.launcher == "local":  # elsewhere the nodes' memory counts, not this machine's
+        specs[0].config().check_fits(factor=4.0 * (args.jobs or 1), what="training")  # before any process starts
+    out = Path(args.out)
+    with Lease(out), OutLock(out):  # held through the report too
+        result = run_grid(specs, out, resume=args.resume, progress=not args.no_progress, launcher=launcher,
+                          on_update=lambda partial: write_outputs(partial, args.format, command(args), plots=False))
         data = write_outputs(result, args.format, command(args))
     print(format_matrix(data))
     for line in data["findings"]:
         print(f"- {line}")
     print(f"wrote {args.out}/summary.json, {args.out}/report.html and {len(data['figures'])} figures "
           f"({', '.join(data['figures'])})")
+    failed = [r for r in (result.status or {}).get("runs", []) if r["state"] == "failed"]
+    if failed:
+        raise InputError(f"{len(failed)} run(s) failed: " + "; ".join(
+            f"{r['name']} ({r['reason']}{'; log ' + r['log'] if r['log'] else ''})" for r in failed)
+            + "; the others are in the report; rerun with --resume to retry the failed ones")
     return 0

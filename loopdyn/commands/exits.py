@@ -10,9 +10,8 @@ Exit codes: 0, 1 (bad input), 2 (usage).
 """
 from __future__ import annotations
 
-
-from loopdyn.commands.common import (add_data_option, add_device_option, add_threads_option, check_device,
-                                     check_outputs, set_threads)
+from loopdyn.commands.common import add_data_option, add_device_option, add_threads_option, check_device, set_threads
+from loopdyn.io import check_outputs
 from loopdyn.models.errors import InputError
 
 DEFAULT_SEQ_LEN = 128

@@ -12,7 +12,7 @@ its presence marks the run finished), the trained model, the step log and the al
 Outcome of a run: `loopdyn.compare.outcome` (converged / inconclusive / residual explosion /
 diverged, by stated criteria). The package: `records` (RunSpec, RunRecord, CompareResult, the
 grid, the `--out` folder), `outcome` (the outcome rule), `run` (one run), `runner` (the grid,
-locally). The figures are in `loopdyn.plots.compare`; summary.json and report.html in
+on a launcher through loopdyn.coordinator). The figures are in `loopdyn.plots.compare`; summary.json and report.html in
 `loopdyn.report`.
 """
 from loopdyn.compare.outcome import (DIVERGE_MARGIN, EXPLOSION_LOOPS, EXPLOSION_RATIO, MARGINAL_RATIO, MIN_TREND_STEPS,
@@ -20,11 +20,12 @@ from loopdyn.compare.outcome import (DIVERGE_MARGIN, EXPLOSION_LOOPS, EXPLOSION_
 from loopdyn.compare.records import (INJECTIONS, OUTCOMES, RECORD, UNIT, CompareResult, RunRecord, RunSpec, grid,
                                      injections_in_order, load_record, prepare_out)
 from loopdyn.compare.run import injection_norms, run_one, state_norms, test_time_loops
-from loopdyn.compare.runner import run_grid
+from loopdyn.compare.runner import _worker_init, run_grid  # noqa: F401 - _worker_init: the launchers' pool
+from loopdyn.io import OutLock  # noqa: F401 - the coordinator's lock
 
 __all__ = [
     "DIVERGE_MARGIN", "EXPLOSION_LOOPS", "EXPLOSION_RATIO", "MARGINAL_RATIO", "MIN_TREND_STEPS", "STEEP_DROP",
     "STEEP_T", "classify", "smoothed", "still_falling", "INJECTIONS", "OUTCOMES", "RECORD", "UNIT",
     "CompareResult", "RunRecord", "RunSpec", "grid", "injections_in_order", "load_record", "prepare_out",
-    "injection_norms", "run_one", "state_norms", "test_time_loops", "run_grid",
+    "injection_norms", "run_one", "state_norms", "test_time_loops", "run_grid", "OutLock",
 ]

@@ -99,12 +99,16 @@ class CompareResult:
     skipped: list[str]  # runs found finished in `out` and not redone
     jobs: int = 1  # parallel processes used for the runs done now (for the report's header)
     threads: int = 1  # torch threads per process
+    status: dict | None = None  # every run's state while the grid runs (loopdyn.coordinator.status_dict)
 
     def matrix(self) -> dict[str, dict[str, str]]:
         """injection → lr → outcome (one seed: its outcome; several: counts, e.g. '2/3 converged')."""
         cells: dict[str, dict[str, list[str]]] = {}
         for r in self.records:
             cells.setdefault(r.spec["injection"], {}).setdefault(f"{r.spec['lr']:g}", []).append(r.outcome)
+        for r in (self.status or {}).get("runs", []):  # runs not finished: pending, running, failed
+            if r["state"] != "done":
+                cells.setdefault(r["injection"], {}).setdefault(f"{r['lr']:g}", []).append(r["state"])
         out = {}
         for inj, by_lr in cells.items():
             out[inj] = {}
