@@ -192,7 +192,8 @@ class SignalBus:
         self._depth += 1
         if self._depth > 1:
             return None
-        self._active = bool(not self.paused and module.training and torch.is_grad_enabled() and not under_transform() and not in_analysis())
+        self._active = bool(not self.paused and module.training and torch.is_grad_enabled()
+                            and not under_transform() and not in_analysis())
         if not self._active:
             return None
         if self.forwards_since_step == 0:

@@ -5,7 +5,7 @@
   for identity and diagonal operators, SVD / eigvals for dense ones), so nothing here depends
   on how Ā is structured. Cadence (`InjectionTracker.values`):
     every step      when the parameters live on the CPU and the exact values are cheap (a
-                    normal operator, or a dense one up to EIG_EVERY_STEP_MAX wide);
+                    normal operator, or a dense one up to models.sizes.EVERY_STEP_LIMIT wide);
     every N steps   otherwise (the exact values are host floats: one device sync each), with
                     ‖Ā‖₂ tracked in between by one warm-started power iteration on ĀᵀĀ per
                     step (`Operator.apply` / `apply_adjoint`, a device tensor, no sync).
@@ -24,13 +24,9 @@ from __future__ import annotations
 import torch
 
 from loopdyn.models.operator import Operator, as_operator
-from loopdyn.models.sizes import EVERY_STEP_LIMIT
 from loopdyn.models.protocol import linear_part
+from loopdyn.models.sizes import EVERY_STEP_LIMIT
 
-# Exact ρ of a dense Ā every step up to this width: eigvals costs ~1 ms at 64 (under 1 % of a
-# CPU training step of a model that narrow) but ~15-30 ms at 256, so wider ones get it every
-# `spectral_every` steps and the per-step ‖Ā‖₂ in between.
-EIG_EVERY_STEP_MAX = EVERY_STEP_LIMIT
 
 
 def _normalise(v: torch.Tensor) -> torch.Tensor:
@@ -67,7 +63,7 @@ class InjectionTracker:
         A = self.operator()
         if A is None:
             return {}
-        cheap = A.normal or A.n_out <= EIG_EVERY_STEP_MAX
+        cheap = A.normal or A.n_out <= EVERY_STEP_LIMIT
         if step % every == 0 or (cheap and on_host):
             return self.exact(A)
         if A.normal:  # ‖Ā‖ = ρ, both exact at the cadence above
