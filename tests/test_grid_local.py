@@ -192,3 +192,36 @@ def test_resume_after_the_coordinator_was_killed_keeps_finished_runs_and_buries_
         states = [a.state for a in scan_attempts(out, "linear-lr0.01-seed0")]
         assert states[-1] == "finished" and set(states[:-1]) <= {"lost"}
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["diagonal-lr0.01-seed0", "linear-lr0.01-seed0"]
+
+
+def test_an_attempt_still_alive_from_a_crashed_coordinator_is_adopted_not_run_twice(tmp_path, monkeypatch):
+    """A Slurm array outlives its coordinator: --resume watches the live attempt instead of
+    submitting the run again, and takes its result when it lands."""
+    from loopdyn.compare import grid, run_grid
+    from loopdyn.launchers.local import LocalLauncher
+
+    monkeypatch.setenv("LOOPDYN_HEARTBEAT_SECONDS", "0.1")
+    out = tmp_path / "cmp"
+    (spec,) = grid(["diagonal"], [0.01], [0], steps=3)
+    alive = Attempt(Task(spec.name, spec, str(out.resolve())))  # heartbeating, as on a node
+
+    def land() -> None:
+        time.sleep(2.0)
+        (alive.dir / RECORD).write_text(json.dumps(_record(spec, "from the node")))
+        alive.finish()
+
+    submitted = []
+
+    class Watching(LocalLauncher):
+        def submit(self, tasks, out_):
+            submitted.extend(t.name for t in tasks)
+            super().submit(tasks, out_)
+
+    lines: list[str] = []
+    thread = __import__("threading").Thread(target=land)
+    thread.start()
+    result = run_grid([spec], out, resume=True, launcher=Watching(1, 1), progress=False, log=lines.append)
+    thread.join()
+    assert submitted == [] and any("adopted attempt" in line for line in lines)
+    assert result.status["complete"] and result.records[0].note == "from the node"
+    assert [a.state for a in scan_attempts(out, spec.name)] == ["finished"]
