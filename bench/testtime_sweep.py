@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from loopdyn import scaling as laws
-from loopdyn.commands.sweep_loops import sweep_loops
+from loopdyn.scaling.sweep import sweep_loops
 from loopdyn.data import load_text
 from loopdyn.train import TrainConfig, train
 from loopdyn.models import LoopConfig, LoopedLM, load

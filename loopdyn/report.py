@@ -25,7 +25,7 @@ from loopdyn.io import atomic_write_json, atomic_write_text, json_safe
 from loopdyn.plots import style
 from loopdyn.plots.compare import PLOTS
 from loopdyn.dynamics import verdict
-from loopdyn.dynamics.numbers import fmt
+from loopdyn.dynamics.numbers import fmt, num
 from loopdyn.gridstatus import status_html
 
 LABELS = style.LABELS
@@ -34,28 +34,22 @@ OUTCOME_MARK = {"converged": "✓ converged", "inconclusive": "… inconclusive"
                 "failed": "✗ failed"}
 
 
-# ---- numbers ---------------------------------------------------------------------------------
-
-def _finite(x) -> float | None:
-    return float(x) if x is not None and math.isfinite(float(x)) else None
-
-
 def run_summary(r: RunRecord) -> dict:
     mu = r.mean_loops
     norms = r.final_state_norms
     growth = None
     if mu and len(norms) > mu and norms[mu]:
-        growth = _finite(norms[-1] / norms[mu])
+        growth = num(norms[-1] / norms[mu])
     rho = [v for v in r.spectral_radius if v is not None and math.isfinite(v)]
     return {
         "name": _name(r), "injection": r.spec["injection"], "lr": r.spec["lr"], "seed": r.spec["seed"],
         "params": r.params, "mean_loops": mu, "steps": r.steps, "tokens": r.tokens, "seconds": round(r.seconds, 1),
         "outcome": r.outcome, "outcome_reason": r.outcome_reason, "note": r.note,
-        "final_train_loss": _finite(np.mean(r.losses[-max(5, len(r.losses) // 10):])) if r.losses else None,
-        "val_by_loops": {k: _finite(v) for k, v in r.val_by_loops.items()},
-        "spectral_radius_final": _finite(r.spectral_radius[-1]) if r.spectral_radius else None,
+        "final_train_loss": num(np.mean(r.losses[-max(5, len(r.losses) // 10):])) if r.losses else None,
+        "val_by_loops": {k: num(v) for k, v in r.val_by_loops.items()},
+        "spectral_radius_final": num(r.spectral_radius[-1]) if r.spectral_radius else None,
         "spectral_radius_max": max(rho) if rho else None,
-        "spectral_norm_final": _finite(r.spectral_norm[-1]) if r.spectral_norm else None,
+        "spectral_norm_final": num(r.spectral_norm[-1]) if r.spectral_norm else None,
         "state_growth": growth,  # ‖h_{4μ}‖ / ‖h_μ‖ of the trained model
         "audit_verdict": (r.audit or {}).get("verdict"),
         "audit_evidence": (r.audit or {}).get("evidence"),

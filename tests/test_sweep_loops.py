@@ -10,7 +10,7 @@ import torch
 
 from loopdyn.scaling.flops import unrolled_params
 from loopdyn.cli import main
-from loopdyn.commands.sweep_loops import sweep_loops
+from loopdyn.scaling.sweep import sweep_loops
 from loopdyn.dynamics.overthinking import sweep_losses
 from loopdyn.data import load_text
 from loopdyn.train import evaluate

@@ -6,10 +6,11 @@
 - `loopdyn.scaling.powerlaw`: `fit_power_law`, isoFLOP parabolas, compute-optimal exponents;
 - `loopdyn.scaling.data`: `read_law_csv`;
 - `loopdyn.scaling.report`: `format_fit`, `fit_warnings` (the text `loopdyn fit` prints);
-- `loopdyn.scaling.flops`: unrolled parameter counts and FLOPs from a `LoopConfig`
-  (imported on use: it loads torch through `loopdyn.models`).
+- `loopdyn.scaling.flops`: unrolled parameter counts and FLOPs from a `LoopConfig`;
+- `loopdyn.scaling.sweep`: `sweep_loops`, the test-time loop sweep of a checkpoint, and its CSV
+  (`LoopSweep`) — both imported on use.
 
-Everything but `flops` is re-exported here: `from loopdyn import scaling; scaling.fit_law(...)`.
+Everything but `flops` and `sweep` is re-exported here: `from loopdyn import scaling; scaling.fit_law(...)`.
 """
 from loopdyn.scaling.data import read_law_csv
 from loopdyn.scaling.fit import (LawFit, TestTimeComparison, compare_testtime, fit_law, fit_parcae, fit_routed,

@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy import optimize
 
-from loopdyn.io import json_safe
+from loopdyn.dynamics.numbers import num
 from loopdyn.models.errors import InputError
 from loopdyn.scaling.forms import _FORMS, TESTTIME_FORMS, _Form, _form, _prepare, predict_law
 
@@ -85,11 +85,11 @@ class LawFit:
         plus ``form``, ``reliable``, ``reason``, ``n_points``, ``n_held_out``."""
         return {
             "law": self.law,
-            "params": {k: json_safe(v) for k, v in self.params.items()},
+            "params": {k: num(v) for k, v in self.params.items()},
             "ci": {k: (None if v is None or not all(map(math.isfinite, v))
                        else [float(v[0]), float(v[1])]) for k, v in self.ci.items()},
-            "error": {"in_sample": json_safe(self.in_sample_error),
-                      "held_out": json_safe(self.held_out_error)},
+            "error": {"in_sample": num(self.in_sample_error),
+                      "held_out": num(self.held_out_error)},
             "form": self.form,
             "reliable": bool(self.reliable),
             "reason": self.reason,
@@ -408,9 +408,9 @@ class TestTimeComparison:
         return [f.form for f in self.fits]
 
     def to_json(self) -> list[dict]:
-        return [{"form": f.form, "params": {k: json_safe(v) for k, v in f.params.items()},
-                 "error": {"in_sample": json_safe(f.in_sample_error),
-                           "held_out": json_safe(f.held_out_error)},
+        return [{"form": f.form, "params": {k: num(v) for k, v in f.params.items()},
+                 "error": {"in_sample": num(f.in_sample_error),
+                           "held_out": num(f.held_out_error)},
                  "reliable": f.reliable} for f in self.fits]
 
 

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from loopdyn.dynamics.numbers import fmt
 from loopdyn.scaling.fit import LawFit, TestTimeComparison
 
 
 def percent(x) -> str:
-    """A relative error as a percentage with three decimals; None is 'n/a'."""
-    return "n/a" if x is None else f"{100.0 * x:.3f}%"
+    """A relative error as a percentage with three decimals (`dynamics.numbers.fmt`); None is 'n/a'."""
+    return "n/a" if x is None else f"{fmt(100.0 * x, '.3f')}%"
 
 
 def format_fit(fit: LawFit, comparison: TestTimeComparison | None = None, *, holdout_above: float | None = None,
