@@ -33,7 +33,7 @@ from loopdyn.dynamics.loopmap import MAX_HORIZON, MAX_LOOPS, Cost, Linearisation
 from loopdyn.dynamics.lti import injection_spectrum
 from loopdyn.dynamics.lyapunov_exponents import LyapunovAccumulator, LyapunovResult
 from loopdyn.dynamics.numbers import fmt
-from loopdyn.dynamics.overthinking import overthinking, probe_losses
+from loopdyn.dynamics.overthinking import overthinking, probe_losses, target_labels
 from loopdyn.dynamics.trajectory import check_pure, encode_probe, measure_trajectory, run_loop, trajectory_of
 from loopdyn.dynamics.verdict import audit_verdict
 from loopdyn.models import protocol
@@ -145,9 +145,11 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
         krylovs.clear()
     from loopdyn.dynamics.phases import token_phases
     phases = None if broken else token_phases(traj.states, forecast.leading_eigenvalues, forecast.eigenvalue_source)
-    losses = None if broken else probe_losses(model, idx, traj, H, cost, after=after)
+    got = None if broken else probe_losses(model, idx, traj, H, cost, after=after, per_token=True)
+    losses, token_losses = got if got is not None else (None, None)
     if losses is not None:  # loops past the trained depth: does the model overthink on the probe?
-        over = overthinking(np.arange(1, H + 1), losses, model.mean_loops, forecast, phases)
+        over = overthinking(np.arange(1, H + 1), losses, model.mean_loops, forecast, phases,
+                            token_loss=token_losses, token_labels=target_labels(phases, tuple(idx.shape)))
         forecast = replace(forecast, overthinking=over, evidence=list(forecast.evidence) + [
             f"loops past the trained depth (probe loss): {over.summary()}"])
     norm_result = gate_result = None

@@ -40,6 +40,7 @@ class Overthinking:
     rise: float  # largest relative rise past μ (0 when the loss never rises)
     reason: str = ""
     tol: float = OVERTHINK_TOL
+    per_token: object = None  # `loopdyn.dynamics.exits.BestDepth` of the per-token losses, when known
 
     def summary(self) -> str:
         mu = self.mean_loops
@@ -49,12 +50,16 @@ class Overthinking:
                 if self.overthinks else f"does not overthink: the loss does not rise past the trained depth μ = {mu} "
                                         f"(by more than {100 * self.tol:.2g}%)")
         return (f"{head}; {at_mu}best test-time loop count T = {self.best_loops} (L = {self.best_loss:.4g})"
-                + (f"; {self.reason}" if self.reason else ""))
+                + (f"; {self.reason}" if self.reason else "")
+                + (f"; per token: {self.per_token.summary()}" if self.per_token is not None else ""))
 
 
 def overthinking(loops, loss, mean_loops: int, forecast=None, phases=None,
-                 tol: float = OVERTHINK_TOL) -> Overthinking:
-    """Analyse a loss-versus-loops curve (see `Overthinking`); forecast/phases give the reason."""
+                 tol: float = OVERTHINK_TOL, token_loss=None, token_labels=None) -> Overthinking:
+    """Analyse a loss-versus-loops curve (see `Overthinking`); forecast/phases give the reason.
+    token_loss (len(loops), M): the per-token losses whose mean is `loss`, with token_labels their
+    phase labels: adds the best depth per token with its dynamical reason and the whole probe's
+    bootstrap interval (`loopdyn.dynamics.exits.depth`)."""
     loops, loss = np.asarray(loops, int), np.asarray(loss, float)
     fin = np.where(np.isfinite(loss), loss, np.inf)
     best = float(fin.min()) if fin.size else math.nan
@@ -70,7 +75,21 @@ def overthinking(loops, loss, mean_loops: int, forecast=None, phases=None,
             rise = max(rise, (L - running) / running if math.isfinite(L) else math.inf)
     over = rise > tol
     reason = _overthinking_reason(over, mean_loops, forecast, phases) if forecast is not None else ""
-    return Overthinking(loops, loss, int(mean_loops), bool(over), best_T, best, float(rise), reason, tol)
+    per_token = None
+    if token_loss is not None and np.all(np.isfinite(token_loss)) and np.shape(token_loss)[1] >= 1:
+        from loopdyn.dynamics.exits.depth import best_depth_of
+
+        per_token = best_depth_of(token_loss, token_labels, int(mean_loops), tol)
+    return Overthinking(loops, loss, int(mean_loops), bool(over), best_T, best, float(rise), reason, tol, per_token)
+
+
+def target_labels(phases, shape) -> list | None:
+    """The phase labels of the tokens that have a target (positions 0..S−2 of each row, the order of
+    `probe_losses(per_token=True)`), when `phases` labelled every position of the (B, S) probe."""
+    B, S = shape
+    if phases is None or len(phases.labels) != B * S:
+        return None
+    return [phases.labels[b * S + s] for b in range(B) for s in range(S - 1)]
 
 
 def _overthinking_reason(over: bool, mu: int, f, phases) -> str:
@@ -96,10 +115,11 @@ def _overthinking_reason(over: bool, mu: int, f, phases) -> str:
 
 
 def probe_losses(model, idx: torch.Tensor, traj, max_loops: int, cost: Cost | None = None,
-                 after: torch.Tensor | None = None) -> np.ndarray | None:
+                 after: torch.Tensor | None = None, per_token: bool = False):
     """Next-token loss of the probe itself (targets idx[:, 1:]) after T = 1..max_loops loops, from the
     measured states and the loop continued from h_T (from `after` = F(h_T) when it is known);
-    None when decode does not give vocabulary logits."""
+    None when decode does not give vocabulary logits. per_token: return (mean, per-token losses
+    (max_loops, B·(S−1)), batch-major) instead of the mean alone."""
     from loopdyn.dynamics.trajectory import run_loop
 
     T = traj.n_loops
@@ -107,6 +127,7 @@ def probe_losses(model, idx: torch.Tensor, traj, max_loops: int, cost: Cost | No
         return None
     targets = idx[:, 1:]
     out = np.full(max_loops, math.inf)  # loops after a non-finite state stay infinite
+    tokens = np.full((max_loops, targets.numel()), math.inf)
     # the measured states, then the loop continued from h_T (stops after a non-finite state)
     continued = []
     if max_loops > T and after is not None:  # h_{T+1} is known
@@ -121,8 +142,11 @@ def probe_losses(model, idx: torch.Tensor, traj, max_loops: int, cost: Cost | No
             logits = model.decode(state, traj.ctx)
             if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[-1] <= int(idx.max()):
                 return None
-            out[t - 1] = float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten()))
-    return out
+            each = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
+            out[t - 1] = float(each.mean())
+            if per_token:
+                tokens[t - 1] = each.detach().double().cpu().numpy()
+    return (out, tokens) if per_token else out
 
 
 @torch.no_grad()
@@ -182,4 +206,4 @@ def loop_overthinking(model, loops, loss, mean_loops: int, probe: torch.Tensor |
     return overthinking(loops, loss, mu, f, ph)
 
 
-__all__ = ["OVERTHINK_TOL", "Overthinking", "overthinking", "probe_losses", "sweep_losses", "loop_overthinking"]
+__all__ = ["OVERTHINK_TOL", "Overthinking", "overthinking", "target_labels", "probe_losses", "sweep_losses", "loop_overthinking"]

@@ -35,6 +35,22 @@ def test_nonfinite_loss_past_the_depth_overthinks():
     assert o.overthinks and math.isinf(o.rise) and o.best_loops == 4
 
 
+def test_per_token_best_depth_in_the_overthinking_line():
+    """Tokens whose loss bottoms out at known loops (3, 5, 5, 7) and rises after: each token's best
+    depth is found with the reason 'overthinking'; a cycling token gets 'cycling'."""
+    H = 12
+    t = np.arange(1, H + 1)[:, None]
+    best = np.array([3, 5, 5, 7])
+    token_loss = 2.0 + 0.1 * np.abs(t - best[None, :])
+    labels = ["fixed point", "fixed point", "cycle 2", "fixed point"]
+    o = overthinking(np.arange(1, H + 1), token_loss.mean(1), 4, token_loss=token_loss, token_labels=labels)
+    d = o.per_token
+    assert d.best.tolist() == [3, 5, 5, 7]
+    assert d.reason == ("overthinking", "overthinking", "cycling", "overthinking") and d.period.tolist() == [0, 0, 2, 0]
+    assert "per token:" in o.summary()
+    assert overthinking(np.arange(1, H + 1), token_loss.mean(1), 4).per_token is None
+
+
 def test_audit_says_whether_the_model_overthinks_with_the_dynamical_reason():
     from loopdyn.dynamics import audit
 
@@ -47,6 +63,12 @@ def test_audit_says_whether_the_model_overthinks_with_the_dynamical_reason():
     for T in (1, 4, 9, 16):
         assert o.loss[T - 1] == pytest.approx(float(model(idx[:, :-1], idx[:, 1:], n_loops=T).loss), rel=1e-4)
     assert "dynamical reason" in o.reason and "marginal" in add.verdict
+    # per token: the best depth of each of the 2 × 9 tokens with a target; their mean is the probe loss
+    assert o.per_token is not None and len(o.per_token.best) == 18 and len(o.per_token.reason) == 18
+    np.testing.assert_allclose(o.per_token.mean_loss, o.loss, rtol=1e-6)
+    assert o.per_token.probe_best == o.best_loops
+    lo, hi = o.per_token.interval
+    assert lo <= o.best_loops <= hi and "per token: best depth of the probe" in o.summary()
     assert any(e.startswith("loops past the trained depth") for e in add.to_json()["forecast"]["evidence"])
     par = audit(small_loop_model("diagonal", perturb=0.05), idx, loops=4, horizon=16)
     assert par.verdict == "stable" and "converges" in par.forecast.overthinking.reason
