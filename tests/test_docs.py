@@ -61,3 +61,27 @@ def test_api_reference_builds_strictly(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     page = (tmp_path / "site" / "api" / "dynamics" / "index.html").read_text()
     assert "loopdyn.dynamics" in page and "forecast" in page
+
+
+def test_the_verdict_section_is_the_rule_tables_own_words():
+    """docs/design.md §8 quotes loopdyn.dynamics.verdict's criteria: change one, change both."""
+    from loopdyn.dynamics import verdict
+
+    text = DESIGN.read_text()
+    for word, criterion in {**verdict.verdict_criteria(), **verdict.criteria()}.items():
+        assert f"| `{word}` | {criterion} |" in text, word
+
+
+def test_every_file_in_the_concept_table_exists():
+    text = DESIGN.read_text()
+    table = text[text.index("## 9. Where each concept lives"):]
+    missing = []
+    for cell in re.findall(r"^\|[^|]*\| (.*) \|$", table, re.M):
+        folder = None
+        for name in re.findall(r"`([^`]+)`", cell):
+            path = ROOT / name if "/" in name else (folder / name if folder else ROOT / name)
+            if "/" in name:
+                folder = (ROOT / name).parent
+            if not path.exists():
+                missing.append(name)
+    assert missing == []
