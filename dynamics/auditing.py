@@ -88,6 +88,12 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
     fmt = getattr(info, "format", None) or getattr(model, "checkpoint_format", None) or "adapter"
 
     bad = nonfinite_parameters(model)
+    from loopdyn.models.precision import model_precision
+
+    prec = model_precision(model)
+    if not prec.is_default:
+        notes.append(f"the loop ran in {prec.name} (the state in {str(prec.state).replace('torch.', '')}); the "
+                     f"analysis runs in float64 on its products")
     report("injection spectrum", 0, 1)
     spec = injection_spectrum(model, horizon=H, tol=tol)
     if spec.absent:

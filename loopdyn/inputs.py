@@ -21,15 +21,20 @@ DEFAULT_SEQ_LEN = 256
 CORPUS_BYTES = 4_000_000  # enough of the default corpus for a probe window, and fast to read
 
 
-def load_model(path: str, device: str = "cpu"):
+def load_model(path: str, device: str = "cpu", dtype=None):
     """The LoopedModel behind PATH: `user_factory(path)()` for MODULE:FUNCTION, else the checkpoint
-    (`loopdyn.models.load`). A model that is not looped is an InputError naming PATH."""
+    (`loopdyn.models.load`), in the precision `dtype` (models/precision.py: parameters cast for a
+    pure precision, an autocast wrapper for a mixed one; default: as loaded). A model that is not
+    looped is an InputError naming PATH."""
     from loopdyn.models import load, protocol
+    from loopdyn.models.precision import precision
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # non-finite weights are reported in the verdict
         factory = user_factory(str(path))
-        model = load(path, device=device) if factory is None else factory()
+        model = load(path, device=device, dtype=dtype) if factory is None else factory()
+    if dtype is not None:
+        model = precision(dtype).wrap(model)
     try:
         protocol.require_looped(model)
     except protocol.ProtocolError as err:

@@ -43,6 +43,7 @@ class TrainConfig:
     save_dir: str | None = None
     progress: bool = True  # on stderr: a progress bar on a terminal, periodic log lines otherwise
     compile: bool = False  # training forward and backward through torch.compile (validation stays eager)
+    dtype: str = "float32"  # loopdyn.models.precision: float32 | bfloat16 | float16 | bf16-mixed | fp16-mixed
     desc: str = "train"
 
     def validate(self) -> None:
@@ -53,6 +54,9 @@ class TrainConfig:
             raise InputError(f"lr must be a positive number, got {self.lr}")
         if self.eval_every < 0:
             raise InputError("eval-every must be ≥ 0")
+        from loopdyn.models.precision import precision
+
+        precision(self.dtype)  # an unknown name: one clear error before any work
 
     @property
     def warmup(self) -> int:
@@ -165,8 +169,12 @@ def train(model: LoopedLM, data: TextData, cfg: TrainConfig,
     if cfg.seq_len > model.config.block_size:
         raise InputError(f"seq-len {cfg.seq_len} is longer than the model supports "
                          f"(block_size {model.config.block_size})")
+    from loopdyn.models.precision import precision
+
+    prec = precision(cfg.dtype)
     dist = Distributed()
     device = torch.device(cfg.device)
+    prec.apply(model)  # pure bf16/fp16: the weights in that dtype; mixed: float32 weights, autocast below
     model.to(device).train()
     net: nn.Module = model
     if dist.enabled:
@@ -191,7 +199,8 @@ def train(model: LoopedLM, data: TextData, cfg: TrainConfig,
             if monitor is not None and hasattr(monitor, "record_batch"):
                 # replay: re-seed a generator with `seed` and draw `batch` + 1 batches
                 monitor.record_batch({"batch": step, "seed": cfg.seed * 1000 + dist.rank})
-            loss = net(x.to(device), y.to(device)).loss
+            with prec.context(device):
+                loss = net(x.to(device), y.to(device)).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -210,7 +219,8 @@ def train(model: LoopedLM, data: TextData, cfg: TrainConfig,
                 record["skipped"] = True
             last = step + 1 == cfg.steps
             if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
-                val = evaluate(model, data, cfg.eval_batches, cfg.batch_size, cfg.seq_len, device=device)
+                with prec.context(device):
+                    val = evaluate(model, data, cfg.eval_batches, cfg.batch_size, cfg.seq_len, device=device)
                 result.val.append((step + 1, val))
                 record["val_loss"] = val
             if log:

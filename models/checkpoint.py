@@ -237,11 +237,16 @@ def _keep_backup(directory: Path) -> Path | None:
     return backup
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LoopedLM:
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: "torch.dtype | str | None" = None) -> LoopedLM:
     """Load a loopdyn checkpoint, an official Parcae checkpoint, or a Huginn-0125/Raven or Ouro
     folder (models/formats.py) — a folder, its config.json, or its weights file. The model is
-    returned in eval mode, in float32 (Huginn/Ouro: in `dtype` when given), with
+    returned in eval mode, its parameters in `dtype` (default float32; a name such as "bf16" or a
+    torch dtype, models/precision.py; a mixed precision loads float32 weights), cast tensor by
+    tensor as they are read: bf16 weights computed in bf16 are never held in float32. With
     `model.checkpoint_info` telling where it came from and whether any weight is not finite."""
+    from loopdyn.models.precision import precision
+
+    dtype = None if dtype is None else precision(dtype).weights
     directory = _checkpoint_dir(Path(path))
     config_path = directory / "config.json"
     try:
@@ -258,7 +263,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     if fmt is not None:
         model = importers.load_imported(directory, raw, fmt, dtype)
     elif raw.get("format") == "loopdyn":
-        model, model.checkpoint_info = _load_own(directory, raw)
+        model, model.checkpoint_info = _load_own(directory, raw, dtype or torch.float32)
     else:
         raise CheckpointError(f"{config_path}: not a loopdyn, official Parcae, Huginn/Raven or Ouro config")
     info = model.checkpoint_info
@@ -283,7 +288,7 @@ def _checkpoint_dir(path: Path) -> Path:
     return directory
 
 
-def _load_own(directory: Path, raw: dict) -> tuple[LoopedLM, CheckpointInfo]:
+def _load_own(directory: Path, raw: dict, dtype: torch.dtype = torch.float32) -> tuple[LoopedLM, CheckpointInfo]:
     config_path = directory / "config.json"
     if raw.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{config_path}: unsupported loopdyn format version {raw.get('version')!r}")
@@ -302,7 +307,7 @@ def _load_own(directory: Path, raw: dict) -> tuple[LoopedLM, CheckpointInfo]:
     if weights.is_file() and wid is not False and cid != wid:
         raise CheckpointError(f"{directory}: config.json and model.safetensors come from different saves "
                               f"(an interrupted save?) and no backup copy is kept")
-    bound(config, weights, config_path)
+    bound(config, weights, config_path, dtype)
     state = open_weights(weights)
     check_float_weights(state, weights)
     model = build_meta_model(config, config_path)
@@ -310,13 +315,13 @@ def _load_own(directory: Path, raw: dict) -> tuple[LoopedLM, CheckpointInfo]:
     if config.tie_embeddings:
         expected.pop("lm_head.weight")  # stored once, as wte.weight
     check_keys_and_shapes(state, {k: tuple(v.shape) for k, v in expected.items()}, weights)
-    fill(model, {**state, "rope": computed_rope(config)}, torch.float32, weights)
+    fill(model, {**state, "rope": computed_rope(config)}, dtype, weights)
     return model, CheckpointInfo(str(directory), "loopdyn", str(weights), nonfinite_parameters(model))
 
 
-def bound(config: LoopConfig, weights: Path, source: Path) -> None:
+def bound(config: LoopConfig, weights: Path, source: Path, dtype: torch.dtype = torch.float32) -> None:
     """Refuse, before reading or allocating anything, a config that implies more parameters
-    than the weights file holds or than the machine's memory takes (the float32 model, filled
+    than the weights file holds or than the machine's memory takes (the model in `dtype`, filled
     one tensor at a time: its bytes plus the largest tensor, bounded by 1.25×)."""
     if not weights.is_file():
         raise CheckpointError(f"{weights}: missing weights file")
@@ -329,7 +334,7 @@ def bound(config: LoopConfig, weights: Path, source: Path) -> None:
 
     check_file(config.param_count(exact=False), "at least ")
     try:
-        config.check_fits(factor=1.25, what="loading it", source=str(source))
+        config.check_fits(factor=1.25 * torch.finfo(dtype).bits / 32, what="loading it", source=str(source))
     except ConfigError as err:
         raise CheckpointError(str(err)) from None
     check_file(config.param_count(), "")

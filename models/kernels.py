@@ -286,6 +286,11 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         if _wants_grad(x, weight, bias):
             return _OneDNNLinear.apply(x, weight, bias)
         return _onednn(x, weight, bias)
+    if x.dtype in (torch.bfloat16, torch.float16) and use_fast(x):
+        from loopdyn.models.precision import takes_upcast, upcast_linear  # bf16 on a CPU without bf16 kernels
+
+        if takes_upcast(x, weight, bias):
+            return upcast_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 
-from loopdyn.commands.common import (add_data_option, add_device_option, add_hidden_alias, add_threads_option,
-                                     check_device, set_threads)
+from loopdyn.commands.common import (add_data_option, add_device_option, add_dtype_option, add_hidden_alias,
+                                     add_threads_option, check_device, set_threads)
 from loopdyn.inputs import DEFAULT_SEQ_LEN
 from loopdyn.io import atomic_write_json, check_outputs
 from loopdyn.models.errors import InputError
@@ -59,6 +59,7 @@ def register(subparsers) -> None:
     p.add_argument("--budget", default="0.5%", metavar="B",
                    help="with --exits: the loss budget, e.g. 0.5%% or 0.005 (default: 0.5%%)")
     add_device_option(p)
+    add_dtype_option(p, "the audited loop (the analysis itself runs in float64 on its products)")
     add_threads_option(p, "the audit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -85,7 +86,7 @@ def run(args) -> int:
     check_outputs(files={"--json": args.json}, dirs={"--plots": args.plots}, inputs={"--data": args.data})
     check_device(args.device)
     set_threads(args.threads)
-    model = load_model(args.path, device=args.device)
+    model = load_model(args.path, device=args.device, dtype=args.dtype)
     loops = args.loops if args.loops is not None else min(model.mean_loops, MAX_LOOPS)
     horizon = args.horizon if args.horizon is not None else min(4 * loops, MAX_HORIZON)
     if horizon < loops:

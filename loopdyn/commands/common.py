@@ -36,6 +36,22 @@ def add_device_option(parser) -> None:
                         help="torch device: cpu, cuda, cuda:1, mps (default: cpu)")
 
 
+def add_dtype_option(parser, what: str = "the loop") -> None:
+    """`--dtype`: the compute precision (loopdyn.models.precision: pure float32/bfloat16/float16,
+    or bf16-mixed/fp16-mixed as in training). Checked at parse time (exit 2 with the choices)."""
+    from loopdyn.models.precision import CHOICES, DTYPE_HELP
+
+    def parse(text: str) -> str:
+        from loopdyn.models.precision import precision
+
+        try:
+            return precision(text).name
+        except InputError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    parser.add_argument("--dtype", default="float32", type=parse, metavar="|".join(CHOICES),
+                        help=f"{DTYPE_HELP}; for {what} (default: float32)")
+
+
 def add_threads_option(parser, what: str = "training",
                        default: str = "PyTorch's choice, one per core; on a shared machine use 1") -> None:
     parser.add_argument("--threads", type=int, default=None, metavar="N",
@@ -92,6 +108,7 @@ def add_train_options(parser: argparse.ArgumentParser, steps: int = 300) -> None
                         "(README, benchmarks); not with the stability monitor")
     add_data_option(g)
     add_device_option(g)
+    add_dtype_option(g, "training")
     add_threads_option(g)
     g.add_argument("--no-progress", action="store_true",
                    help="no progress bar on a terminal, no progress lines otherwise")

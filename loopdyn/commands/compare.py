@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from loopdyn.models.errors import InputError
-from loopdyn.commands.common import add_data_option, add_threads_option
+from loopdyn.commands.common import add_data_option, add_dtype_option, add_threads_option
 from loopdyn.io import OutLock, check_outputs
 from loopdyn.compare import INJECTIONS, grid, run_grid
 from loopdyn.launchers import add_launcher_options, launcher_from_args, launcher_options
@@ -27,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="sequences per batch")
     p.add_argument("--seq-len", type=int, default=64, metavar="S", help="tokens (bytes) per sequence")
     add_data_option(p)
+    add_dtype_option(p, "training every run")
     p.add_argument("--out", default="loopdyn-compare", metavar="DIR", help="output folder (default: ./loopdyn-compare)")
     p.add_argument("--resume", action="store_true",
                    help="keep finished runs in --out (made with the same settings) and do only the rest")
@@ -48,8 +49,8 @@ def command(args: argparse.Namespace) -> str:
     return command_line("compare", [("--injections", args.injections), ("--lrs", args.lrs), ("--seeds", args.seeds),
                                     ("--steps", args.steps), ("--preset", args.preset),
                                     ("--batch-size", args.batch_size), ("--seq-len", args.seq_len),
-                                    ("--data", args.data), ("--out", args.out), ("--jobs", args.jobs),
-                                    ("--format", args.format), *launcher_options(args)],
+                                    ("--data", args.data), ("--dtype", args.dtype), ("--out", args.out),
+                                    ("--jobs", args.jobs), ("--format", args.format), *launcher_options(args)],
                         ["--resume"] if args.resume else [])
 
 
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--jobs must be ≥ 1")
     specs = grid(_list(args.injections, str, "injections"), _list(args.lrs, float, "lrs"),
                  _list(args.seeds, int, "seeds"), preset=args.preset, steps=args.steps,
-                 batch_size=args.batch_size, seq_len=args.seq_len, data=args.data)
+                 batch_size=args.batch_size, seq_len=args.seq_len, data=args.data, dtype=args.dtype)
     check_outputs(dirs={"--out": args.out}, inputs={"--data": args.data})
     if args.threads is not None and args.threads < 1:
         raise InputError("--threads must be ≥ 1")

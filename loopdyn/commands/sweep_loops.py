@@ -9,7 +9,7 @@ import math
 import sys
 from pathlib import Path
 
-from loopdyn.commands.common import add_device_option, add_threads_option, check_device, set_threads
+from loopdyn.commands.common import add_device_option, add_dtype_option, add_threads_option, check_device, set_threads
 from loopdyn.io import atomic_write_text, check_outputs
 from loopdyn.models import load, protocol
 from loopdyn.models.errors import InputError
@@ -44,6 +44,7 @@ def register(subparsers) -> None:
                    help="training tokens of the checkpoint, for the CSV's tokens column (default: as recorded by "
                         "loopdyn train in the checkpoint, else empty)")
     add_device_option(p)
+    add_dtype_option(p, "the swept loop")
     add_threads_option(p, "the sweep")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar on a terminal, no progress lines otherwise")
@@ -70,7 +71,9 @@ def run(args: argparse.Namespace) -> int:
     check_outputs(files={"--csv": args.csv}, inputs={"--data": args.data})
     check_device(args.device)
     set_threads(args.threads)
-    model = load(args.checkpoint, device=args.device)
+    from loopdyn.models.precision import precision
+
+    model = precision(args.dtype).wrap(load(args.checkpoint, device=args.device, dtype=args.dtype))
     try:
         require_loop(model)
     except InputError as err:
@@ -91,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
                         batch_size=args.batch_size, seq_len=args.seq_len, tokens=args.tokens,
                         progress=not args.no_progress, dynamics=not args.no_dynamics)
     size = "unrolled parameters unknown" if sweep.params is None else f"{sweep.params:,} unrolled parameters at mu_rec"
-    print(f"model: {args.checkpoint} ({protocol.injection_name(model)} injection, mu_rec = {model.mean_loops}, {size})")
+    print(f"model: {args.checkpoint} ({protocol.injection_name(model)} injection, mu_rec = {model.mean_loops}, {size}, "
+          f"computed in {args.dtype})")
     print(f"data: {data.source}, {sweep.eval_tokens:,} validation tokens "
           f"({args.batches} x {args.batch_size} x {args.seq_len}) per loop count")
     print(sweep.table())

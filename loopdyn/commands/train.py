@@ -73,7 +73,7 @@ def monitor_options(args: argparse.Namespace) -> dict | None:
 def train_config_from_args(args: argparse.Namespace, **extra) -> TrainConfig:
     return TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
                        warmup_steps=args.warmup, eval_every=args.eval_every, seed=args.seed, device=args.device,
-                       progress=not args.no_progress, compile=args.compile, **extra)
+                       progress=not args.no_progress, compile=args.compile, dtype=args.dtype, **extra)
 
 
 def check_paths(args: argparse.Namespace) -> None:

@@ -38,6 +38,7 @@ class RunSpec:
     batch_size: int = 16
     seq_len: int = 64
     data: str | None = None
+    dtype: str = "float32"  # loopdyn.models.precision name
 
     @property
     def name(self) -> str:
@@ -175,6 +176,7 @@ def prepare_out(out: Path, specs: list[RunSpec], resume: bool) -> tuple[list[Run
 
 def _differing_settings(stored: dict, spec: RunSpec) -> str:
     wanted = asdict(spec)
+    stored = {"dtype": "float32", **stored}  # records written before --dtype existed
     parts = []
     for key in sorted(set(stored) | set(wanted)):
         if stored.get(key) != wanted.get(key):

@@ -76,7 +76,8 @@ def run_one(spec: RunSpec, run_dir: Path, progress: Callable[[int], None] | None
     run_dir.mkdir(parents=True, exist_ok=True)
     probe(0)
     cfg = TrainConfig(steps=spec.steps, lr=spec.lr, batch_size=spec.batch_size, seq_len=spec.seq_len,
-                      seed=spec.seed, eval_every=0, progress=False, log_path=str(run_dir / "train.jsonl"))
+                      seed=spec.seed, eval_every=0, progress=False, log_path=str(run_dir / "train.jsonl"),
+                      dtype=spec.dtype)
     result = train(model, data, cfg, monitor_factory=_monitor_factory(run_dir), on_step=on_step)
     record.steps, record.tokens, record.seconds = result.steps, result.tokens, result.seconds
     record.losses, record.diverged, record.stop_reason = result.losses, result.diverged, result.stop_reason

@@ -40,7 +40,7 @@ def detect(raw: dict) -> str | None:
 
 def load_imported(directory: Path, raw: dict, fmt: str, dtype: torch.dtype | None = None):
     """The model of importer `fmt` (one of FORMATS), filled from `directory`, with
-    `checkpoint_info` set (in float32; Huginn/Ouro in `dtype` when given)."""
+    `checkpoint_info` set, its parameters in `dtype` (default float32)."""
     if fmt not in FORMATS:  # pragma: no cover - detect only returns these
         raise ValueError(f"unknown checkpoint format {fmt!r}")
     module = importlib.import_module(f"loopdyn.models.importers.{fmt}")

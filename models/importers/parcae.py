@@ -237,14 +237,15 @@ def official_state_dict_shapes(model: LoopedLM) -> tuple[dict[str, tuple], dict[
 
 
 def from_official(directory: Path, raw: dict, dtype: torch.dtype | None = None) -> LoopedLM:
-    """A LoopedLM from an official Parcae folder, in float32 (`dtype` is not used: the official
-    numerics are float32), with `checkpoint_info` set."""
+    """A LoopedLM from an official Parcae folder, its parameters in `dtype` (default float32, the
+    official numerics; bf16 as Parcae runs bf16), with `checkpoint_info` set."""
+    dtype = dtype or torch.float32
     config_path = directory / "config.json"
     config = official_config_to_loop_config(raw, str(config_path))
     weights = next((directory / n for n in OFFICIAL_WEIGHT_FILES if (directory / n).is_file()), None)
     if weights is None:
         raise CheckpointError(f"{directory}: no weights file (looked for {', '.join(OFFICIAL_WEIGHT_FILES)})")
-    bound(config, weights, config_path)
+    bound(config, weights, config_path, dtype)
     state: dict[str, StoredTensor] = open_weights(weights)
     check_float_weights(state, weights)
     state = {_strip_prefixes(k): v for k, v in state.items()}
@@ -265,7 +266,7 @@ def from_official(directory: Path, raw: dict, dtype: torch.dtype | None = None) 
     if not torch.allclose(stored_rope, computed, atol=1e-6, rtol=0):
         notes.append("stored RoPE table differs from the one recomputed from rope_settings; using the stored one")
     ours = {to_ours[k]: v for k, v in state.items() if k in to_ours}
-    fill(model, {**ours, "rope": stored_rope.contiguous()}, torch.float32, weights)
+    fill(model, {**ours, "rope": stored_rope.contiguous()}, dtype, weights)
     unused = sorted(set(shapes) - set(to_ours) - {"freqs_cis"})
     if unused:
         notes.append(f"{len(unused)} value-embedding table(s)/gate(s) are never used by the official forward "
