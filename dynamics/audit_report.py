@@ -83,6 +83,7 @@ class AuditReport:
     normalised: object = None  # NormalisedLoop, for a loop that renormalises its state (state_norm_kind ≠ "none")
     exit_gate: object = None  # ExitGateAudit, for a model with an exit gate
     phases: object = None  # loopdyn.dynamics.phases.Phases (None: not computed)
+    precision: object = None  # loopdyn.dynamics.precision.PrecisionAudit (`audit --precision`)
 
     def to_json(self) -> dict:
         gain = gain_graph_json(self.gain) if self.gain is not None else {"nodes": [], "edges": [], "cycle_gain": None}
@@ -92,7 +93,8 @@ class AuditReport:
                 "gain_graph": gain, "verdict": str(self.verdict), "skipped": list(self.skipped),
                 "normalised": None if self.normalised is None else self.normalised.to_json(),
                 "exit_gate": None if self.exit_gate is None else self.exit_gate.to_json(),
-                "phases": self.phases.to_json() if self.phases is not None else None}
+                "phases": self.phases.to_json() if self.phases is not None else None,
+                "precision": None if self.precision is None else self.precision.to_json()}
 
     def to_text(self) -> str:
         from loopdyn.dynamics.audit_text import format_report

@@ -35,6 +35,8 @@ def format_report(r: AuditReport) -> str:
                          f"by construction; the forecast of ‖h‖ alone said {r.forecast.verdict})")
     if r.exit_gate is not None:
         lines += ["", r.exit_gate.to_text()]
+    if getattr(r, "precision", None) is not None:
+        lines += ["", r.precision.to_text()]
     return "\n".join(lines)
 
 

@@ -49,7 +49,7 @@ def test_stable_checkpoint_json_and_plots(ckpts, tmp_path, capsys):
     assert "VERDICT: STABLE" in out and "decided by" in out
     js = json.loads(js_path.read_text())
     assert set(js) == {"model", "injection", "trajectory", "jacobian", "lyapunov", "forecast", "gain_graph", "verdict",
-                       "skipped", "normalised", "exit_gate", "phases"}
+                       "skipped", "normalised", "exit_gate", "phases", "precision"}
     assert js["model"]["format"] == "loopdyn" and js["forecast"]["measured_loops"] == 4
     assert len(js["forecast"]["state_norm"]) == 16
     assert sorted(p.name for p in plots.iterdir()) == ["eigenvalues.png", "jacobian.png", "lyapunov.png",

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from loopdyn.models import load, save
 from loopdyn.models.errors import InputError
-from loopdyn.models.layers import fast_linear, fast_paths
+from loopdyn.models.kernels import fast_linear, fast_paths
 from loopdyn.models.precision import (MixedPrecisionLoop, model_precision, native_matmul, precision,
                                       upcast_linear)
 from tests import parcae_reference as ref
@@ -167,7 +167,7 @@ def _autocast_logits(model, idx):
 
 
 def test_pure_bf16_audit_runs_in_bf16_and_agrees_with_float32():
-    from loopdyn.dynamics.audit_report import audit
+    from loopdyn.dynamics.auditing import audit
 
     model = make_model()
     idx = tokens(B=1, S=12)
@@ -236,7 +236,8 @@ def test_a_bad_dtype_is_a_usage_error(capsys):
 
 
 def test_compare_passes_the_dtype_to_every_run():
-    from loopdyn.compare import _differing_settings, grid
+    from loopdyn.compare import grid
+    from loopdyn.compare.records import _differing_settings
 
     specs = grid(["diagonal"], [0.01], [0], dtype="bfloat16")
     assert specs[0].dtype == "bfloat16"

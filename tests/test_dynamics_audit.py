@@ -48,7 +48,7 @@ def test_json_has_exactly_the_design_fields():
     report = audit(make(), IDX, loops=4, horizon=12)
     js = json_safe(report.to_json())
     # docs/design.md §7 plus `skipped` (what the model's protocol members did not allow; empty here)
-    assert set(js) == set(SECTIONS) | {"verdict", "skipped", "normalised", "exit_gate", "phases"} and js["skipped"] == []
+    assert set(js) == set(SECTIONS) | {"verdict", "skipped", "normalised", "exit_gate", "phases", "precision"} and js["skipped"] == []
     assert js["normalised"] is None and js["exit_gate"] is None  # a pre-norm loop without an exit gate
     for name, keys in SECTIONS.items():
         assert set(js[name]) == keys, name

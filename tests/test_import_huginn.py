@@ -11,6 +11,7 @@ import torch
 
 from loopdyn.models import CheckpointError, InputError, load, validate
 from loopdyn.models.importers.huginn import HuginnConfig, HuginnLM
+from loopdyn.models.kernels import fast_paths
 from loopdyn.models.protocol import initial_state, linear_part, state_norm_kind
 from tests import huginn_reference as ref
 from tests.helpers import rewrite_config
@@ -113,11 +114,17 @@ def test_bfloat16_weights_load_in_float32_and_compute_in_bfloat16_on_request(tmp
     low = load(folder, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in low.parameters())
     with torch.no_grad():
-        states, ctx = low.unroll(idx, 4, h0=h0)
-        assert states[-1].dtype == torch.bfloat16
         out = ref.reference_forward(folder, idx, 4, h0=h0, dtype=torch.bfloat16)
+        with fast_paths(False):  # PyTorch's own bf16 kernels, as the reference
+            states, ctx = low.unroll(idx, 4, h0=h0)
+            assert states[-1].dtype == torch.bfloat16
+            for t in range(5):
+                assert rel(low.decode(states[t], ctx), out.logits_per_loop[t]) <= RTOL  # the same bf16 casts
+        # the fast path (on a CPU without bf16 kernels: float32 products rounded once to bf16,
+        # models/precision.py) differs only by the accumulation order: within bf16 round-off
+        states, ctx = low.unroll(idx, 4, h0=h0)
         for t in range(5):
-            assert rel(low.decode(states[t], ctx), out.logits_per_loop[t]) <= RTOL  # the same bf16 casts
+            assert rel(low.decode(states[t], ctx), out.logits_per_loop[t]) <= 2.0 ** -8
         # and bf16 is a different computation from float32 (the option does something)
         assert rel(low.decode(states[-1], ctx), model(idx, n_loops=4, h0=h0).logits) > 1e-4
 

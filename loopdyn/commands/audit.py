@@ -58,6 +58,11 @@ def register(subparsers) -> None:
                         "within --loops, the per-loop lens and the best depth per token to --horizon)")
     p.add_argument("--budget", default="0.5%", metavar="B",
                    help="with --exits: the loss budget, e.g. 0.5%% or 0.005 (default: 0.5%%)")
+    p.add_argument("--precision", action="store_true",
+                   help="precision audit: the same probe in float32 (float64 for --dtype float32) and in --dtype "
+                        "from the same h_0; per loop the state divergence, changed argmax, KL and exit loops; "
+                        "entries of Ā that round to modulus ≥ 1; the verdict in --dtype beside float32's. Costs one "
+                        "more audit in float32 and two plain runs (JSON key `precision`, figure precision.*)")
     add_device_option(p)
     add_dtype_option(p, "the audited loop (the analysis itself runs in float64 on its products)")
     add_threads_option(p, "the audit")
@@ -113,6 +118,12 @@ def run(args) -> int:
         finally:
             if bar is not None:
                 bar.close()
+    if args.precision:
+        from loopdyn.dynamics.precision import audit_with_precision
+
+        audit_with_precision(model, idx, report, loops=loops, horizon=horizon, dtype=args.dtype,
+                             exit_threshold=args.exit_threshold,
+                             audit_kwargs=dict(lyapunov_k=args.lyapunov_k, explosion_factor=args.explosion_factor))
     print(report.to_text())
     if exits_report is not None:
         print()
@@ -134,6 +145,8 @@ def run(args) -> int:
         print(f"wrote {len(figures)} figures to {args.plots}:")
         for path, caption in figures:
             print(f"  {path.name}: {caption}")
-    if args.strict and report.verdict != "stable":
+    verdict = report.verdict if report.precision is None or report.precision.verdict is None \
+        else report.precision.verdict  # --precision: the verdict in the dtype the model runs in
+    if args.strict and verdict != "stable":
         return EXIT_UNSTABLE
     return 0

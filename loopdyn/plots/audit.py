@@ -263,7 +263,10 @@ PLOTS = {"eigenvalues": plot_eigenvalues, "trajectory": plot_trajectory,
 
 
 # drawn only when the audit has the part (a renormalised loop's exit gate, the phases)
-OPTIONAL_PLOTS = {"phases": ("phases", plot_phases), "exit_gate": ("exit_gate", plot_exit_gate)}
+from loopdyn.plots.precision import plot_precision  # noqa: E402 - `audit --precision`
+
+OPTIONAL_PLOTS = {"phases": ("phases", plot_phases), "exit_gate": ("exit_gate", plot_exit_gate),
+                  "precision": ("precision", plot_precision)}
 
 
 def write_audit_plots(report, directory, fmt: str = "png") -> list[tuple[Path, str]]:
