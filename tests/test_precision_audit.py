@@ -195,6 +195,10 @@ def test_audit_cli_precision_json_and_figure(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert code == 3, err  # --strict: the verdict in bf16 is marginal
     assert "precision audit: bfloat16 against float32" in out
-    data = json.loads(js.read_text())["precision"]
+    record = json.loads(js.read_text())
+    data = record["precision"]
     assert data["verdict"] == "marginal" and data["n_flagged"] == 16 and data["rho_computed"] == 1.0
+    from loopdyn.schemas import validate
+
+    validate("audit", record)  # the JSON schema of the audit record knows the key
     assert (plots / "precision.png").read_bytes()[:4] == b"\x89PNG"
