@@ -5,4 +5,4 @@ Each module defines `register(subparsers)`, which adds its parser and sets
 modules listed in COMMANDS lazily-enough (argparse needs them all to build `--help`).
 """
 
-COMMANDS = ["demo", "train", "audit", "compare", "sweep_loops", "fit", "exits"]
+COMMANDS = ["demo", "train", "audit", "compare", "sweep_loops", "fit", "exits", "plan"]

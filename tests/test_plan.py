@@ -1,0 +1,113 @@
+"""Issue 22 part 3: `loopdyn plan` against independent counts.
+
+FLOPs against loopdyn/scaling/flops.py's closed-form counts (dense attention, as the flop counter sees
+it); parameters against the built model and the published counts; the saved-activation bytes
+counted on the meta device against the same count on a real CPU run (tensors deduplicated by
+their storage); the largest T against the memory formula it inverts. Measured memory and time
+against the plan on this machine: bench/plan_check.py (no timed test here).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from loopdyn.scaling.flops import forward_flops, training_flops
+from loopdyn.models import LoopConfig, LoopedLM
+from loopdyn.models.errors import InputError
+from loopdyn.scaling.plan import Device, parse_bytes, plan
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_flops_and_parameters_match_the_closed_form_counts(name):
+    c = LoopConfig.preset(name)
+    S = 48
+    p = plan(name, batch=2, seq_len=S)
+    assert p.params == LoopedLM(c).num_params()
+    for T in (1, 4, 9):
+        want = forward_flops(c, tokens=1, loops=T, attention="dense", seq_len=S).total
+        assert p.inference_flops(T) == pytest.approx(want, rel=1e-9)
+    for n, k in ((0, 2), (3, 2), (5, 1)):
+        want = training_flops(c, tokens=1, n_no_grad=n, n_grad=k, attention="dense", seq_len=S).total
+        assert p.training_flops(n + k, k) == pytest.approx(want, rel=1e-9)
+
+
+def test_published_configurations():
+    h = plan("huginn-0125", seq_len=64, dtype="bf16")
+    assert h.params == 3_564_976_800 and h.weight_bytes == 2 * h.params and h.mean_loops == 32
+    o = plan("ouro-2.6b", seq_len=64, dtype="bf16")
+    assert o.params == 2_667_974_657 and o.layers == (0, 48, 0)
+    # Huginn per loop: 4 sandwich blocks, 2 FLOPs per weight and token, plus the adapter
+    core = sum(q.numel() for n, q in _meta("huginn-0125").named_parameters() if n.startswith(("core.", "adapter.")))
+    assert h.flops_loop == pytest.approx(2 * core, rel=0.02)
+
+
+def _meta(spec):
+    from loopdyn.scaling.plan import _build
+
+    return _build(spec)[0]
+
+
+def test_saved_activations_counted_on_meta_equal_a_real_cpu_run():
+    torch.manual_seed(0)
+    c = LoopConfig.preset("tiny", mean_loops=3)
+    p = plan("tiny", batch=2, seq_len=32, overrides={"mean_loops": 3})
+    model = LoopedLM(c).train()
+    idx = torch.randint(0, 256, (2, 32))
+    seen, total, params = set(), [0], {id(q) for q in model.parameters()}
+
+    def pack(t):
+        base = t._base if t._base is not None else t
+        if id(t) in params or id(base) in params:
+            return t
+        key = base.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total[0] += base.untyped_storage().nbytes()
+        return t
+    ctx = model.encode(idx)
+    h = model.init_state(ctx).detach().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.step(h, ctx)
+    assert p.saved_loop == pytest.approx(total[0], rel=0.05)
+
+
+def test_largest_T_inverts_the_memory_formula():
+    p = plan("small", batch=4, seq_len=128)
+    budget = p.training_bytes(1) + 7.5 * p.saved_loop
+    T = p.max_loops(budget, "train")
+    assert T == 8 and p.training_bytes(T) <= budget < p.training_bytes(T + 1)
+    assert p.max_loops(p.training_bytes(1) - 1, "train") is None
+    G = p.max_loops(p.inference_bytes(1, True) + 10 * p.layers[1] * p.kv_per_layer, "generate")
+    assert G == 11
+
+
+def test_time_from_a_given_device():
+    p = plan("small", batch=4, seq_len=128, device=Device(1e12, 1e11, "given"))
+    t = p.forward_seconds(8)
+    flops = p.inference_flops(8) * 4 * 128 / 1e12
+    assert t >= flops and t == pytest.approx(max(flops, p.weight_bytes / 1e11), rel=0.5)
+
+
+def test_parse_bytes():
+    assert parse_bytes("24GiB") == 24 * 2 ** 30 and parse_bytes("16 GB") == 16e9 and parse_bytes("512MiB") == 2 ** 29
+    with pytest.raises(InputError, match="cannot read the memory size"):
+        parse_bytes("lots")
+
+
+def test_cli(tmp_path, capsys):
+    from loopdyn.cli import main
+
+    js = tmp_path / "plan.json"
+    assert main(["plan", "tiny", "--seq-len", "32", "--memory", "1GiB", "--dtype", "bf16", "--tflops", "1",
+                 "--bandwidth", "50", "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    assert "largest T in 1.000 GiB" in out and "bfloat16" in out
+    data = json.loads(js.read_text())
+    assert data["precision"] == "bfloat16" and data["max_loops"]["train"] > 100 and data["forward_seconds"] > 0
+    assert main(["plan", "tiny", "--memory", "lots"]) == 1
+    assert main(["plan", "tiny", "--tflops", "1"]) == 1
+    assert main(["plan", "no-such-preset"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 3
