@@ -330,20 +330,18 @@ def combine_verdict(verdict: str, rho_computed: float, n_flagged: int, dtype: st
 
 def _lti(model):
     """(|Ā| entries as a float64 numpy array in the model's arithmetic, ρ(Ā) float64) or None."""
+    from loopdyn.models.operator import DiagonalOperator, IdentityOperator
+
     part = protocol.linear_part(model)
     if part is None:
         return None
     A = part.A
-    vals = getattr(A, "values", None)
-    if A.kind == "diagonal" and vals is not None:
-        mod = vals.detach().abs().to(torch.float64).cpu().numpy()
-        return mod, float(mod.max()) if mod.size else math.nan
-    if A.kind == "identity":
+    if isinstance(A, IdentityOperator):
         return np.ones(1), 1.0
-    M = A.dense() if hasattr(A, "dense") else None
-    if M is None:
-        return None
-    M64 = M.detach().to(torch.float64).cpu().numpy()
+    if isinstance(A, DiagonalOperator):  # the entries are the eigenvalues
+        mod = np.abs(A.diagonal_numpy())
+        return mod, float(mod.max()) if mod.size else math.nan
+    M64 = A.dense_numpy()
     return np.abs(M64), float(np.abs(np.linalg.eigvals(M64)).max()) if M64.size else math.nan
 
 

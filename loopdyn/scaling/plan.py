@@ -365,7 +365,7 @@ def plan(spec: str, *, batch: int = 1, seq_len: int = 256, dtype=None, loops: in
             params += p.numel()
     weight_bytes = params * torch.finfo(prec.weights).bits // 8
     mu = int(model.mean_loops)
-    _, max_len = (getattr(model, "vocab_size", None), getattr(model, "max_seq_len", None))
+    max_len = getattr(model, "max_seq_len", None)
     if max_len is not None and seq_len > max_len:
         raise InputError(f"--seq-len {seq_len} is longer than {name} supports ({max_len} tokens)")
     idx = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
@@ -400,15 +400,11 @@ def plan(spec: str, *, batch: int = 1, seq_len: int = 256, dtype=None, loops: in
 
 
 def _init(model, ctx):
+    """h_0 on the meta device, as a leaf that records the step's graph."""
     from loopdyn.models import protocol
 
-    try:
-        h = model.init_state(ctx, generator=None) if "generator" in str(model.init_state.__doc__ or "") else \
-            model.init_state(ctx)
-    except TypeError:
-        h = model.init_state(ctx)
+    h = protocol.initial_state(model, ctx)
     h = h.to("meta") if not h.is_meta else h
-    del protocol
     return h.detach().requires_grad_(True)
 
 
@@ -425,10 +421,7 @@ def _layers_and_kv(model, family: str, batch: int, seq_len: int, prec: Precision
     kv_dtype_bytes = torch.finfo(prec.compute).bits // 8
     if family == "loopdyn":
         c = model.config
-        kv_width = c.n_kv_heads * c.head_dim
-        core_kv = getattr(c, "n_state_kv_heads", None) or c.n_kv_heads
-        per = 2 * batch * seq_len * kv_width * kv_dtype_bytes
-        del core_kv
+        per = 2 * batch * seq_len * c.n_kv_heads * c.head_dim * kv_dtype_bytes
         return (c.n_prelude, c.n_core, c.n_coda), per
     if family == "huginn":
         c = model.config
