@@ -42,8 +42,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loopdyn.commands.common import check_outputs
-    from loopdyn.models.fileio import atomic_write_json
+    from loopdyn.io import atomic_write_json, check_outputs
     from loopdyn.scaling.plan import Device, measure_device, parse_bytes, plan
 
     memory = parse_bytes(args.memory) if args.memory is not None else None
