@@ -44,7 +44,7 @@ CHILD = textwrap.dedent(r"""
     import torch
     torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
     import loopdyn.models as lm
-    import loopdyn.dynamics.audit_report as da
+    import loopdyn.dynamics.auditing as da
     from loopdyn.cli import main
 
     def hwm_gib():
