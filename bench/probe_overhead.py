@@ -20,7 +20,16 @@ the first 50 steps: +0.3–0.8 % of a step while it lasts) and the first loop-Ja
 at step 200 (cold-started: 5× the iterations of the later, warm-started ones, ~0.1 s on
 `small`). The timed window then holds the warm Jacobian at step 400, as every 200 steps after.
 
-ends with `RESULT probe_overhead ratio=<median ratio> ratio_total=… step_ms=…`.
+`--compile` compiles both models (torch.compile, `--backend`, default inductor): the monitor is
+then in compile-safe mode (its own eager probe pass, no hook on compiled code) and the ratio is
+compiled+monitored over compiled. Dynamo's counters (graphs compiled, graph breaks,
+recompilations) are printed for the plain compiled model, for the monitored one, over the
+timed steps, and — `--hooks-steps N` (default 60, 0: skip) — for a third copy monitored through
+hooks inside the compiled graph (`compile_safe=False`, the monitor's behaviour before
+compile-safe mode existed).
+
+ends with `RESULT probe_overhead ratio=<median ratio> ratio_total=… step_ms=…` (and with
+--compile `graphs_plain=… graphs_monitored=… graph_breaks=… recompiles_timed=…`).
 """
 from __future__ import annotations
 
@@ -113,6 +122,8 @@ class TimedPolicy(Policy):
 
 
 for (_cls, _name), _label in TIMED.items():
+    if not hasattr(_cls, _name):
+        continue
     _target = TimedBus if _cls is SignalBus else TimedPolicy
     setattr(_target, _name, _timed(_label, getattr(_cls, _name), _name in ENTRY_POINTS))
 for _name in ENTRY_POINTS:
@@ -136,10 +147,11 @@ def make(preset: str, seed: int):
     return model, opt
 
 
-def run_block(model, opt, batches, monitor=None) -> float:
+def run_block(model, opt, batches, monitor=None, net=None) -> float:
+    net = model if net is None else net
     t0 = time.perf_counter()
     for x, y in batches:
-        loss = model(x, y).loss
+        loss = net(x, y).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -161,11 +173,15 @@ def main(argv=None) -> int:
                     help="untimed steps first: allocator and first-call costs, the monitor's dense start (the "
                          "update ratio every step for its first 50 steps) and its first, cold-started loop "
                          "Jacobian (5× the iterations, at step 200); 3 times all of them")
+    ap.add_argument("--compile", action="store_true", help="both models through torch.compile")
+    ap.add_argument("--backend", default="inductor", help="torch.compile backend with --compile")
+    ap.add_argument("--hooks-steps", type=int, default=60,
+                    help="with --compile: steps of a third copy monitored through hooks (compile_safe=False) "
+                         "to count what that costs in graphs (0: skip)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     plain, plain_opt = make(args.preset, 0)
     watched, watched_opt = make(args.preset, 0)
-    monitor = TimedMonitor(watched, watched_opt, console=False)
     gen = torch.Generator().manual_seed(0)
     V = plain.config.vocab_size
 
@@ -173,11 +189,36 @@ def main(argv=None) -> int:
         data = torch.randint(0, V, (n, args.batch, args.seq + 1), generator=gen)
         return [(d[:, :-1], d[:, 1:]) for d in data]
 
+    plain_net = watched_net = None
+    counts = {}
+    if args.compile:
+        from torch._dynamo.utils import counters
+
+        def dynamo(label):
+            stats = counters["stats"]
+            counts[label] = {"graphs": stats.get("unique_graphs", 0),
+                             "graph_breaks": sum(counters["graph_break"].values()),
+                             "recompiles": sum(counters["recompiles"].values()) if "recompiles" in counters else 0}
+            counters.clear()
+
+        torch._dynamo.reset()
+        counters.clear()
+        plain_net = torch.compile(plain, backend=args.backend)
+        run_block(plain, plain_opt, batches(3), net=plain_net)
+        dynamo("plain compiled (first 3 steps)")
+        watched_net = torch.compile(watched, backend=args.backend)
+        monitor = TimedMonitor(watched_net, watched_opt, console=False)
+        run_block(watched, watched_opt, batches(3), monitor, net=watched_net)
+        dynamo("compiled + monitor, compile-safe (first 3 steps)")
+        print(f"monitor mode: {'compile-safe' if monitor.compile_safe else 'hooks'}")
+    else:
+        monitor = TimedMonitor(watched, watched_opt, console=False)
+
     left = max(3, args.warmup_steps)  # not timed
     while left > 0:
         warm = batches(min(10, left))
-        run_block(plain, plain_opt, warm)
-        run_block(watched, watched_opt, warm, monitor)
+        run_block(plain, plain_opt, warm, net=plain_net)
+        run_block(watched, watched_opt, warm, monitor, net=watched_net)
         left -= len(warm)
     TIMER.clear()
 
@@ -190,11 +231,22 @@ def main(argv=None) -> int:
             order.reverse()
         times = {}
         for model, opt, mon in order:
-            times[mon is not None] = run_block(model, opt, data, mon)
+            times[mon is not None] = run_block(model, opt, data, mon, net=watched_net if mon else plain_net)
         ratios.append(times[True] / times[False])
         t_plain += times[False]
         t_watched += times[True]
     monitor.close()
+    if args.compile:
+        dynamo(f"both, over the {args.warmup_steps} warm-up + {rounds * args.block} timed steps")
+        if args.hooks_steps > 0:
+            hooked, hooked_opt = make(args.preset, 0)
+            hooked_net = torch.compile(hooked, backend=args.backend)
+            with StabilityMonitor(hooked_net, hooked_opt, console=False, compile_safe=False) as legacy:
+                run_block(hooked, hooked_opt, batches(args.hooks_steps), legacy, net=hooked_net)
+            dynamo(f"compiled + monitor through hooks (compile_safe=False), {args.hooks_steps} steps")
+        for label, c in counts.items():
+            print(f"dynamo {label}: {c['graphs']} graphs, {c['graph_breaks']} graph breaks, "
+                  f"{c['recompiles']} recompilations")
     n = rounds * args.block
     step_ms = 1e3 * t_plain / n
     ratio = statistics.median(ratios)
@@ -209,8 +261,15 @@ def main(argv=None) -> int:
     for name, cost in sorted(TIMER.costs.items(), key=lambda kv: -kv[1]):
         calls = TIMER.calls[name]
         print(f"{name:28} {calls:>6} {1e3 * cost / calls:>9.3f} {1e3 * cost / n:>9.3f} {100 * cost / t_plain:>9.3f}")
+    extra = ""
+    if args.compile:
+        c = list(counts.values())
+        extra = (f" compiled=1 graphs_plain={c[0]['graphs']} graphs_monitored={c[1]['graphs']} "
+                 f"graphs_timed={c[2]['graphs']} graph_breaks={c[1]['graph_breaks'] + c[2]['graph_breaks']} "
+                 f"recompiles_timed={c[2]['recompiles']}"
+                 + (f" graphs_hooks={c[3]['graphs']}" if len(c) > 3 else ""))
     print(f"RESULT probe_overhead ratio={ratio:.4f} ratio_total={ratio_total:.4f} step_ms={step_ms:.1f} "
-          f"monitor_pct={100 * TIMER.total / t_plain:.2f}")
+          f"monitor_pct={100 * TIMER.total / t_plain:.2f}{extra}")
     return 0
 
 

@@ -83,15 +83,6 @@ class TrainResult:
         return self.tokens / max(self.seconds, 1e-9)
 
 
-def check_compile(compile: bool, monitored: bool) -> None:
-    """Refuse torch.compile together with a monitor: compiled code calls the module hooks that
-    existed when it was traced and no later ones (the monitor adds some only on the steps that
-    read them), so it would miss signals, silently."""
-    if compile and monitored:
-        raise InputError("--compile cannot be combined with the stability monitor (a compiled model does not "
-                         "call the hooks the monitor adds while it trains); drop one of them")
-
-
 def learning_rate(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up over `warmup` steps, then cosine from lr to lr·min_lr_ratio."""
     if step < cfg.warmup:
@@ -165,7 +156,6 @@ def train(model: LoopedLM, data: TextData, cfg: TrainConfig,
     unless the monitor recovers from it (`recovers_nonfinite`: it skips such steps or rolls back).
     """
     cfg.validate()
-    check_compile(cfg.compile, monitored=monitor_factory is not None)
     if cfg.seq_len > model.config.block_size:
         raise InputError(f"seq-len {cfg.seq_len} is longer than the model supports "
                          f"(block_size {model.config.block_size})")
@@ -182,7 +172,9 @@ def train(model: LoopedLM, data: TextData, cfg: TrainConfig,
     if cfg.compile:
         net = torch.compile(net)
     optimizer = make_optimizer(model, cfg)
-    monitor = monitor_factory(model, optimizer) if monitor_factory else None
+    # A compiled run hands the monitor the torch.compile wrapper: it sees that the model is
+    # compiled and reads the activations in its own eager probe pass (no hook on compiled code).
+    monitor = monitor_factory(net if cfg.compile else model, optimizer) if monitor_factory else None
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + dist.rank)
     log = JsonlWriter(cfg.log_path) if cfg.log_path and dist.is_main else None
     result = TrainResult(steps=0, tokens=0, seconds=0.0)

@@ -14,6 +14,16 @@ signals (0-d tensors left on the device, see loopdyn.probes.history.SignalBuffer
     step post-hook    update ratio, ρ(Ā)/‖Ā‖ from the protocol's `linear_part()` operators,
                       embedding outliers, loop Jacobian σ_max every `jacobian_every` steps, lr
 
+Two ways to read the activations (`compile_safe`, chosen automatically: on when the model or a
+module inside it is torch.compile'd):
+    hooks        as above: the model's own forward pass, every step (an eager model);
+    compile-safe no hook on any compiled module: every activation signal comes from the
+                 monitor's own eager probe pass (loopdyn.probes.probe_pass) every `loop_every`
+                 steps on the last batch's first `loop_batch` sequences; the batch's token ids
+                 and the loss come from hooks on the outermost module that runs eagerly (a
+                 torch.compile wrapper runs its hooks outside the compiled frame), from an
+                 integration (Lightning, Hugging Face) or from `record_inputs` / `record_loss`.
+
 It calls its listener (the monitor façade) at two points of every step: `before_step(step)`
 in the pre-hook (or from `before_optimizer_step()` for closure-style optimisers, once the
 gradients exist) and `after_step(step)` in the post-hook. `flush()` moves pending values to
@@ -27,12 +37,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from loopdyn.dynamics.numbers import mean_token_norm
 from loopdyn.models.hooks import in_analysis
 from loopdyn.models.kernels import under_transform
-from loopdyn.models.protocol import find_looped_model, initial_state
+from loopdyn.models.protocol import find_looped_model
 from loopdyn.probes.history import SignalBuffer
-from loopdyn.probes.spectral import InjectionTracker, loop_jacobian_sigma
+from loopdyn.probes.probe_pass import (ProbePass, compiled_modules, fsdp_modules, loop_values, max_attention_logit,
+                                       mean_norm, unwrap_compiled)
+from loopdyn.probes.spectral import InjectionTracker
 
 # optimiser group keys that are not settings (or change by design)
 _NOT_SETTINGS = ("params", "lr", "lr_scale", "initial_lr", "name", "param_names")
@@ -65,10 +76,6 @@ def _find_embedding(model: nn.Module) -> nn.Module | None:
     return next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
 
 
-def _mean_norm(h: torch.Tensor) -> torch.Tensor:
-    return mean_token_norm(h, torch.float32)  # float32, no host sync: the per-step probe path
-
-
 def _full(t: torch.Tensor) -> torch.Tensor:
     """A plain tensor from a DTensor (FSDP2 shards) — a collective — or t itself."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
@@ -78,9 +85,19 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def token_ids(args, kwargs=None) -> torch.Tensor | None:
+    """The batch's token ids in a call's arguments: `input_ids=`, else the first integer
+    tensor of shape (B, S)."""
+    kwargs = kwargs or {}
+    for t in (kwargs.get("input_ids"), kwargs.get("idx"), *args, *kwargs.values()):
+        if isinstance(t, torch.Tensor) and t.dim() == 2 and not t.is_floating_point() and t.dtype != torch.bool:
+            return t
+    return None
+
+
 def resolve_loop(model: nn.Module, loop=None):
     """(the LoopedModel or None, the module whose forward is a training step)."""
-    loop = find_looped_model(model) if loop is None else loop
+    loop = unwrap_compiled(find_looped_model(model) if loop is None else loop)
     root = model
     if isinstance(loop, nn.Module) and any(m is loop for m in model.modules()):
         root = loop  # e.g. a LoopedLM inside a LightningModule: its own forward is the step
@@ -89,12 +106,27 @@ def resolve_loop(model: nn.Module, loop=None):
     return loop, root
 
 
+def eager_root(model: nn.Module, loop, compiled: list[nn.Module]) -> nn.Module | None:
+    """Compile-safe mode: the module whose hooks see every training forward and run outside any
+    compiled frame — a torch.compile wrapper (OptimizedModule) around the loop, else the model
+    itself unless it is compiled in place (then None: nothing is hooked)."""
+    net = getattr(loop, "module", None)  # a LoopAdapter's network
+    for m in compiled:
+        if hasattr(m, "_orig_mod") and (loop is None or any(x is loop or x is net for x in m.modules())):
+            return m
+    return None if getattr(model, "_compiled_call_impl", None) is not None else model
+
+
 class SignalBus:
     def __init__(self, model: nn.Module, optimizer, config, loop=None, *, guard: Callable, listener: Any):
         self.config = config
         self.model = _unwrap(model)
         self.optimizer = optimizer
         self.loop, self.root = resolve_loop(self.model, loop)
+        self.compiled = compiled_modules(self.model)
+        self.compile_safe = bool(self.compiled) if config.compile_safe is None else bool(config.compile_safe)
+        if self.compile_safe:
+            self.root = eager_root(self.model, self.loop, self.compiled)
         self.guard = guard
         self.listener = listener
         self.buffer = SignalBuffer(limit=config.history_limit)
@@ -110,7 +142,6 @@ class SignalBus:
         self._loop_norms: list[torch.Tensor] = []
         self._loop_states: list[torch.Tensor] = []  # the last two states the tap saw
         self._attn_args: dict[nn.Module, tuple] = {}
-        self._attn_modules: list[nn.Module] = []
         self._attn_handles: list = []
         self._head_out: torch.Tensor | None = None
         self.forwards_since_step = 0
@@ -125,18 +156,26 @@ class SignalBus:
         self._user_position = None
         # loop
         self.tap = getattr(self.loop, "state_tap", None) if self.loop is not None else None
-        if not isinstance(self.tap, nn.Module):
+        if not isinstance(self.tap, nn.Module) or self.compile_safe:
             self.tap = None
         self.spectrum = InjectionTracker(self.loop) if self.loop is not None else None
         if self.spectrum is not None and not self.spectrum.present:
             self.spectrum = None
         self.probe_idx: torch.Tensor | None = None  # fixed Jacobian probe input
-        self.last_idx: torch.Tensor | None = None  # the last batch's token ids (tap-less loop probe)
-        self.jac_v: torch.Tensor | None = None
-        self.head = _find_head(self.root)
+        self.last_idx: torch.Tensor | None = None  # the last batch's token ids (the probe pass)
+        self.head = _find_head(self.root) if self.root is not None and not self.compile_safe else None
         self.embedding = _find_embedding(self.model)
         params = list(self.model.parameters())
         self.on_host = not params or params[0].device.type == "cpu"
+        scope = self.loop if isinstance(self.loop, nn.Module) else (self.root or self.model)
+        self._attn_modules = [m for m in scope.modules() if callable(getattr(m, "max_logit", None))]
+        self.probe = (ProbePass(self.loop, self._attn_modules, self._device, fsdp_modules(self.model))
+                      if self.loop is not None else None)
+        self.seen = {"loss": False, "ids": False, "logits": False}  # what reached the monitor (coverage)
+
+    @property
+    def jac_v(self) -> torch.Tensor | None:
+        return None if self.probe is None else self.probe.jac_v
 
     # ---- helpers -----------------------------------------------------------------------------
     def enabled(self, name: str) -> bool:
@@ -155,12 +194,14 @@ class SignalBus:
 
     # ---- attach / detach ------------------------------------------------------------------------
     def attach(self) -> None:
+        """Every hook, once (none is added or removed later, except the hook mode's attention
+        pre-hooks on the steps that read them)."""
         root = self.root
-        self.handles.append(root.register_forward_pre_hook(self._root_pre))
-        self.handles.append(root.register_forward_hook(self._root_post))
+        if root is not None:
+            self.handles.append(root.register_forward_pre_hook(self._root_pre, with_kwargs=True))
+            self.handles.append(root.register_forward_hook(self._root_post))
         if self.tap is not None:
             self.handles.append(self.tap.register_forward_hook(self._tap))
-        self._attn_modules = [m for m in root.modules() if callable(getattr(m, "max_logit", None))]
         if self.head is not None:
             self.handles.append(self.head.register_forward_hook(self._head_post))
         if self.optimizer is not None:
@@ -170,6 +211,8 @@ class SignalBus:
     def _hook_attention(self, due: bool) -> None:
         """Attention pre-hooks only on the steps that read the attention logits (a hook on
         every attention call of every step costs ~0.2 % of a step on its own)."""
+        if self.compile_safe:
+            return  # the probe pass reads them
         if due and not self._attn_handles:
             self._attn_handles = [m.register_forward_pre_hook(self._attn_pre, with_kwargs=True)
                                   for m in self._attn_modules]
@@ -188,7 +231,7 @@ class SignalBus:
         self._loop_states = []
 
     # ---- forward hooks --------------------------------------------------------------------------
-    def _root_pre(self, module, args):
+    def _root_pre(self, module, args, kwargs):
         self._depth += 1
         if self._depth > 1:
             return None
@@ -209,12 +252,19 @@ class SignalBus:
         self._loop_norms, self._loop_states = [], []
         self._attn_args = {}
         self._head_out = None
-        idx = args[0] if args else None
-        if isinstance(idx, torch.Tensor) and idx.dim() == 2 and not idx.is_floating_point():
-            self.last_idx = idx
-            if self.loop is not None and self.probe_idx is None:
-                self.probe_idx = idx[:1, : self.config.jacobian_tokens].detach().clone()
+        idx = token_ids(args, kwargs)
+        if idx is not None:
+            self.record_inputs(idx)
         return None
+
+    def record_inputs(self, idx: torch.Tensor) -> None:
+        """The current batch's token ids (B, S): the probe pass's input."""
+        if not (isinstance(idx, torch.Tensor) and idx.dim() == 2 and not idx.is_floating_point()):
+            return
+        self.last_idx = idx
+        self.seen["ids"] = True
+        if self.loop is not None and self.probe_idx is None:
+            self.probe_idx = idx[:1, : self.config.jacobian_tokens].detach().clone()
 
     def _root_post(self, module, args, output):
         self._depth = max(0, self._depth - 1)
@@ -237,6 +287,9 @@ class SignalBus:
         if isinstance(loss, torch.Tensor) and loss.numel() == 1 and self.enabled("loss"):
             self.acc.setdefault("loss", []).append(loss.detach().float().reshape(()))
             self._hooked_loss_step = step
+            self.seen["loss"] = True
+        if self.compile_safe:
+            return  # the probe pass measures the rest
         if self.enabled("logz"):
             logits = getattr(output, "logits", None)
             if logits is None and isinstance(output, dict):
@@ -244,6 +297,7 @@ class SignalBus:
             if not isinstance(logits, torch.Tensor):
                 logits = output if isinstance(output, torch.Tensor) and output.is_floating_point() else self._head_out
             if isinstance(logits, torch.Tensor) and logits.dim() >= 2:
+                self.seen["logits"] = True
                 self._guard("logz", self._record_logz, logits)
         if self.tap is not None:
             self._guard("loop_state", self._record_loop_state, output)
@@ -254,31 +308,12 @@ class SignalBus:
         with torch.no_grad():
             self.acc.setdefault("logz", []).append(torch.logsumexp(logits.detach().float(), dim=-1).mean())
 
-    def _loop_values(self, states: list[torch.Tensor], norms: list[torch.Tensor], final=None, prev=None) -> dict:
-        """The loop signals from the states of one unroll (the last ones; norms of all)."""
-        out = {}
-        final = states[-1] if final is None and states else final
-        if prev is None and len(states) >= 2:
-            prev = states[-2]
-        if final is None:
-            return out
-        fnorm = _mean_norm(final)
-        out["state_norm"] = fnorm
-        if prev is not None:
-            resid = torch.linalg.vector_norm((final.detach() - prev.detach()).float(), dim=-1).mean()
-            out["rel_residual"] = resid / fnorm.clamp_min(1e-30)
-        if norms:
-            out["state_norm_max"] = torch.stack(norms).max()
-        if prev is not None:  # mean ‖h_T‖ / mean ‖h_{T−1}‖: the per-loop growth at the trained depth
-            out["state_growth"] = fnorm / _mean_norm(prev).clamp_min(1e-30)
-        return out
-
     def _record_loop_state(self, output) -> None:
         state, prev = getattr(output, "state", None), getattr(output, "prev_state", None)
         with torch.no_grad():
             # The output's own (h_T, h_{T−1}) are exact per sequence when depths differ; else the
             # last two states the tap saw.
-            values = self._loop_values(self._loop_states, self._loop_norms,
+            values = loop_values(self._loop_states, self._loop_norms,
                                        state if isinstance(state, torch.Tensor) else None,
                                        prev if isinstance(prev, torch.Tensor) and isinstance(state, torch.Tensor)
                                        else None)
@@ -290,7 +325,7 @@ class SignalBus:
         if self._active and "loop_state" not in self.disabled and isinstance(output, torch.Tensor):
             try:
                 if self._due(self.config.loop_every):  # per-loop norms (state_norm_max, plotted, read
-                    self._loop_norms.append(_mean_norm(output))  # by no detector): the probe cadence
+                    self._loop_norms.append(mean_norm(output))  # by no detector): the probe cadence
                 self._loop_states = [*self._loop_states[-1:], output.detach()]
             except Exception as err:
                 self._guard("loop_state", _raise, err)
@@ -309,20 +344,9 @@ class SignalBus:
         return None
 
     def _record_attention(self) -> None:
-        n = self.config.attention_batch
-
-        def first(t):
-            return t[:n] if isinstance(t, torch.Tensor) else t
-
-        values = []
-        with torch.no_grad():
-            for module, (args, kwargs) in self._attn_args.items():
-                # max_logit(a, rope, ve): a and ve are per sequence, rope per position
-                args = [first(t) if i in (0, 2) else t for i, t in enumerate(args)]
-                kwargs = {k: first(t) if k == "ve" else t for k, t in kwargs.items()}
-                values.append(module.max_logit(*args, **kwargs).detach().float().reshape(()))
-        if values:
-            self.acc.setdefault("attn_logit_max", []).append(torch.stack(values).max())
+        value = max_attention_logit(self._attn_args, self.config.attention_batch)
+        if value is not None:
+            self.acc.setdefault("attn_logit_max", []).append(value)
 
     def _head_post(self, module, args, output):
         if self._active and isinstance(output, torch.Tensor):
@@ -335,6 +359,7 @@ class SignalBus:
         target = self.step + 1 if (self.forwards_since_step or self.optimizer is None) else self.step
         if target == self._hooked_loss_step or target < 1:
             return False
+        self.seen["loss"] = True
         value = loss.detach().float().mean() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
         if target == self.step + 1:
             self.acc.setdefault("loss", []).append(value)
@@ -430,7 +455,7 @@ class SignalBus:
             self._guard("embedding", self._record_embedding, step)
         if self.loop is not None and step % self.config.jacobian_every == 0 and self.enabled("jacobian_norm"):
             self._guard("jacobian", self._record_jacobian, step)
-        if self.loop is not None and self.tap is None and step % self.config.loop_every == 0:
+        if self.loop is not None and self._probe_due(step):
             self._guard("loop_state", self._record_loop_probe, step)
         lr = optimizer.param_groups[0].get("lr")
         if isinstance(lr, (float, int, torch.Tensor)):
@@ -487,25 +512,25 @@ class SignalBus:
         p = next(iter(self.model.parameters()), None)
         return p.device if p is not None else torch.device("cpu")
 
-    def _unroll(self, idx: torch.Tensor, loops: int) -> tuple[list[torch.Tensor], Any]:
-        """States h_0 … h_loops of the protocol's loop (no grad, deterministic h_0)."""
-        loop = self.loop
-        with torch.no_grad(), self.pause():
-            ctx = loop.encode(idx.to(self._device()))
-            states = [initial_state(loop, ctx, seed=0)]
-            for _ in range(loops):
-                states.append(loop.step(states[-1], ctx))
-        return states, ctx
+    def _attention_in_probe(self, step: int) -> bool:
+        return self.compile_safe and self.enabled("attn_logit_max") and step % self.config.attention_every == 0
+
+    def _probe_due(self, step: int) -> bool:
+        """The probe pass runs every `loop_every` steps when the hooks do not give the loop
+        signals (compile-safe mode, or a loop without a state tap), and on the attention cadence
+        in compile-safe mode."""
+        if self.tap is not None:
+            return False
+        return step % self.config.loop_every == 0 or self._attention_in_probe(step)
 
     def _record_loop_probe(self, step: int) -> None:
-        """A loop without a state tap: unroll the first `loop_batch` sequences of the last batch."""
+        """The eager probe pass on the first `loop_batch` sequences of the last batch."""
         if self.last_idx is None:
             return
         idx = self.last_idx[: self.config.loop_batch].detach()
-        states, _ = self._unroll(idx, self.loop.mean_loops)
-        with torch.no_grad():
-            values = self._loop_values(states[1:], [_mean_norm(h) for h in states[1:]],
-                                       states[-1], states[-2])
+        with self.pause():
+            values = self.probe.run(idx, with_logz=self.enabled("logz") and (self.compile_safe or not self.seen["logits"]),
+                                    with_attention=self._attention_in_probe(step))
         for name, v in values.items():
             if self.enabled(name):
                 self.add(name, step, v)
@@ -513,15 +538,8 @@ class SignalBus:
     def _record_jacobian(self, step: int) -> None:
         if self.probe_idx is None:
             return
-        loop = self.loop
-        states, ctx = self._unroll(self.probe_idx, max(0, loop.mean_loops - 1))
-        h = states[-1]
-        gen = torch.Generator().manual_seed(1)
-        # A cold start gets 5× the iterations, so the series does not "grow" as it converges.
-        iters = self.config.jacobian_iters * (5 if self.jac_v is None else 1)
         with self.pause():
-            sigma, self.jac_v = loop_jacobian_sigma(lambda x: loop.step(x, ctx), h, self.jac_v,
-                                                    iters=iters, generator=gen)
+            sigma = self.probe.jacobian(self.probe_idx, self.config.jacobian_iters)
         self.add("jacobian_norm", step, sigma)
 
     @contextlib.contextmanager
@@ -543,7 +561,8 @@ class SignalBus:
         self.buffer.load_state_dict(state["history"])
         if self.spectrum is not None and state.get("spectrum"):
             self.spectrum.load_state_dict(state["spectrum"])
-        self.jac_v = state.get("jacobian_v")
+        if self.probe is not None:
+            self.probe.jac_v = state.get("jacobian_v")
         self.probe_idx = state.get("probe_idx")
         self.forwards_total = int(state.get("forwards_total", 0))
         self._pre_done_for = None

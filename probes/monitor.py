@@ -51,6 +51,19 @@ asynchronously (CUDA: pinned memory and an event, polled) and blocks at most eve
 step). Under torch.distributed, actions are agreed across ranks (all_reduce MAX) every
 `sync_every` steps, or every step in skip mode and in "heightened watch".
 
+torch.compile: when the model or a module inside it is compiled (or `compile_safe=True`), no
+hook is put on compiled code and none is added or removed while training; every activation
+signal above (the four loop-state signals, logz, attn_logit_max, jacobian_norm) comes from the
+monitor's own eager probe pass (loopdyn.probes.probe_pass) every `loop_every` steps (attention
+every `attention_every`), outside the compiled graph, through the LoopedModel protocol; the
+gradient, update and learning-rate signals come from the optimiser as always. The token ids
+reach the monitor through a hook on the compile wrapper (which runs outside the compiled frame),
+the Lightning / Hugging Face integrations, or `record_inputs(idx)`.
+
+Coverage: what cannot be measured (no token ids, no `linear_part`, no `decode`, no loss, …) is
+logged once, at the first step, in one line naming the missing piece and the fix;
+`coverage()` lists what is measured and what is not; the run verdict repeats it.
+
 Hooks record only training forwards: the root module in training mode, autograd enabled, no
 torch.func transform active, the monitor not paused (`with monitor.pause()`). A probe that
 raises is disabled with one warning; training continues. The monitor changes nothing in the
@@ -73,6 +86,7 @@ from loopdyn.dynamics.verdict import RunStatus, run_line, run_status, validation
 from loopdyn.probes.actions import ACTIONS, LRCut, ParamGroupLRCut, SnapshotRing
 from loopdyn.probes.alerts import Alert, InstabilityError
 from loopdyn.probes.bus import SignalBus
+from loopdyn.probes.coverage import Coverage, coverage
 from loopdyn.probes.detectors import EarlyWarningDetector, LoopInstabilityDetector, SpikeDetector
 from loopdyn.probes.distributed import world
 from loopdyn.probes.history import History
@@ -131,8 +145,9 @@ class MonitorConfig:
     jacobian_iters: int = 3
     jacobian_tokens: int = 32
     attention_batch: int = 2  # sequences whose attention logits are recomputed
-    loop_every: int = 10  # probe unroll of a loop without a state tap
-    loop_batch: int = 2
+    loop_every: int = 10  # the probe pass (a loop without a state tap, or compile-safe mode)
+    loop_batch: int = 2  # sequences of the last batch in the probe pass
+    compile_safe: bool | None = None  # None: on when the model or a module in it is torch.compile'd
     update_ratio: bool = True
     update_every: int = 20
     update_dense: int = 50  # every step until then
@@ -234,9 +249,11 @@ class RunVerdict:
 
     status: RunStatus
     reasons: list
+    not_measured: str | None = None  # the monitor's coverage gaps (Coverage.line()), if any
 
     def line(self) -> str:
-        return run_line(self.status, self.reasons)
+        text = run_line(self.status, self.reasons)
+        return text + (f" ({self.not_measured})" if self.not_measured else "")
 
 
 class StabilityMonitor:
@@ -264,6 +281,9 @@ class StabilityMonitor:
         cfg.validate()
         self.config = cfg
         self.rank, self.world_size = world()
+        inner = getattr(optimizer, "optimizer", None)  # a wrapper (accelerate's AcceleratedOptimizer): its optimiser
+        if isinstance(inner, torch.optim.Optimizer) and not hasattr(optimizer, "_optimizer_step_pre_hooks"):
+            optimizer = inner
         self.optimizer = optimizer
         self.disabled: dict[str, str] = {}
         self._sinks: list[Sink] = []
@@ -272,6 +292,7 @@ class StabilityMonitor:
         self.bus.disabled = self.disabled
         self.model, self.loop = self.bus.model, self.bus.loop
         self._undetected: list[tuple[str, int, float]] = []
+        self._coverage_told = False
         snapshots = (SnapshotRing(self.model, optimizer, cfg.snapshot_ring, cfg.snapshot_device)
                      if optimizer is not None else None)
         self.policy = Policy(cfg, optimizer, snapshots, lr_cut or (ParamGroupLRCut(optimizer) if optimizer else None),
@@ -352,6 +373,21 @@ class StabilityMonitor:
         if done:
             self.after_step(self.bus.step)
 
+    def record_inputs(self, idx) -> None:
+        """The current batch's token ids (B, S), for the probe pass, when no hook or integration
+        sees them (e.g. a compiled model called with embeddings, a custom training step)."""
+        self.bus.record_inputs(idx)
+
+    @property
+    def compile_safe(self) -> bool:
+        """True when the activations come from the monitor's own eager probe pass (no hook on a
+        compiled module): chosen when the model or a module inside it is torch.compile'd."""
+        return self.bus.compile_safe
+
+    def coverage(self) -> Coverage:
+        """What is measured in this run and what is not (the missing piece and the fix)."""
+        return coverage(self.bus)
+
     def record_grad_norm(self, norm) -> None:
         """The total gradient norm before clipping (what clip_grad_norm_ returns) for this step."""
         self.bus.record_grad_norm(norm)
@@ -420,7 +456,8 @@ class StabilityMonitor:
         if acted:
             reasons.append(", ".join(acted))
         status, reasons = run_status(failed, reasons)
-        return RunVerdict(status, reasons)
+        cov = self.coverage()
+        return RunVerdict(status, reasons, cov.line() if cov.missing else None)
 
     def close(self) -> None:
         """Final sync, detach every hook, close the sinks. Idempotent."""
@@ -468,6 +505,11 @@ class StabilityMonitor:
         """Detect every step on what has reached the host; act at once in one process, under
         torch.distributed only at agreed points."""
         self.policy.step = step
+        if not self._coverage_told:
+            self._coverage_told = True
+            cov = self._guard("coverage", self.coverage)
+            if cov is not None and cov.missing and self.rank == 0:
+                log.warning(cov.line())
         cadence = step % self.config.sync_every == 0
         self._detect(block=cadence)
         if self.world_size == 1 or cadence or self.policy.watch or self.policy.skip_mode:

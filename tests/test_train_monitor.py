@@ -98,3 +98,16 @@ def test_monitor_options_mapping():
     assert monitor_options(args) == {"alerts_path": None, "tensorboard_dir": None, "on_warning": "cut_lr",
                                      "sync_every": 5}
     assert monitor_options(build_parser().parse_args(["train"])) is None
+
+
+@pytest.mark.slow  # an inductor compile of the model: ~30-60 s on a quiet 2-core CPU
+def test_train_compile_works_with_the_monitor(tmp_path, capsys):
+    """`loopdyn train --compile` with --alerts, --on-spike and --probes (refused before): the
+    monitor runs compile-safe, the loop signals come from its probe pass, the run ends with
+    its verdict line."""
+    alerts, plots = tmp_path / "alerts.jsonl", tmp_path / "plots"
+    assert main(SMALL + ["--compile", "--alerts", str(alerts), "--on-spike", "skip", "--probes",
+                         "--plots", str(plots), "--format", "svg"]) == 0
+    out = capsys.readouterr().out
+    assert alerts.exists() and (plots / "monitor.svg").exists()
+    assert out.strip().splitlines()[-1].startswith("run ")

@@ -105,7 +105,8 @@ def add_train_options(parser: argparse.ArgumentParser, steps: int = 300) -> None
     g.add_argument("--compile", action="store_true",
                    help="train through torch.compile (inductor): compiling takes ~25 s, then steps ran 1.14× "
                         "faster at a fixed depth and 1.01–1.04× with per-sequence depths on a 2-core CPU "
-                        "(README, benchmarks); not with the stability monitor")
+                        "(README, benchmarks); the stability monitor then reads the activations in its own "
+                        "eager probe pass every 10 steps (no hook on compiled code)")
     add_data_option(g)
     add_device_option(g)
     add_dtype_option(g, "training")

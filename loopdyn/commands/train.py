@@ -12,7 +12,7 @@ from loopdyn.commands.common import (add_model_options, add_train_options, check
                                      config_from_args, hyphenated, set_threads)
 from loopdyn.io import check_outputs
 from loopdyn.data import load_text
-from loopdyn.train import Distributed, TrainConfig, check_compile, train
+from loopdyn.train import Distributed, TrainConfig, train
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -93,7 +93,6 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     cfg = train_config_from_args(args, log_path=args.log, save_dir=args.save)
     cfg.validate()
-    check_compile(args.compile, monitored=monitor_options(args) is not None)
     check_paths(args)
     check_device(args.device)
     set_threads(args.threads)

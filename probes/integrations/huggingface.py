@@ -15,6 +15,11 @@ front of the reporting integrations when training begins, so every `report_to` b
 (TensorBoard, W&B, MLflow, …) receives them with the Trainer's own metrics;
 `log_signals=False` turns that off.
 
+The inputs: the monitor hooks the model the Trainer calls — with `torch_compile=True` that is
+the compiled wrapper (`trainer.model_wrapped`, found on the call stack), whose hooks run outside
+the compiled frame and see `input_ids`; the monitor is then in compile-safe mode (its own eager
+probe pass, loopdyn.probes.probe_pass) and no hook touches the compiled model.
+
 Needs `transformers` (pip install "loopdyn[hf]").
 """
 from __future__ import annotations
@@ -35,18 +40,37 @@ def _unwrap_optimizer(optimizer):
     return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
 
 
-def _calling_handler() -> CallbackHandler | None:
-    """The CallbackHandler whose call_event is running this callback (found on the stack)."""
+def _on_stack(cls):
+    """The innermost `self` of type `cls` among the calling frames (the CallbackHandler whose
+    call_event runs this callback, the Trainer that runs it)."""
     frame = inspect.currentframe()
     try:
         while frame is not None:
             owner = frame.f_locals.get("self")
-            if isinstance(owner, CallbackHandler):
+            if isinstance(owner, cls):
                 return owner
             frame = frame.f_back
     finally:
         del frame
     return None
+
+
+def _calling_handler() -> CallbackHandler | None:
+    return _on_stack(CallbackHandler)
+
+
+def _called_model(model, args):
+    """The module the Trainer calls in training: with torch_compile the compiled wrapper around
+    `model` (trainer.model_wrapped), else `model`."""
+    if not getattr(args, "torch_compile", False):
+        return model
+    from transformers import Trainer
+
+    trainer = _on_stack(Trainer)
+    wrapped = getattr(trainer, "model_wrapped", None)
+    if isinstance(wrapped, torch.nn.Module) and any(m is model for m in wrapped.modules()):
+        return wrapped
+    return model
 
 
 class StabilityTrainerCallback(TrainerCallback):
@@ -80,8 +104,11 @@ class StabilityTrainerCallback(TrainerCallback):
             cut = None
             if opt is not None:
                 cut = SchedulerLRCut(opt, lr_scheduler) if lr_scheduler is not None else ParamGroupLRCut(opt)
-            self.monitor = StabilityMonitor(model, opt, sinks=[self.metrics] if self.log_signals else (),
-                                            lr_cut=cut, **self.options)
+            options = dict(self.options)
+            if getattr(args, "torch_compile", False):
+                options.setdefault("compile_safe", True)  # whatever module we find: never hook compiled code
+            self.monitor = StabilityMonitor(_called_model(model, args), opt,
+                                            sinks=[self.metrics] if self.log_signals else (), lr_cut=cut, **options)
         return control
 
     def on_step_begin(self, args, state, control, **kwargs):

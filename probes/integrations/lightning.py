@@ -9,6 +9,12 @@ gradient signals, the learning-rate precursors and the skip decision are taken i
 gradient clipping: the norm is the unclipped one). The loss comes from the model output's
 `.loss` when it has one, else from `on_before_backward`. `stop` sets `trainer.should_stop`.
 
+The batch's token ids reach the monitor in `on_train_batch_start`, whatever `training_step`
+calls (`self(x)`, `self.net(x)`, a torch.compile'd submodule): the first integer tensor of shape
+(B, S) in the batch (tuples, lists and dicts are searched, `input_ids` first), or
+`batch_to_ids(batch)` when given. A compiled module in the LightningModule puts the monitor in
+compile-safe mode (loopdyn.probes.probe_pass).
+
 Framework loggers: at each of the monitor's sync points the latest signals and running alert
 counts are logged through `pl_module.log` (names `loopdyn/<signal>`, `loopdyn/alerts/<kind>`),
 so every logger configured on the Trainer (CSV, TensorBoard, W&B, MLflow, …) receives them;
@@ -20,6 +26,10 @@ Needs `pytorch_lightning` (pip install "loopdyn[lightning]"); the `lightning` pa
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import torch
+
 try:
     import pytorch_lightning as pl
 except ImportError:  # the unified package
@@ -29,12 +39,37 @@ from loopdyn.probes.monitor import StabilityMonitor
 from loopdyn.probes.sinks import MetricsSink
 
 
-class StabilityCallback(pl.Callback):
-    """A Lightning callback around probes.StabilityMonitor (keyword arguments = monitor options)."""
+def first_token_ids(batch, depth: int = 3):
+    """The first integer tensor of shape (B, S) in a batch (`input_ids` first in a mapping)."""
+    if isinstance(batch, torch.Tensor):
+        return batch if batch.dim() == 2 and not batch.is_floating_point() and batch.dtype != torch.bool else None
+    if depth <= 0:
+        return None
+    if isinstance(batch, Mapping):
+        items = [batch["input_ids"]] if "input_ids" in batch else []
+        items += list(batch.values())
+    elif isinstance(batch, (list, tuple)):
+        items = list(batch)
+    else:
+        return None
+    for item in items:
+        found = first_token_ids(item, depth - 1)
+        if found is not None:
+            return found
+    return None
 
-    def __init__(self, log_signals: bool = True, **monitor_options):
+
+class StabilityCallback(pl.Callback):
+    """A Lightning callback around probes.StabilityMonitor (keyword arguments = monitor options).
+
+    batch_to_ids: batch → token ids (B, S) for the probe pass, when the batch holds several
+    integer (B, S) tensors and the first is not the input.
+    """
+
+    def __init__(self, log_signals: bool = True, batch_to_ids=None, **monitor_options):
         super().__init__()
         self.options = monitor_options
+        self.batch_to_ids = batch_to_ids
         self.log_signals = log_signals
         self.metrics = MetricsSink()
         self.monitor: StabilityMonitor | None = None
@@ -57,6 +92,9 @@ class StabilityCallback(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.monitor is not None:
             self.monitor.record_batch({"epoch": trainer.current_epoch, "batch_idx": batch_idx})
+            ids = self.batch_to_ids(batch) if self.batch_to_ids is not None else first_token_ids(batch)
+            if ids is not None:
+                self.monitor.record_inputs(ids)
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
         if self.monitor is not None:
