@@ -284,6 +284,8 @@ class SignalBus:
         loss = getattr(output, "loss", None)
         if loss is None and isinstance(output, dict):
             loss = output.get("loss")
+        if loss is None and isinstance(output, torch.Tensor) and output.dim() == 0 and output.is_floating_point():
+            loss = output  # a model that returns its loss
         if isinstance(loss, torch.Tensor) and loss.numel() == 1 and self.enabled("loss"):
             self.acc.setdefault("loss", []).append(loss.detach().float().reshape(()))
             self._hooked_loss_step = step
@@ -438,7 +440,10 @@ class SignalBus:
                 self._prev_params = [[p.detach().clone() for p in g] for g in groups]
             else:
                 for prev, g in zip(self._prev_params, groups):
-                    if prev:
+                    if prev and any(hasattr(p, "to_local") for p in g):  # DTensor (FSDP2): no foreach copy
+                        for a, b in zip(prev, g):
+                            a.copy_(b.detach())
+                    elif prev:
                         torch._foreach_copy_(prev, [p.detach() for p in g])
             self._have_prev = True
 

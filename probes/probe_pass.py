@@ -101,6 +101,7 @@ class ProbePass:
         self.attention = attention_modules
         self.device = device  # where the model's parameters are now
         self.sharded = list(sharded)  # FSDP2 modules: gathered for the pass (a collective per module)
+        self.jac_v: torch.Tensor | None = None  # the Jacobian's warm start
 
     @contextlib.contextmanager
     def _gathered(self):
@@ -113,7 +114,6 @@ class ProbePass:
         finally:
             for m in self.sharded:
                 m.reshard()
-        self.jac_v: torch.Tensor | None = None
 
     def _unroll(self, idx: torch.Tensor, loops: int) -> tuple[list[torch.Tensor], Any]:
         """States h_0 … h_loops of the protocol's loop (no grad, deterministic h_0)."""
