@@ -36,7 +36,7 @@ from loopdyn.dynamics.numbers import fmt
 from loopdyn.dynamics.overthinking import overthinking, probe_losses, target_labels
 from loopdyn.dynamics.trajectory import check_pure, encode_probe, measure_trajectory, run_loop, trajectory_of
 from loopdyn.dynamics.verdict import audit_verdict
-from loopdyn.models import protocol
+from loopdyn.models import checks, protocol
 from loopdyn.models.errors import InputError
 from loopdyn.models.weights import all_finite
 
@@ -74,6 +74,7 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
     """
     start = time.perf_counter()
     require_loop(model)
+    checks.check_tokens(idx, "idx")
     T = model.mean_loops if loops is None else loops
     if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T <= MAX_LOOPS:
         raise InputError(f"loops must be an integer in [1, {MAX_LOOPS}], got {loops!r}")

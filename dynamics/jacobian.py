@@ -35,7 +35,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator, eigs, svds
 
 from loopdyn.dynamics import loopmap
-from loopdyn.models import protocol
+from loopdyn.models import checks, protocol
 from loopdyn.models.sizes import JACOBIAN_BLOCK_LIMIT
 from loopdyn.dynamics.loopmap import Cost, Linearisation
 
@@ -55,6 +55,7 @@ class LoopJacobian(LinearOperator):
     def __init__(self, model, h: torch.Tensor, ctx, token: tuple[int, int] | None = None,
                  cost: Cost | None = None, linearisation: Linearisation | None = None):
         loopmap.require_loop(model)
+        checks.check_state(h, "h", checks.state_shape(model, ctx))
         self.model, self.ctx = model, ctx
         self.h = h.detach()
         self.token = token
@@ -420,6 +421,7 @@ def per_token_spectra(model, h: torch.Tensor, ctx, tokens=None, dense_limit: int
     Blocks of width ≤ dense_limit are formed densely (ds vmapped JVPs each); wider ones are
     handled matrix-free (svds/eigs on the token operator). max_s ρ(J_ss) equals ρ(J).
     """
+    checks.check_state(h, "h", checks.state_shape(model, ctx))
     B, S, ds = h.shape
     if tokens is None:
         tokens = [(0, s) for s in range(S)]

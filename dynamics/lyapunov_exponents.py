@@ -25,6 +25,7 @@ import torch
 
 from loopdyn.dynamics.loopmap import Cost, Linearisation, analysis, require_loop
 from loopdyn.dynamics.trajectory import run_loop
+from loopdyn.models import checks
 from loopdyn.models.weights import all_finite
 
 
@@ -88,6 +89,10 @@ def lyapunov(model, idx: torch.Tensor, n_loops: int, k: int = 4, seed: int = 0,
     """The k leading finite-time Lyapunov exponents along the trajectory of idx over n_loops loops,
     starting from the model's initial state (see the module docstring)."""
     require_loop(model)
+    checks.check_tokens(idx, "idx")
+    checks.check_int(n_loops, "n_loops", 1)
+    checks.check_int(k, "k", 0)
+    checks.check_seed(seed, "seed")
     cost = cost if cost is not None else Cost()
     with analysis(model):
         ctx = model.encode(idx)

@@ -47,6 +47,7 @@ from loopdyn.dynamics.trajectory import run_loop
 from loopdyn.dynamics.numbers import num as _num, nums as _nums, token_norms as _token_norms
 from loopdyn.dynamics.verdict import normalised_verdict
 from loopdyn.models.protocol import initial_state, require_looped, state_norm_kind
+from loopdyn.models import checks
 from loopdyn.models.weights import all_finite
 
 PERIODS = 4  # cycle periods p = 1..PERIODS checked per token
@@ -203,6 +204,7 @@ def convergence(states: list[torch.Tensor], tol: float = 1e-3, rate_tol: float =
                 periods: int = PERIODS) -> tuple[Convergence, np.ndarray]:
     """Per-token fixed-point / cycle classification of h_0..h_T (module docstring), and the
     (periods, T) mean distances ‖h_t − h_{t−p}‖/‖h_t‖."""
+    checks.check_states(states, "states")
     T = len(states) - 1
     H = torch.stack([s.detach().to(torch.float64) for s in states])  # (T+1, B, S, d)
     norms = torch.linalg.vector_norm(H, dim=-1).clamp_min(1e-300)

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from loopdyn.models import checks
+
 NEAR = 0.05  # | |λ| − 1 | within this: near the unit circle
 BAND = 0.01  # per-token unit band for the DMD modulus (few loops per token: coarse)
 CYCLE_TOL = 1e-2  # relative closure of a cycle
@@ -157,6 +159,9 @@ def token_phases(states: list, eigenvalues=None, source: str = "Jacobian", max_t
                  max_period: int = 8) -> Phases:
     """Phases of every token (batch-major, at most max_tokens evenly spaced) from the measured states
     h_0..h_T (tensors (B, S, ds) or arrays), and the crossing from `eigenvalues` (module docstring)."""
+    if isinstance(states, (list, tuple)) and states and not isinstance(states[0], torch.Tensor):
+        states = [torch.as_tensor(s) for s in states]  # arrays
+    checks.check_states(states, "states")
     T = len(states) - 1
     H = torch.stack([torch.as_tensor(s).detach().cpu() for s in states]).to(torch.float64)  # (T+1, B, S, ds)
     eps = float(torch.finfo(torch.as_tensor(states[-1]).dtype).eps) if torch.as_tensor(states[-1]).is_floating_point() \

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from loopdyn.dynamics.loopmap import analysis, require_loop
-from loopdyn.models import protocol
+from loopdyn.models import checks, protocol
 from loopdyn.models.weights import all_finite
 from loopdyn.dynamics.numbers import token_norms
 
@@ -49,6 +49,7 @@ class Trajectory:
 
 def trajectory_stats(states: list[torch.Tensor], ctx=None, keep_states: bool = True) -> Trajectory:
     """Statistics of a list of states h_0..h_T (each (B, S, ds))."""
+    checks.check_states(states, "states")
     T = len(states) - 1
     sn, rr, rn, tn, tr = (np.full(T + 1, math.nan) for _ in range(5))
     nonfinite_at = None
@@ -123,6 +124,7 @@ def check_pure(model, recomputed: torch.Tensor, measured: torch.Tensor, t: int) 
 def encode_probe(model, idx: torch.Tensor):
     """The loop's context ctx = model.encode(idx), with a ProtocolError naming `encode`."""
     require_loop(model)
+    checks.check_tokens(idx, "idx")
     with analysis(model):
         try:
             return model.encode(idx)
@@ -144,5 +146,6 @@ def trajectory_of(states: list[torch.Tensor], ctx, n_loops: int, keep_states: bo
 
 def measure_trajectory(model, idx: torch.Tensor, n_loops: int, keep_states: bool = True, cost=None) -> Trajectory:
     """Run the loop n_loops times on idx and measure it (states past a non-finite one are not run)."""
+    checks.check_int(n_loops, "n_loops", 0)
     ctx = encode_probe(model, idx)
     return trajectory_of(run_loop(model, ctx, n_loops, cost=cost), ctx, n_loops, keep_states)

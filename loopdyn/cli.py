@@ -90,24 +90,83 @@ def _name(argv: list[str]) -> str:
 
 
 _interrupted = False  # set by the first Ctrl-C / SIGTERM: errors after it are its consequences
+_deferred = False  # while heavy modules import, a Ctrl-C is recorded, not raised (see _heavy_imports)
+_name_now = "loopdyn"
 
 
 def _interrupt(signum, frame):  # SIGINT and SIGTERM: unwind, so temporary files are removed
     global _interrupted
+    if _deferred:
+        if _interrupted:  # a second Ctrl-C while PyTorch imports: stop now
+            _exit_interrupted(_name_now)
+        _interrupted = True
+        return
     _interrupted = True
     raise KeyboardInterrupt
+
+
+def _exit_interrupted(name: str) -> None:
+    """One line, exit 130, nothing more: no atexit handler, no late warning can print after it."""
+    try:
+        sys.stderr.write(f"{name}: interrupted\n")
+    except (OSError, ValueError):
+        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(EXIT_INTERRUPTED)
+
+
+def _late_interrupt(signum, frame):  # the work is done and the process exits: a Ctrl-C now ends it at once
+    _exit_interrupted(_name_now)
+
+
+def _quiet_after_interrupt() -> None:
+    """Once interrupted, exceptions that Python would report as 'Exception ignored in ...' (in a
+    destructor, an atexit callback) or from a thread are consequences of the interrupt: silent."""
+    unraisable, thread_hook = sys.unraisablehook, __import__("threading").excepthook
+
+    def on_unraisable(info):
+        if not _interrupted:
+            unraisable(info)
+
+    def on_thread(args):
+        if not (_interrupted or issubclass(args.exc_type, KeyboardInterrupt)):
+            thread_hook(args)
+
+    sys.unraisablehook = on_unraisable
+    __import__("threading").excepthook = on_thread
+
+
+def _heavy_imports() -> None:
+    """Import PyTorch (and loopdyn's models) with Ctrl-C deferred: a KeyboardInterrupt raised
+    inside PyTorch's import can end in a C++ std::terminate or be swallowed by an import guard;
+    recorded instead, it becomes exit 130 right after the import."""
+    global _deferred
+    _deferred = True
+    try:
+        import torch  # noqa: F401
+        import loopdyn.models.errors  # noqa: F401
+    finally:
+        _deferred = False
+    if _interrupted:
+        raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code. Called without `argv` (as the program), an
     interrupted run ends the process at once with 130 after its clean-up, so nothing left
     half-imported by the interrupt can print at interpreter exit."""
-    global _interrupted
+    global _interrupted, _name_now
     as_program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    name = _name(argv)
+    name = _name_now = _name(argv)
     debug = _debug(argv)
     _interrupted = False
+    if as_program:
+        _quiet_after_interrupt()
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         current = signal.getsignal(sig)
@@ -128,25 +187,23 @@ def main(argv: list[str] | None = None) -> int:
         code = EXIT_INTERRUPTED  # e.g. a module left half-imported by the Ctrl-C
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            # as the program, a Ctrl-C after the work (while the interpreter exits) ends it at once
+            signal.signal(sig, _late_interrupt if as_program else handler)
     if code == EXIT_INTERRUPTED:
-        print(f"{name}: interrupted", file=sys.stderr)
         if as_program:
-            for stream in (sys.stdout, sys.stderr):
-                try:
-                    stream.flush()
-                except (OSError, ValueError):
-                    pass
-            os._exit(EXIT_INTERRUPTED)
+            _exit_interrupted(name)
+        print(f"{name}: interrupted", file=sys.stderr)
     return code
 
 
 def _main(argv: list[str], name: str, debug: bool) -> int:
-    from loopdyn.models.errors import InputError  # imports torch: Ctrl-C here is still caught
+    global _name_now
+    _heavy_imports()
+    from loopdyn.models.errors import InputError
 
     try:
         args = build_parser().parse_args(argv)
-        name = f"loopdyn {args.command}"
+        name = _name_now = f"loopdyn {args.command}"
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         raise

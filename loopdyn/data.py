@@ -9,6 +9,13 @@ a single file, the text is split by position instead: the last 10% is validation
 
 Only regular files and folders are read: a FIFO, a socket or a device (`/dev/zero`) is refused
 at once instead of blocking or reading forever; inside a folder such entries are skipped.
+
+A corpus larger than `IN_MEMORY_LIMIT` is never read whole: its train and validation streams are
+`ByteStream`s, byte ranges of its files read by offset (`os.pread`), so a training batch reads
+only its windows at random positions and a corpus larger than memory (or than the address
+space) trains. The split is the same as in memory (by file, or the last 10% by position), so
+validation stays deterministic; the unigram baseline is then estimated from evenly spaced
+`SAMPLE_CHUNKS` chunks of the training stream.
 """
 from __future__ import annotations
 
@@ -24,9 +31,65 @@ import torch
 
 from loopdyn.models.errors import InputError
 
+IN_MEMORY_LIMIT = 256 << 20  # larger corpora are read by offset, window by window
+SAMPLE_CHUNKS, SAMPLE_CHUNK = 64, 1 << 20  # the unigram baseline of a corpus read by offset
 VOCAB_SIZE = 256
 VALIDATION_EVERY = 10  # one file in ten (by path hash) is validation
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+
+
+class ByteStream:
+    """Bytes [start, stop) of a sequence of files, read by offset: `len()` and `[a:b]` (a uint8
+    array) like a NumPy array, without holding the bytes. Segments are (path, start, stop)."""
+
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, segments: list[tuple[Path, int, int]]):
+        self.segments = [(Path(p), int(a), int(b)) for p, a, b in segments if b > a]
+        self._ends = np.cumsum([b - a for _, a, b in self.segments], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    def __getitem__(self, key) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("a ByteStream is read by contiguous slices [a:b]")
+        start, stop, _ = key.indices(len(self))
+        out = bytearray()
+        pos = start
+        while pos < stop:
+            i = int(np.searchsorted(self._ends, pos, side="right"))
+            path, a, b = self.segments[i]
+            first = int(self._ends[i]) - (b - a)
+            offset = a + pos - first
+            n = min(stop - pos, b - offset)
+            out += _pread(path, offset, n)
+            pos += n
+        return np.frombuffer(bytes(out), dtype=np.uint8)
+
+    def sample(self, chunks: int = SAMPLE_CHUNKS, size: int = SAMPLE_CHUNK) -> np.ndarray:
+        """`chunks` evenly spaced slices of `size` bytes (all of it when that is smaller)."""
+        n = len(self)
+        if n <= chunks * size:
+            return self[0:n]
+        starts = np.linspace(0, n - size, chunks).astype(np.int64)
+        return np.concatenate([self[int(a): int(a) + size] for a in starts])
+
+
+def _pread(path: Path, offset: int, n: int) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as err:
+        raise InputError(f"{path}: cannot read ({err.strerror})") from None
+    try:
+        data = os.pread(fd, n, offset)
+    except OSError as err:
+        raise InputError(f"{path}: cannot read ({err.strerror})") from None
+    finally:
+        os.close(fd)
+    if len(data) != n:
+        raise InputError(f"{path}: the file shrank while it was read (expected {n} bytes at {offset})")
+    return data
 
 
 @dataclass
@@ -69,9 +132,11 @@ class TextData:
     def unigram_loss(self) -> float:
         """Cross-entropy (nats per byte) of the validation bytes under the training bytes'
         unigram distribution (add-one smoothed): the baseline a model must beat."""
-        counts = np.bincount(self.train, minlength=VOCAB_SIZE).astype(np.float64) + 1.0
+        train = self.train.sample() if isinstance(self.train, ByteStream) else self.train
+        val = self.val.sample() if isinstance(self.val, ByteStream) else self.val
+        counts = np.bincount(train, minlength=VOCAB_SIZE).astype(np.float64) + 1.0
         logp = np.log(counts / counts.sum())
-        val_counts = np.bincount(self.val, minlength=VOCAB_SIZE)
+        val_counts = np.bincount(val, minlength=VOCAB_SIZE)
         return float(-(val_counts * logp).sum() / max(val_counts.sum(), 1))
 
 
@@ -112,9 +177,10 @@ def load_text(path: str | Path | None = None, max_bytes: int | None = None) -> T
         if kind not in ("file", "folder"):
             raise InputError(f"{root}: is {kind}, not a text file or folder")
         if kind == "file":
-            data = _read(root)
+            size = _size(root)
             if max_bytes is not None:
-                data = data[:max_bytes]
+                size = min(size, max_bytes)
+            data = _read(root, size) if size <= IN_MEMORY_LIMIT else ByteStream([(root, 0, size)])
             if len(data) < 1000:
                 raise InputError(f"{root}: only {len(data)} bytes of text; need at least 1000")
             return _by_position(data, str(root), 1, "a single file")
@@ -122,23 +188,51 @@ def load_text(path: str | Path | None = None, max_bytes: int | None = None) -> T
         source = str(root)
     if max_bytes is not None:
         files = files[: _count_until(files, max_bytes)]
+    sizes = {p: _size(p) for p in files}
+    in_memory = sum(sizes.values()) <= IN_MEMORY_LIMIT
+
+    def stream(paths: list[Path]):
+        if in_memory:
+            return np.concatenate([_read(p, sizes[p]) for p in paths]) if paths else np.zeros(0, np.uint8)
+        return ByteStream([(p, 0, sizes[p]) for p in paths])
+
     train, val = [], []
     for p in files:
-        (val if _is_validation(str(p.relative_to(root))) else train).append(_read(p))
-    total = sum(len(a) for a in train) + sum(len(a) for a in val)
+        (val if _is_validation(str(p.relative_to(root))) else train).append(p)
+    total = sum(sizes.values())
     if not files or total == 0:
         raise InputError(f"{source}: no text found (empty folder?)")
-    if not train or not val or sum(len(a) for a in train) == 0 or sum(len(a) for a in val) == 0:
+    if not train or not val or sum(sizes[p] for p in train) == 0 or sum(sizes[p] for p in val) == 0:
         # one or a few files all on one side of the hash split: split the text by position
         reason = (f"the folder holds {len(files)} file{'s' if len(files) != 1 else ''}, "
                   f"all on the {'validation' if not train else 'training'} side of the split by file")
-        return _by_position(np.concatenate(train + val), source, len(files), reason)
-    return TextData(np.concatenate(train), np.concatenate(val), source, len(files))
+        return _by_position(stream(train + val), source, len(files), reason)
+    return TextData(stream(train), stream(val), source, len(files))
 
 
-def _by_position(data: np.ndarray, source: str, n_files: int, reason: str) -> TextData:
+def _by_position(data, source: str, n_files: int, reason: str) -> TextData:
     cut = int(len(data) * (1 - 1 / VALIDATION_EVERY))
-    return TextData(data[:cut], data[cut:], source, n_files, split="by position", split_reason=reason)
+    if isinstance(data, ByteStream):
+        train, val = _split_stream(data, cut)
+    else:
+        train, val = data[:cut], data[cut:]
+    return TextData(train, val, source, n_files, split="by position", split_reason=reason)
+
+
+def _split_stream(data: ByteStream, cut: int) -> tuple[ByteStream, ByteStream]:
+    """The stream's bytes before and after position `cut`, as two streams."""
+    before, after, pos = [], [], 0
+    for path, a, b in data.segments:
+        n = b - a
+        if pos + n <= cut:
+            before.append((path, a, b))
+        elif pos >= cut:
+            after.append((path, a, b))
+        else:
+            before.append((path, a, a + cut - pos))
+            after.append((path, a + cut - pos, b))
+        pos += n
+    return ByteStream(before), ByteStream(after)
 
 
 def _kind(path: Path) -> str:
@@ -162,11 +256,21 @@ def _kind(path: Path) -> str:
     return "not a regular file"
 
 
-def _read(path: Path) -> np.ndarray:
+def _size(path: Path) -> int:
     try:
-        return np.frombuffer(path.read_bytes(), dtype=np.uint8)
+        return os.stat(path).st_size
     except OSError as err:
         raise InputError(f"{path}: cannot read ({err.strerror})") from None
+
+
+def _read(path: Path, size: int | None = None) -> np.ndarray:
+    """The file's bytes (its first `size` bytes), read whole: for files below IN_MEMORY_LIMIT."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read() if size is None else f.read(size)
+    except OSError as err:
+        raise InputError(f"{path}: cannot read ({err.strerror})") from None
+    return np.frombuffer(data, dtype=np.uint8)
 
 
 def _count_until(files: list[Path], max_bytes: int) -> int:

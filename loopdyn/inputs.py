@@ -42,9 +42,48 @@ def load_model(path: str, device: str = "cpu", dtype=None):
     return model
 
 
-def user_factory(spec: str):
+def model_input(option: str, spec: str):
+    """What loading the model at `spec` reads (`loopdyn.iocheck.Input`): a checkpoint's files, or
+    the FILE.py of FILE.py:FUNCTION (nothing for MODULE:FUNCTION); nothing is imported."""
+    from loopdyn.iocheck import checkpoint_input, file_input
+
+    where = user_factory(str(spec), load=False)
+    if where is None:
+        return checkpoint_input(option, spec)
+    return file_input(option, where) if where.endswith(".py") else None
+
+
+def user_error(err: BaseException) -> str:
+    """"FILE, line N: Type: message" for an exception raised in a user's code: the innermost
+    frame outside loopdyn, the standard library and site-packages (a SyntaxError names its own)."""
+    import os
+    import sys
+    import sysconfig
+    import traceback
+
+    if isinstance(err, SyntaxError):
+        return f"{err.filename}, line {err.lineno}: SyntaxError: {err.msg}"
+    import loopdyn.dynamics
+    import loopdyn.models
+    import loopdyn.probes
+
+    ours = [p for pkg in (sys.modules["loopdyn"], loopdyn.models, loopdyn.dynamics, loopdyn.probes)
+            for p in getattr(pkg, "__path__", [])]
+    paths = sysconfig.get_paths()
+    skip = tuple(os.path.abspath(p) + os.sep for p in ours + [paths["stdlib"], paths["purelib"], paths["platlib"]])
+    skip += ("<frozen",)
+    frames = traceback.extract_tb(err.__traceback__)
+    theirs = [f for f in frames if not f.filename.startswith(skip)] or frames
+    where = f"{theirs[-1].filename}, line {theirs[-1].lineno}: " if theirs else ""
+    text = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+    return f"{where}{type(err).__name__}{': ' + text if text else ''}"
+
+
+def user_factory(spec: str, load: bool = True):
     """For PATH = MODULE:FUNCTION or FILE.py:FUNCTION (and no such file or folder), the function;
-    else None. The function is called with no arguments and must return a LoopedModel."""
+    else None. The function is called with no arguments and must return a LoopedModel. With
+    load=False, the module or file named instead (nothing is imported). Failures of the user's
+    code are `InputError`s naming its file, line and exception (`user_error`)."""
     import importlib
     import importlib.util
     from pathlib import Path
@@ -54,6 +93,8 @@ def user_factory(spec: str):
     where, _, name = spec.rpartition(":")
     if not where or not name.isidentifier():
         return None
+    if not load:
+        return where
     try:
         if where.endswith(".py"):
             if not Path(where).is_file():
@@ -63,8 +104,12 @@ def user_factory(spec: str):
             module_spec.loader.exec_module(module)
         else:
             module = importlib.import_module(where)
+    except InputError:
+        raise
     except ImportError as err:
         raise InputError(f"{spec}: cannot import {where}: {err}") from None
+    except Exception as err:  # the user's code failed: their error, named with its file and line
+        raise InputError(f"{spec}: importing {where} failed: {user_error(err)}") from None
     fn = getattr(module, name, None)
     if not callable(fn):
         raise InputError(f"{spec}: {where} has no function {name}")
@@ -72,7 +117,10 @@ def user_factory(spec: str):
     def build():
         from loopdyn.models import protocol
 
-        model = fn()
+        try:
+            model = fn()
+        except Exception as err:  # noqa: BLE001 - the user's function failed
+            raise InputError(f"{spec}: {name}() failed: {user_error(err)}") from None
         if hasattr(model, "eval"):
             model.eval()
         if not protocol.is_looped(model):

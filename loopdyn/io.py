@@ -8,15 +8,15 @@ uses it without importing torch.
   folder, then rename it over the target: a killed process leaves the old file or the whole new
   one, never half a file. The temporary name is recognisably loopdyn's (`temp_name`),
   `.<name>.loopdyn-<pid>-<random>.tmp`; it is removed on every exit path Python sees, and one left
-  by a process that was killed outright (kill -9) is removed by the next write of the same file
-  (`remove_stale_temps`).
+  by a process that was killed outright (kill -9) is removed by the next write into that folder
+  (any such name whose pid is dead; nothing else is ever touched).
 - Results get the permissions a plain `open(path, "w")` would give: an existing file keeps its
   mode, a new one gets 0666 minus the umask (mkstemp alone would give 0600).
 - `JsonlWriter` appends one JSON object per line and never leaves half a line: each line is one
   write whose byte count is checked; a short write (a full disk) is cut back and reported.
 - `check_output` / `check_outputs` look at output paths before any work starts, so a bad
-  `--json` or `--save` costs nothing; `check_distinct` refuses an output that names another
-  output or an input file.
+  `--json` or `--save` costs nothing, and refuse an output that names another
+  output, or is or would overwrite an input (`loopdyn.iocheck`).
 - `OutLock`: one process per output folder (`--out`), a `filelock.FileLock` on
   `<out>/.loopdyn.lock`, which holds the owner's pid.
 - Errors name the user's path, never a temporary name: `WriteError` (an `InputError`, so the
@@ -130,7 +130,7 @@ def fill_temp(path: Path, write, mode: int | None = None) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise WriteError(f"{path}: cannot create the folder {folder} ({describe_os_error(err)})") from None
-    remove_stale_temps(folder, path.name)
+    remove_stale_temps(folder)  # of any name: every write to a folder cleans what dead processes left
     if path.is_dir():
         raise WriteError(f"{path}: is a folder, not a file")
     tmp = temp_name(path)
@@ -246,35 +246,25 @@ def fsync_dir(directory: str | os.PathLike) -> None:
             os.close(fd)
 
 
-def check_distinct(paths: dict[str, str | os.PathLike | None], inputs: dict[str, str | os.PathLike | None] = ()) -> None:
-    """Refuse two outputs naming the same file, or an output naming an input file."""
-    seen: dict[str, str] = {}
-    for option, p in list(paths.items()):
-        if p is None:
-            continue
-        key = os.path.realpath(p)
-        if key in seen:
-            raise WriteError(f"{option} {p}: the same file as {seen[key]}")
-        seen[key] = f"{option} {p}"
-    for option, p in dict(inputs).items():
-        if p is None:
-            continue
-        key = os.path.realpath(p)
-        if key in seen:
-            raise WriteError(f"{seen[key]}: the same file as {option} {p}; it would be overwritten")
-
-
 def check_outputs(files: dict[str, str | os.PathLike | None] | None = None,
                   dirs: dict[str, str | os.PathLike | None] | None = None,
-                  inputs: dict[str, str | os.PathLike | None] | None = None) -> None:
-    """Check every output path (option → path) before any work, and that no two outputs, and
-    no output and input, are the same file. Errors name the option and the user's path."""
+                  inputs: dict[str, str | os.PathLike | None] | list | None = None) -> None:
+    """Check every output path (option → path) before any work, and that no two outputs are the
+    same file and no output is, or would overwrite, an input (`loopdyn.iocheck`: by resolved
+    path and inode, a checkpoint's files, a folder that is read). `inputs` is a list of
+    `loopdyn.iocheck.Input` (or option → path of a file or folder that is read). Errors name the
+    option and the user's path."""
+    from loopdyn.iocheck import check_outputs_against_inputs, file_input
+
     files, dirs = dict(files or {}), dict(dirs or {})
     for option, path in files.items():
         check_output(path, option, kind="file")
     for option, path in dirs.items():
         check_output(path, option, kind="dir")
-    check_distinct({**files, **dirs}, inputs or {})
+    if isinstance(inputs, dict):
+        inputs = [file_input(option, path) for option, path in inputs.items()]
+    outputs = {**{o: (p, "file") for o, p in files.items()}, **{o: (p, "dir") for o, p in dirs.items()}}
+    check_outputs_against_inputs(outputs, list(inputs or []))
 
 
 # ---- JSON Lines ----------------------------------------------------------------------------
@@ -445,3 +435,79 @@ def _soft_marker(lock: filelock.BaseFileLock) -> bool:
     except AttributeError:
         return False
     return True
+# ---- small input files, read bounded ---------------------------------------------------------
+
+CONFIG_LIMIT = 16 << 20  # a config.json is kilobytes; 16 MiB leaves room for embedded tables
+INDEX_LIMIT = 256 << 20  # a weight index lists every tensor: megabytes for the largest models
+CSV_LIMIT = 256 << 20  # measurements: one row per (model, setting)
+
+
+def describe_read_error(err: OSError, path: str | os.PathLike) -> str:
+    """'PATH: no permission to read it' style text naming the cause of a failed read."""
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return f"{path}: no permission to read it ({describe_os_error(err)})"
+    if err.errno == errno.ELOOP:
+        return f"{path}: a symlink loop (the link points, directly or not, back to itself)"
+    if err.errno == errno.ENOENT:
+        return f"{path}: no such file"
+    if err.errno == errno.EISDIR:
+        return f"{path}: is a folder, not a file"
+    return f"{path}: cannot read ({describe_os_error(err)})"
+
+
+def file_kind(mode: int) -> str:
+    """'a FIFO (named pipe)', 'a device', ... for a file that is not a regular file or a folder."""
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    return "not a regular file"
+
+
+def read_small(path: str | os.PathLike, limit: int, what: str = "file") -> bytes:
+    """The bytes of a small regular file, refused (InputError naming the file and the limit)
+    before reading when it is larger than `limit`; a FIFO or a device is refused at once (opened
+    without blocking), and errors name their cause (permission, symlink loop, missing)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        raise InputError(describe_read_error(err, path)) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"{path}: is {file_kind(st.st_mode)}, not a regular {what}")
+        if st.st_size > limit:
+            raise InputError(f"{path}: {st.st_size:,} bytes, more than the {limit:,} a {what} may have; "
+                             f"not reading it")
+        chunks, total = [], 0
+        while True:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise InputError(f"{path}: more than the {limit:,} bytes a {what} may have; not reading it")
+        return b"".join(chunks)
+    except OSError as err:
+        raise InputError(describe_read_error(err, path)) from None
+    finally:
+        os.close(fd)
+
+
+def read_small_json(path: str | os.PathLike, limit: int = CONFIG_LIMIT, what: str = "JSON file") -> Any:
+    """A small JSON file (`read_small`): InputError for bad UTF-8, bad JSON or nesting too deep."""
+    data = read_small(path, limit, what)
+    try:
+        return json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply to be a {what}") from None

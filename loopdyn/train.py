@@ -47,13 +47,19 @@ class TrainConfig:
     desc: str = "train"
 
     def validate(self) -> None:
+        """Types and ranges of every field, named as the command line spells them (`--warmup`)."""
+        from loopdyn.models import checks as v
+
         for name in ("steps", "batch_size", "seq_len", "eval_batches"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise InputError(f"lr must be a positive number, got {self.lr}")
-        if self.eval_every < 0:
-            raise InputError("eval-every must be ≥ 0")
+            v.check_int(getattr(self, name), f"--{name.replace('_', '-')}", 1)
+        v.check_float(self.lr, "--lr", 0, lo_open=True)
+        v.check_int(self.eval_every, "--eval-every", 0)
+        if self.warmup_steps is not None:
+            v.check_int(self.warmup_steps, "--warmup", 0)
+        v.check_seed(self.seed, "--seed")
+        v.check_float(self.min_lr_ratio, "min_lr_ratio", 0, 1)
+        v.check_float(self.weight_decay, "weight_decay", 0)
+        v.check_float(self.grad_clip, "grad_clip", 0, lo_open=True)
         from loopdyn.models.precision import precision
 
         precision(self.dtype)  # an unknown name: one clear error before any work

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import errno
 import os
 import secrets
 import shutil
@@ -34,9 +35,9 @@ from pathlib import Path
 import torch
 
 from loopdyn.models.config import LoopConfig
-from loopdyn.models.errors import CheckpointError, ConfigError
-from loopdyn.io import (WriteError, check_output, describe_os_error, fill_temp, fsync_dir,
-                        remove_stale_temps, temp_name)
+from loopdyn.models.errors import CheckpointError, ConfigError, InputError
+from loopdyn.io import (CONFIG_LIMIT, WriteError, check_output, describe_os_error, describe_read_error, fill_temp,
+                        fsync_dir, read_small_json, remove_stale_temps, temp_name)
 from loopdyn.models.looped import LoopedLM, value_embedding_layout
 from loopdyn.models.layers import rope_table
 from loopdyn.models.weights import build_on_meta, fill, nonfinite_parameters, open_weights
@@ -144,12 +145,12 @@ def save(model: LoopedLM, directory: str | Path) -> Path:
     return directory
 
 
-def check_save_target(directory: str | Path) -> Path:
+def check_save_target(directory: str | Path, option: str = "") -> Path:
     """Refuse, before any work, a `save` folder that cannot take a checkpoint: not a folder,
     not writable, or holding a `config.json` / `model.safetensors` that loopdyn did not write."""
     directory = Path(directory)
     try:
-        check_output(directory, "", kind="dir")
+        check_output(directory, option, kind="dir")
     except WriteError as err:
         raise CheckpointError(str(err)) from None
     config, weights = directory / "config.json", directory / "model.safetensors"
@@ -168,8 +169,8 @@ def _own_save_id(config_path: Path):
     try:
         if not config_path.is_file():
             return False
-        raw = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raw = read_small_json(config_path, CONFIG_LIMIT, "config.json")
+    except (OSError, InputError):
         return False
     if not isinstance(raw, dict) or raw.get("format") != "loopdyn":
         return False
@@ -250,11 +251,11 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: "torch.dty
     directory = _checkpoint_dir(Path(path))
     config_path = directory / "config.json"
     try:
-        raw = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{config_path}: not valid JSON ({err.msg}, line {err.lineno})") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{config_path}: cannot read ({err})") from None
+        raw = read_small_json(config_path, CONFIG_LIMIT, "config.json")
+    except CheckpointError:
+        raise
+    except InputError as err:
+        raise CheckpointError(str(err)) from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{config_path}: expected a JSON object")
     from loopdyn.models import importers
@@ -274,8 +275,14 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: "torch.dty
 
 
 def _checkpoint_dir(path: Path) -> Path:
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ENOENT and not os.path.lexists(path):
+            raise CheckpointError(f"{path}: no such checkpoint") from None
+        if err.errno == errno.ENOENT:
+            raise CheckpointError(f"{path}: a symlink to a missing file (no such checkpoint)") from None
+        raise CheckpointError(describe_read_error(err, path)) from None
     directory = path if path.is_dir() else path.parent
     backup = directory / BACKUP_DIR
     if backup.is_dir() and _pair_state(directory) != "ok" and _pair_state(backup) == "ok":

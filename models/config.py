@@ -126,7 +126,8 @@ class LoopConfig:
                  f"{name} must be a finite number ≥ 0, got {value!r}")
         for name in ("logit_softcap", "clip_qkv"):
             value = getattr(self, name)
-            need(value is None or (_is_number(value) and value > 0), f"{name} must be null or a number > 0, got {value!r}")
+            need(value is None or (_is_number(value) and math.isfinite(value) and value > 0),
+                 f"{name} must be null or a finite number > 0, got {value!r}")
         for name in ("qk_norm", "qk_bias", "bias", "value_embeds", "prelude_norm", "tie_embeddings"):
             need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
         need(isinstance(self.name, str) and isinstance(self.extra, dict), "name must be a string and extra a dict")
@@ -139,9 +140,11 @@ class LoopConfig:
         need(self.input_gain in INPUT_GAINS, f"input_gain must be one of {INPUT_GAINS}")
         for name in ("vocab_size", "block_size", "d_model", "n_heads", "n_kv_heads", "d_mlp",
                      "d_state", "n_state_heads", "d_state_mlp"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, f"{name} must be a positive integer")
+            need(_is_int(getattr(self, name)) and getattr(self, name) > 0,
+                 f"{name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("n_prelude", "n_core", "n_coda"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, f"{name} must be ≥ 0")
+            need(_is_int(getattr(self, name)) and getattr(self, name) >= 0,
+                 f"{name} must be an integer ≥ 0, got {getattr(self, name)!r}")
         need(self.d_model % self.n_heads == 0, "d_model must be divisible by n_heads")
         need(self.n_heads % self.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads")
         need(self.head_dim % 2 == 0, "the head size must be even for RoPE")

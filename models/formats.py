@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from loopdyn.models.errors import CheckpointError, InputError
+from loopdyn.io import INDEX_LIMIT, read_small_json
 from loopdyn.models.weights import StoredTensor, open_weights
 
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -45,11 +46,14 @@ def weight_files(directory: Path) -> tuple[str, list[Path]]:
         return name, [directory / name]
     index_path = directory / name
     try:
-        index = json.loads(index_path.read_text())
+        index = read_small_json(index_path, INDEX_LIMIT, "weight index")
+    except InputError as err:
+        raise CheckpointError(str(err)) from None
+    try:
         weight_map = index["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise TypeError
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+    except (KeyError, TypeError):
         raise CheckpointError(f"{index_path}: not a weight index (expected JSON with a 'weight_map' "
                               f"object mapping tensor names to shard files)") from None
     shards = sorted(set(weight_map.values()))
@@ -70,7 +74,7 @@ def read_weights(directory: Path) -> tuple[dict[str, StoredTensor], str]:
     if name in SINGLE_FILES:
         return open_weights(files[0]), str(files[0])
     index_path = directory / name
-    weight_map = json.loads(index_path.read_text())["weight_map"]
+    weight_map = read_small_json(index_path, INDEX_LIMIT, "weight index")["weight_map"]
     state: dict[str, StoredTensor] = {}
     for path in files:
         shard = open_weights(path)
@@ -195,13 +199,9 @@ def make_embedding(vocab_size: int, width: int) -> nn.Embedding:
 # ---- shared input check -----------------------------------------------------------------------
 
 def check_tokens(idx: torch.Tensor, vocab_size: int, max_len: int) -> None:
-    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.is_floating_point():
-        shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
-        raise InputError(f"token ids must be an integer tensor of shape (batch, sequence), got {shape}")
-    if idx.shape[1] > max_len:
-        raise InputError(f"a sequence of {idx.shape[1]} tokens is longer than the model supports ({max_len})")
-    if idx.device.type == "cpu" and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= vocab_size):
-        raise InputError(f"token ids must lie in [0, {vocab_size}), got [{int(idx.min())}, {int(idx.max())}]")
+    from loopdyn.models.checks import check_tokens as check
+
+    check(idx, "idx", vocab_size, max_len)
 
 
 def check_loops(n_loops) -> int:

@@ -30,6 +30,7 @@ from loopdyn.models.layers import Block, Linear, make_norm, rope_table
 from loopdyn.models.operator import DenseOperator
 from loopdyn.models.protocol import LinearPart, Sublayer, config_field
 from loopdyn.models.sizes import count_params
+from loopdyn.models.checks import check_tokens
 
 
 @dataclass
@@ -198,15 +199,8 @@ class LoopedLM(nn.Module):
 
     # ---- the pieces of the loop --------------------------------------------------------
     def _check_input(self, idx: torch.Tensor) -> None:
-        if idx.dim() != 2:
-            raise InputError(f"token ids must have shape (batch, sequence), got {tuple(idx.shape)}")
-        if idx.shape[1] > self.config.block_size:
-            raise InputError(f"a sequence of {idx.shape[1]} tokens is longer than the model supports "
-                             f"(block_size {self.config.block_size})")
-        # The range check reads values, which would sync an accelerator: do it on the CPU only.
-        if idx.device.type == "cpu" and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
-            raise InputError(f"token ids must lie in [0, {self.config.vocab_size}), got "
-                             f"[{int(idx.min())}, {int(idx.max())}]")
+        # the range check reads values, which would sync an accelerator: it runs on the CPU only
+        check_tokens(idx, "idx", self.config.vocab_size, self.config.block_size)
 
     def _ve(self, block_name: str, idx: torch.Tensor) -> torch.Tensor | None:
         key = self.ve_layout.get(block_name)

@@ -106,6 +106,13 @@ def open_weights(path: Path) -> dict[str, StoredTensor]:
     (`torch.load(weights_only=True)`; a Lightning-Fabric checkpoint's "model" entry)."""
     if not path.is_file():
         raise CheckpointError(f"{path}: missing weights file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as err:
+        from loopdyn.io import describe_read_error
+
+        raise CheckpointError(describe_read_error(err, path)) from None
     return _open_safetensors(path) if path.suffix == ".safetensors" else _open_pickle(path)
 
 

@@ -80,15 +80,21 @@ def run(args) -> int:
         raise InputError(f"--horizon must be in [1, {MAX_HORIZON}], got {args.horizon}")
     if args.lyapunov_k < 0:
         raise InputError(f"--lyapunov-k must be ≥ 0, got {args.lyapunov_k}")
-    if not 0 < args.exit_threshold <= 1:
-        raise InputError(f"--exit-threshold must be in (0, 1], got {args.exit_threshold}")
-    if not args.explosion_factor > 1:
-        raise InputError(f"--explosion-factor must be > 1, got {args.explosion_factor}")
+    from loopdyn.commands.common import check_threads
+    from loopdyn.models.checks import check_float
+
+    check_float(args.exit_threshold, "--exit-threshold", 0, 1, lo_open=True)
+    check_float(args.explosion_factor, "--explosion-factor", 1, lo_open=True)
+    check_threads(args.threads)
     if args.exits:
         from loopdyn.commands.exits import parse_budget
 
         budget = parse_budget(args.budget)
-    check_outputs(files={"--json": args.json}, dirs={"--plots": args.plots}, inputs={"--data": args.data})
+    from loopdyn.inputs import model_input
+    from loopdyn.iocheck import data_input
+
+    check_outputs(files={"--json": args.json}, dirs={"--plots": args.plots},
+                  inputs=[model_input("PATH", args.path), data_input("--data", args.data)])
     check_device(args.device)
     set_threads(args.threads)
     model = load_model(args.path, device=args.device, dtype=args.dtype)

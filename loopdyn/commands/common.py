@@ -139,12 +139,25 @@ def check_device(name: str) -> str:
     return name
 
 
+def max_threads() -> int:
+    """The largest `--threads`: 4 threads per CPU core, at least 64 (more only fails in OpenMP)."""
+    import os
+
+    return max(64, 4 * (os.cpu_count() or 1))
+
+
+def check_threads(n: int | None) -> int | None:
+    if n is not None:
+        from loopdyn.models.checks import check_int
+
+        check_int(n, "--threads", 1, max_threads())
+    return n
+
+
 def set_threads(n: int | None) -> None:
     """`--threads N`: intra-op threads for this process (and OpenMP's, for its own pools)."""
-    if n is None:
+    if check_threads(n) is None:
         return
-    if n < 1:
-        raise InputError(f"--threads must be ≥ 1, got {n}")
     import torch
 
     torch.set_num_threads(n)

@@ -5,7 +5,8 @@ import argparse
 from pathlib import Path
 
 from loopdyn.models.errors import InputError
-from loopdyn.commands.common import add_data_option, add_dtype_option, add_threads_option
+from loopdyn.commands.common import add_data_option, add_dtype_option, add_threads_option, check_threads
+from loopdyn.iocheck import data_input
 from loopdyn.io import OutLock, check_outputs
 from loopdyn.compare import INJECTIONS, grid, run_grid
 from loopdyn.launchers import add_launcher_options, launcher_from_args, launcher_options
@@ -70,9 +71,8 @@ def run(args: argparse.Namespace) -> int:
     specs = grid(_list(args.injections, str, "injections"), _list(args.lrs, float, "lrs"),
                  _list(args.seeds, int, "seeds"), preset=args.preset, steps=args.steps,
                  batch_size=args.batch_size, seq_len=args.seq_len, data=args.data, dtype=args.dtype)
-    check_outputs(dirs={"--out": args.out}, inputs={"--data": args.data})
-    if args.threads is not None and args.threads < 1:
-        raise InputError("--threads must be ≥ 1")
+    check_outputs(dirs={"--out": args.out}, inputs=[data_input("--data", args.data)])
+    check_threads(args.threads)
     launcher = launcher_from_args(args)  # its options checked, its extra installed
     if args.launcher == "local":  # elsewhere the nodes' memory counts, not this machine's
         specs[0].config().check_fits(factor=4.0 * (args.jobs or 1), what="training")  # before any process starts

@@ -10,7 +10,9 @@ import argparse
 import time
 from pathlib import Path
 
-from loopdyn.commands.common import add_threads_option
+from loopdyn.commands.common import add_threads_option, check_threads
+from loopdyn.iocheck import data_input
+from loopdyn.models.checks import check_seed
 from loopdyn.io import OutLock, check_outputs
 from loopdyn.compare import grid, run_grid
 from loopdyn.models.errors import InputError
@@ -43,9 +45,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--steps must be ≥ 1")
     if args.jobs is not None and args.jobs < 1:
         raise InputError("--jobs must be ≥ 1")
-    if args.threads is not None and args.threads < 1:
-        raise InputError("--threads must be ≥ 1")
-    check_outputs(dirs={"--out": args.out})
+    check_threads(args.threads)
+    check_seed(args.seed, "--seed")
+    check_outputs(dirs={"--out": args.out}, inputs=[data_input("the corpus", None)])
     with OutLock(out):  # one process per --out folder, held through the report
         return _run(args, out, start)
 

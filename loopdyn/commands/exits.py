@@ -101,7 +101,11 @@ def run(args) -> int:
     from loopdyn.dynamics.exits.criteria import check_criteria
 
     check_criteria([c for c in args.criteria.split(",") if c.strip()] or ["all"], has_gate=True)  # names, early
-    check_outputs(files={"--json": args.json}, dirs={"--plots": args.plots}, inputs={"--data": args.data})
+    from loopdyn.inputs import model_input
+    from loopdyn.iocheck import data_input
+
+    check_outputs(files={"--json": args.json}, dirs={"--plots": args.plots},
+                  inputs=[model_input("CHECKPOINT", args.path), data_input("--data", args.data)])
     check_device(args.device)
     set_threads(args.threads)
     model = load_model(args.path, args.device)

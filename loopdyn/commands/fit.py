@@ -69,7 +69,13 @@ def run(args) -> int:
         from loopdyn.plots import fit as fit_plot
 
         plot_format = fit_plot.plot_format(args.plot, args.format)
-    check_outputs(files={"--json": args.json, "--plot": args.plot}, inputs={"CSV": args.csv})
+    from loopdyn.iocheck import file_input
+    from loopdyn.models.checks import check_float, check_seed
+
+    if args.holdout_above is not None:
+        check_float(args.holdout_above, "--holdout-above")
+    check_seed(args.seed, "--seed")
+    check_outputs(files={"--json": args.json, "--plot": args.plot}, inputs=[file_input("CSV", args.csv)])
     cols = scaling.read_law_csv(args.csv, args.law)
     kw = dict(holdout_above=args.holdout_above, restarts=args.restarts, seed=args.seed)
     if args.holdout_above is not None and "loops" not in cols and "mean_recurrence" not in cols:

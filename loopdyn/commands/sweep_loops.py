@@ -14,6 +14,7 @@ from loopdyn.io import atomic_write_text, check_outputs
 from loopdyn.models import load, protocol
 from loopdyn.models.errors import InputError
 from loopdyn.scaling.sweep import MAX_LOOPS, check_positive, require_loop, spans, sweep_loops
+from loopdyn.iocheck import checkpoint_input, data_input
 
 DEFAULT_CSV = "loop-sweep.csv"
 
@@ -68,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.csv)
     if not out.parent.is_dir() and not out.parent.exists():
         raise InputError(f"--csv {out}: the folder {out.parent} does not exist")
-    check_outputs(files={"--csv": args.csv}, inputs={"--data": args.data})
+    check_outputs(files={"--csv": args.csv},
+                  inputs=[checkpoint_input("CHECKPOINT", args.checkpoint), data_input("--data", args.data)])
     check_device(args.device)
     set_threads(args.threads)
     from loopdyn.models.precision import precision

@@ -80,13 +80,17 @@ def check_paths(args: argparse.Namespace) -> None:
     """Every output path checked before any work: a bad --log, --alerts or --save costs nothing."""
     from loopdyn.models.checkpoint import check_save_target
 
+    from loopdyn.iocheck import check_outputs_against_inputs, data_input, file_input
+
+    data = data_input("--data", args.data)
     check_outputs(files={"--log": args.log, "--alerts": args.alerts},
-                  dirs={"--tensorboard": args.tensorboard, "--plots": args.plots}, inputs={"--data": args.data})
+                  dirs={"--tensorboard": args.tensorboard, "--plots": args.plots}, inputs=[data])
     if args.save:
-        check_save_target(args.save)
+        check_save_target(args.save, "--save")
+        check_outputs_against_inputs({"--save": (args.save, "dir")}, [data])
         for name in ("config.json", "model.safetensors"):  # the files --save will replace
             check_outputs(files={"--save": os.path.join(args.save, name)},
-                          inputs={"--log": args.log, "--alerts": args.alerts, "--data": args.data})
+                          inputs=[data, *(file_input(o, p) for o, p in (("--log", args.log), ("--alerts", args.alerts)))])
 
 
 def run(args: argparse.Namespace) -> int:

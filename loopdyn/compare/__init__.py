@@ -20,7 +20,7 @@ from loopdyn.compare.outcome import (DIVERGE_MARGIN, EXPLOSION_LOOPS, EXPLOSION_
 from loopdyn.compare.records import (INJECTIONS, OUTCOMES, RECORD, UNIT, CompareResult, RunRecord, RunSpec, grid,
                                      injections_in_order, load_record, prepare_out)
 from loopdyn.compare.run import injection_norms, run_one, state_norms, test_time_loops
-from loopdyn.compare.runner import _worker_init, run_grid  # noqa: F401 - _worker_init: the launchers' pool
+from loopdyn.compare.runner import _worker_init, quiet_resource_tracker, run_grid  # noqa: F401 - the launchers' pool
 from loopdyn.io import OutLock  # noqa: F401 - the coordinator's lock
 
 __all__ = [

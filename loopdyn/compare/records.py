@@ -130,7 +130,11 @@ def grid(injections: list[str], lrs: list[float], seeds: list[int], **common: An
         raise InputError("the grid is empty: give at least one injection, learning rate and seed")
     bad = [lr for lr in lrs if not (lr > 0 and math.isfinite(lr))]
     if bad:
-        raise InputError(f"learning rates must be positive numbers, got {bad}")
+        raise InputError(f"--lrs: learning rates must be positive finite numbers, got {bad}")
+    from loopdyn.models.checks import check_seed
+
+    for s in seeds:
+        check_seed(s, "--seeds")
     for option, values, show in (("--injections", injections, str), ("--lrs", lrs, lambda v: f"{v:g}"),
                                  ("--seeds", seeds, str)):
         seen: dict[str, Any] = {}
@@ -186,8 +190,10 @@ def _differing_settings(stored: dict, spec: RunSpec) -> str:
 
 def load_record(path: Path) -> RunRecord:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        from loopdyn.io import CONFIG_LIMIT, read_small_json
+
+        data = read_small_json(path, CONFIG_LIMIT, "run record")
+    except InputError as err:
         raise InputError(f"{path}: corrupted earlier run ({err}); move it away to redo that run") from None
     if not isinstance(data, dict):
         raise InputError(f"{path}: corrupted earlier run (not a JSON object); move it away to redo that run")

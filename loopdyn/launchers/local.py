@@ -61,7 +61,9 @@ class LocalLauncher(Launcher):
             from loopdyn import compare
 
             ctx = mp.get_context("spawn")
-            self._pool = ProcessPoolExecutor(self.jobs, mp_context=ctx, initializer=compare._worker_init)
+            compare.quiet_resource_tracker()
+            self._pool = ProcessPoolExecutor(self.jobs, mp_context=ctx, initializer=compare._worker_init,
+                                             initargs=(os.getpid(),))  # workers die with this process
         self._futures.update({self._pool.submit(execute, t): t.name for t in tasks})
 
     def _serial(self) -> None:

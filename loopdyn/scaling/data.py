@@ -19,17 +19,15 @@ def read_law_csv(path: str | Path, law: str | None = None) -> dict[str, np.ndarr
     the line), and there must be at least as many rows as the law has parameters. Columns a
     law does not need are read leniently (unparseable cells become NaN).
     """
+    from loopdyn.io import CSV_LIMIT, read_small
+
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"no such file: {path}")
-    if path.is_dir():
-        raise InputError(f"{path} is a folder, not a CSV file")
     required: tuple[str, ...] = ()
     if law is not None:
         form = _form(law)
         required = form.columns + ("loss",)
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = read_small(path, CSV_LIMIT, "CSV file").decode("utf-8-sig")
     except UnicodeDecodeError:
         raise InputError(f"{path} is not a UTF-8 text CSV file") from None
     reader = csv.reader(line for line in text.splitlines())
