@@ -107,7 +107,7 @@ def _start_compare(tmp_path: Path, out: Path, steps: int = 100_000):
                             env=_env(), cwd=tmp_path)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:  # both workers are training (their logs have lines)
-        logs = list((out / "runs").glob("*/train.jsonl")) if (out / "runs").is_dir() else []
+        logs = list(out.rglob("train.jsonl")) if out.is_dir() else []  # in the runs' attempt folders
         if len(logs) == 2 and all(p.stat().st_size > 0 for p in logs):
             return proc, argv
         if proc.poll() is not None:
