@@ -91,9 +91,17 @@ def test_lightning_without_token_ids_says_so_once(tmp_path, caplog):
     data = torch.cat([x for x, _ in token_batches(4)]).float()
     trainer = pl.Trainer(max_steps=4, callbacks=[callback], accelerator="cpu", logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    with caplog.at_level("WARNING", logger="loopdyn.probes"):
-        trainer.fit(module, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=4))
-    lines = [r.getMessage() for r in caplog.records if "not measured" in r.getMessage()]
+    import logging
+
+    probes_log = logging.getLogger("loopdyn.probes")  # may not propagate to the root (its own handler)
+    probes_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("WARNING", logger="loopdyn.probes"):
+            trainer.fit(module, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=4))
+    finally:
+        probes_log.removeHandler(caplog.handler)
+    records = {id(r): r for r in caplog.records}.values()  # one record seen twice (propagated and direct) counts once
+    lines = [r.getMessage() for r in records if "not measured" in r.getMessage()]
     assert len(lines) == 1 and "token ids" in lines[0] and "record_inputs" in lines[0] and "batch_to_ids" in lines[0]
     cov = callback.monitor.coverage()
     assert "loop state" in cov.missing and "injection spectrum" in cov.measured
