@@ -272,16 +272,6 @@ OPTIONAL_PLOTS = {"phases": ("phases", plot_phases), "exit_gate": ("exit_gate", 
 def write_audit_plots(report, directory, fmt: str = "png") -> list[tuple[Path, str]]:
     """Draw every figure into `directory` (created if needed) as NAME.{fmt}, each written
     atomically with its caption in the file's metadata. Returns [(path, caption), ...]."""
-    fmt = style.check_format(fmt)
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        from loopdyn.models.errors import InputError
-
-        raise InputError(f"--plots {directory}: exists and is not a folder")
-    paths = []
     plots = dict(PLOTS)
     plots.update({name: draw for name, (part, draw) in OPTIONAL_PLOTS.items() if getattr(report, part, None) is not None})
-    for name, draw in plots.items():
-        fig, caption = draw(report)
-        paths.append((style.save(fig, directory / f"{name}.{fmt}", fmt, caption=caption), caption))
-    return paths
+    return style.write_figures(plots, report, directory, fmt)

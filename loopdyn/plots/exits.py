@@ -158,17 +158,7 @@ PLOTS = {"exits_pareto": plot_pareto, "exits_lens": plot_lens, "exits_depth": pl
 def write_exits_plots(report, directory, fmt: str = "png") -> list[tuple[Path, str]]:
     """Draw every figure into `directory` (created if needed) as NAME.{fmt}, each written
     atomically with its caption in the file's metadata. Returns [(path, caption), ...]."""
-    fmt = style.check_format(fmt)
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        from loopdyn.models.errors import InputError
-
-        raise InputError(f"--plots {directory}: exists and is not a folder")
-    out = []
-    for name, draw in PLOTS.items():
-        fig, caption = draw(report)
-        out.append((style.save(fig, directory / f"{name}.{fmt}", fmt, caption=caption), caption))
-    return out
+    return style.write_figures(PLOTS, report, directory, fmt)
 
 
 __all__ = ["plot_pareto", "plot_lens", "plot_depth", "write_exits_plots", "PLOTS"]

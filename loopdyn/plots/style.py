@@ -322,3 +322,20 @@ def figure_legend(fig, axes: Sequence, handles, labels, **kw):
     leg = fig.legend(handles, labels, loc="outside upper center", ncols=min(len(handles), 4), **kw)
     leg.set_gid("legend-figure")
     return leg
+
+
+def write_figures(plots: dict, report, directory, fmt: str = "png") -> list[tuple[Path, str]]:
+    """Draw `plots` (name → draw(report) → (figure, caption)) into `directory` (created if needed)
+    as NAME.{fmt}, each written atomically with its caption in the file's metadata.
+    Returns [(path, caption), ...]. A `directory` that is a file is an InputError."""
+    fmt = check_format(fmt)
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        from loopdyn.models.errors import InputError
+
+        raise InputError(f"--plots {directory}: exists and is not a folder")
+    out = []
+    for name, draw in plots.items():
+        fig, caption = draw(report)
+        out.append((save(fig, directory / f"{name}.{fmt}", fmt, caption=caption), caption))
+    return out
