@@ -4,8 +4,9 @@ families (loopdyn/Parcae presets, a Huginn-shaped and an Ouro-shaped model at re
 
 Each case runs in a fresh child process (random weights, built in the compute dtype): the peak
 resident memory (VmHWM, reset through /proc/self/clear_refs after the imports) minus the
-resident memory before the model exists, and the best of 3 wall times. The plan's device rate
-is measured once here (`--measure`'s calibration) in the parent, before the cases. Ratios
+resident memory before the model exists, and the best of 3 wall times. The plan's device rates
+are measured for each case in the parent (`plan --measure`'s calibration at the case's own
+matmul shapes), right before the case runs. Ratios
 measured/planned are printed side by side; targets: memory within 15 %, time within 25 %.
 
     python bench/plan_check.py [--cases tiny-like,...] [--threads 2] [--seq-len 128] [--batch 4]
@@ -76,13 +77,16 @@ weights_rss = rss() - base
 reset()
 model.eval()
 times = []
+from loopdyn.models import protocol
 with torch.no_grad(), prec.context("cpu"):
     for _ in range(3):
         t = time.perf_counter()
-        if family == "ouro":
-            model(idx)
-        else:
-            model(idx, n_loops=T)
+        ctx = model.encode(idx)
+        h = protocol.initial_state(model, ctx)
+        for _ in range(T):
+            h = model.step(h, ctx)
+        model.decode(h, ctx)
+        del ctx, h
         times.append(time.perf_counter() - t)
 out["forward_s"] = min(times)
 out["forward_bytes"] = hwm() - base
@@ -122,23 +126,26 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--glibc-default", action="store_true",
+                    help="measure with glibc's default malloc (it keeps freed activations: RSS > tensor peak)")
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
-    from loopdyn.scaling.plan import measure_device, plan
+    from loopdyn.scaling.plan import plan
 
     worst_mem = worst_time = 0.0
     rows = []
     devices = {}
     for name in args.cases.split(","):
         spec, overrides, dtype, T, k = CASES[name]
-        if dtype not in devices:
-            devices[dtype] = measure_device(dtype)
-        p = plan(spec, batch=args.batch, seq_len=args.seq_len, dtype=dtype, overrides=overrides, device=devices[dtype])
+        p = plan(spec, batch=args.batch, seq_len=args.seq_len, dtype=dtype, overrides=overrides)
+        devices[name] = p.measure().device  # as `plan --measure`
         payload = json.dumps([spec, overrides, dtype, T, k, args.batch, args.seq_len, args.threads])
-        res = subprocess.run([sys.executable, "-c", CHILD, payload], capture_output=True, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        if not args.glibc_default:
+            env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        res = subprocess.run([sys.executable, "-c", CHILD, payload], capture_output=True, text=True, env=env)
         line = next((ln for ln in res.stdout.splitlines() if ln.startswith("JSON")), None)
         if line is None:
             print(f"{name}: child failed: {res.stderr.strip().splitlines()[-1:] }")
@@ -153,10 +160,13 @@ def main() -> None:
         print(f"{name:>18}: forward {m['forward_bytes'] / 2**30:.3f} GiB measured vs {planned['forward_bytes'] / 2**30:.3f} "
               f"planned (×{ratios['forward_bytes']:.2f}), {m['forward_s']:.3f} s vs {planned['forward_s']:.3f} "
               f"(×{ratios['forward_s']:.2f}); train {m['train_bytes'] / 2**30:.3f} vs {planned['train_bytes'] / 2**30:.3f} GiB "
-              f"(×{ratios['train_bytes']:.2f}), {m['train_s']:.3f} s vs {planned['train_s']:.3f} (×{ratios['train_s']:.2f})",
-              flush=True)
-    for dtype, d in devices.items():
-        print(f"device ({dtype}): {d.flops / 1e9:.1f} GFLOP/s, {d.bandwidth / 1e9:.1f} GB/s, {d.source}")
+              f"(×{ratios['train_bytes']:.2f}), {m['train_s']:.3f} s vs {planned['train_s']:.3f} (×{ratios['train_s']:.2f}); "
+              f"unplanned: forward {(m['forward_bytes'] - planned['forward_bytes']) / 2**20:+.0f} MiB, train "
+              f"{(m['train_bytes'] - planned['train_bytes']) / 2**20:+.0f} MiB (weights resident "
+              f"{m['weights_rss'] / 2**20:.0f} MiB, planned {p.weight_bytes / 2**20:.0f})", flush=True)
+    for name, d in devices.items():
+        print(f"device ({name}): {d.flops / 1e9:.1f} GFLOP/s, {d.bandwidth / 1e9:.1f} GB/s, "
+              f"{d.overhead * 1e6:.1f} µs per operator, {d.source}")
     print(f"RESULT plan_check cases={len(rows)} memory_worst={worst_mem:.3f} time_worst={worst_time:.3f} "
           f"seq_len={args.seq_len} batch={args.batch} threads={args.threads} at={time.strftime('%H:%M')}")
 

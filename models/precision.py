@@ -209,6 +209,22 @@ def _device_of(model) -> torch.device:
 
 _LOW = (torch.bfloat16, torch.float16)
 _NATIVE: dict = {}
+_META_AS_CPU = [False]  # set while loopdyn.scaling.plan traces a CPU pass on the meta device
+
+
+@contextlib.contextmanager
+def meta_as_cpu():
+    """Within: meta tensors take the CPU's low-precision path (`takes_upcast`), so a pass traced
+    on meta allocates what the same pass allocates on this CPU."""
+    old, _META_AS_CPU[0] = _META_AS_CPU[0], True
+    try:
+        yield
+    finally:
+        _META_AS_CPU[0] = old
+
+
+def _cpu(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" or (_META_AS_CPU[0] and t.device.type == "meta")
 
 
 def native_matmul(dtype: torch.dtype) -> bool:
@@ -271,9 +287,16 @@ def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return _f32_product(x, weight, bias)
 
 
+def low_precision_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b; for bf16/fp16 CPU tensors without native kernels through float32 and rounded once
+    (what a native kernel computes, up to accumulation order: see above)."""
+    if a.dtype in _LOW and b.dtype == a.dtype and _cpu(a) and _cpu(b) and not native_matmul(a.dtype):
+        return (a.float() @ b.float()).to(a.dtype)
+    return a @ b
+
+
 def takes_upcast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether `fast_linear` should compute this low-precision product by `upcast_linear`."""
-    return (x.dtype in _LOW and weight.dtype == x.dtype and x.device.type == "cpu"
-            and weight.device.type == "cpu" and x.dim() >= 2
-            and (bias is None or (bias.dtype == x.dtype and bias.device.type == "cpu"))
+    return (x.dtype in _LOW and weight.dtype == x.dtype and _cpu(x) and _cpu(weight) and x.dim() >= 2
+            and (bias is None or (bias.dtype == x.dtype and _cpu(bias)))
             and not native_matmul(x.dtype))

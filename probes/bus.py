@@ -196,7 +196,7 @@ class SignalBus:
     def attach(self) -> None:
         """Every hook, once (none is added or removed later, except the hook mode's attention
         pre-hooks on the steps that read them)."""
-        root = self.root
+        root = self.root if self.config.hook_inputs else None
         if root is not None:
             self.handles.append(root.register_forward_pre_hook(self._root_pre, with_kwargs=True))
             self.handles.append(root.register_forward_hook(self._root_post))
@@ -326,7 +326,7 @@ class SignalBus:
     def _tap(self, module, args, output):
         if self._active and "loop_state" not in self.disabled and isinstance(output, torch.Tensor):
             try:
-                if self._due(self.config.loop_every):  # per-loop norms (state_norm_max, plotted, read
+                if self._due(self.config.loop_every or 10):  # per-loop norms (state_norm_max, plotted, read
                     self._loop_norms.append(mean_norm(output))  # by no detector): the probe cadence
                 self._loop_states = [*self._loop_states[-1:], output.detach()]
             except Exception as err:
@@ -526,13 +526,15 @@ class SignalBus:
         in compile-safe mode."""
         if self.tap is not None:
             return False
-        return step % self.config.loop_every == 0 or self._attention_in_probe(step)
+        every = self.config.loop_every or (20 if self.compile_safe else 10)  # MonitorConfig.loop_every
+        return step % every == 0 or self._attention_in_probe(step)
 
     def _record_loop_probe(self, step: int) -> None:
         """The eager probe pass on the first `loop_batch` sequences of the last batch."""
         if self.last_idx is None:
             return
-        idx = self.last_idx[: self.config.loop_batch].detach()
+        n = self.config.loop_batch or (1 if self.compile_safe else 2)  # MonitorConfig.loop_batch
+        idx = self.last_idx[:n].detach()
         with self.pause():
             values = self.probe.run(idx, with_logz=self.enabled("logz") and (self.compile_safe or not self.seen["logits"]),
                                     with_attention=self._attention_in_probe(step))

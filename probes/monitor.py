@@ -33,7 +33,8 @@ Signals (name: when, where from)
     state_growth    every step   mean ‖h_T‖ / mean ‖h_{T−1}‖ (per-loop growth at the trained depth)
                     (the four loop-state signals: every step from the LoopedModel's `state_tap`;
                     without a tap, every `loop_every` steps from a probe unroll of the first
-                    `loop_batch` sequences of the last batch)
+                    `loop_batch` sequences of the last batch; in compile-safe mode every 20
+                    steps on 1 sequence)
     logz            every step   mean over tokens of log Σ exp(logits) (output log-partition)
     injection_norm, injection_radius   ‖Ā‖₂ and ρ(Ā) of `linear_part()` (Operator.norm() /
                                  radius()): every step on the CPU when cheap, else every
@@ -145,9 +146,15 @@ class MonitorConfig:
     jacobian_iters: int = 3
     jacobian_tokens: int = 32
     attention_batch: int = 2  # sequences whose attention logits are recomputed
-    loop_every: int = 10  # the probe pass (a loop without a state tap, or compile-safe mode)
-    loop_batch: int = 2  # sequences of the last batch in the probe pass
+    loop_every: int | None = None  # the probe pass (a loop without a state tap, or compile-safe mode)
+    # and the hook mode's per-loop norms; None: 10, or 20 in compile-safe mode
+    loop_batch: int | None = None  # sequences of the last batch in the probe pass; None: 2, or 1 in
+    # compile-safe mode, where the eager pass is the monitor's main cost (there every 20 steps and on
+    # one sequence: 0.4 % of a compiled `small` step; every 10 on two: 1.2 %, bench/probe_overhead.py)
     compile_safe: bool | None = None  # None: on when the model or a module in it is torch.compile'd
+    hook_inputs: bool = True  # False: no hook on the model (its loss and token ids then come from
+    # record_loss / record_inputs); the Hugging Face callback sets it when the model the Trainer
+    # calls is compiled but out of its sight (a hook inside a compiled frame would be traced)
     update_ratio: bool = True
     update_every: int = 20
     update_dense: int = 50  # every step until then
@@ -204,6 +211,8 @@ class MonitorConfig:
 
         for name in ("sync_every", "spectral_every", "attention_every", "jacobian_every", "snapshot_every",
                      "update_every", "loop_every", "loop_batch"):
+            if name in ("loop_batch", "loop_every") and getattr(self, name) is None:
+                continue
             if getattr(self, name) < 1:
                 raise InputError(f"monitor option {name} must be ≥ 1, got {getattr(self, name)}")
         if self.update_dense < 0:

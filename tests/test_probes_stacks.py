@@ -120,9 +120,23 @@ class HFUser(torch.nn.Module):
         return {"loss": loss, "logits": logits}
 
 
-def test_huggingface_trainer_torch_compile_logs_the_loop_signals(tmp_path):
+@pytest.mark.parametrize("wrapper_found", [True, False])
+def test_huggingface_trainer_torch_compile_logs_the_loop_signals(tmp_path, monkeypatch, caplog, wrapper_found):
+    """With the compiled wrapper found, the monitor hooks it (outside the compiled frame). When it
+    is not found (a trainer the callback does not recognise), a hook on the model would run inside
+    the compiled frame (dynamo traced it and recompiled as the monitor's state changed, 3 → 11
+    graphs over the first 8 steps): the callback then hooks nothing and says so once, and the
+    compiled model stays compiled."""
     transformers = pytest.importorskip("transformers")
+    from torch._dynamo.utils import counters
+
+    from loopdyn.probes.integrations import huggingface
     from loopdyn.probes.integrations.huggingface import StabilityTrainerCallback
+
+    if not wrapper_found:
+        monkeypatch.setattr(huggingface, "_called_model", lambda model, args: model)
+    torch._dynamo.reset()  # no compiled code from an earlier test
+    counters.clear()
 
     class Jump(transformers.TrainerCallback):
         def on_step_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kw):
@@ -132,10 +146,13 @@ def test_huggingface_trainer_torch_compile_logs_the_loop_signals(tmp_path):
                 lr_scheduler.base_lrs = [10 * b for b in lr_scheduler.base_lrs]
 
     class Record(transformers.TrainerCallback):
-        logs = []
+        logs, graphs = [], []
 
         def on_log(self, args, state, control, logs=None, **kw):
             self.logs.append(dict(logs or {}))
+
+        def on_step_end(self, args, state, control, **kw):
+            self.graphs.append((state.global_step, counters["stats"]["unique_graphs"]))
 
     model = HFUser()
     callback = StabilityTrainerCallback(console=False, loop=adapter(model.net), loop_every=5)
@@ -147,13 +164,23 @@ def test_huggingface_trainer_torch_compile_logs_the_loop_signals(tmp_path):
                                           lr_scheduler_type="constant", learning_rate=3e-3, torch_compile=True,
                                           torch_compile_backend=BACKEND)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback, Jump(), Record()])
-    trainer.train()
+    with caplog.at_level("WARNING", logger="loopdyn.probes"):
+        trainer.train()
     monitor = callback.monitor
-    assert monitor.compile_safe and monitor.model is trainer.model_wrapped
+    assert monitor.compile_safe and (monitor.model is trainer.model_wrapped) == wrapper_found
+    assert sum(counters["recompiles"].values()) == 0, dict(counters["recompiles"])
+    graphs = [n for _, n in Record.graphs]
+    assert graphs[0] >= 1 and len(set(graphs)) == 1, Record.graphs  # compiled at the first step, never again
+    assert lr_warning(monitor.alerts)[:1] == [JUMP]  # the optimiser's signals need no hook
     logged = {k for rec in Record.logs for k in rec}
-    assert {f"loopdyn/{n}" for n in LOOP_SIGNALS} <= logged, sorted(logged)
-    assert lr_warning(monitor.alerts)[:1] == [JUMP]
-    assert list(monitor.coverage().missing) == ["attention logits"], monitor.coverage().line()  # none in the net
+    told = [r.getMessage() for r in caplog.records if "cannot find the compiled model" in r.getMessage()]
+    if wrapper_found:
+        assert {f"loopdyn/{n}" for n in LOOP_SIGNALS} <= logged, sorted(logged)
+        assert list(monitor.coverage().missing) == ["attention logits"], monitor.coverage().line()  # none in the net
+        assert not told
+    else:
+        assert len(told) == 1 and "record_inputs" in told[0]
+        assert {"loss", "loop state"} <= set(monitor.coverage().missing), monitor.coverage().line()
 
 
 # ---- accelerate ----------------------------------------------------------------------------------

@@ -29,11 +29,14 @@ def register(sub) -> None:
     p.add_argument("--memory", default=None, metavar="SIZE",
                    help="a memory budget, e.g. 24GiB: report the largest T that fits (default: none)")
     p.add_argument("--measure", action="store_true",
-                   help="measure this machine's matmul rate and memory bandwidth (a ~2 s calibration run)")
+                   help="measure this machine's matmul rate at the model's own shapes, its memory bandwidth and "
+                        "its cost per operator (a ~2 s calibration run)")
     p.add_argument("--tflops", type=float, default=None, metavar="X",
                    help="the device's matmul rate in TFLOP/s in --dtype, for a device that is not here")
     p.add_argument("--bandwidth", type=float, default=None, metavar="GBS",
                    help="the device's memory bandwidth in GB/s (with --tflops)")
+    p.add_argument("--op-overhead", type=float, default=5.0, metavar="US",
+                   help="the device's fixed cost per operator in µs, with --tflops (default: 5, a GPU kernel launch)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a config field (presets and loopdyn configs), repeatable (default: none)")
     p.add_argument("--json", metavar="FILE", help="write the plan as JSON (default: none)")
@@ -43,7 +46,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from loopdyn.io import atomic_write_json, check_outputs
-    from loopdyn.scaling.plan import Device, measure_device, parse_bytes, plan
+    from loopdyn.scaling.plan import given_device, parse_bytes, plan
 
     memory = parse_bytes(args.memory) if args.memory is not None else None
     if args.loops is not None and args.loops < 1:
@@ -52,19 +55,17 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("give --tflops and --bandwidth together (or --measure)")
     if args.tflops is not None and args.measure:
         raise InputError("--measure and --tflops/--bandwidth are alternatives: give one")
-    for name in ("tflops", "bandwidth"):
+    for name in ("tflops", "bandwidth", "op_overhead"):
         v = getattr(args, name)
         if v is not None and not v > 0:
-            raise InputError(f"--{name} must be positive, got {v:g}")
+            raise InputError(f"--{name.replace('_', '-')} must be positive, got {v:g}")
     check_outputs(files={"--json": args.json})
     set_threads(args.threads)
-    device = None
-    if args.tflops is not None:
-        device = Device(args.tflops * 1e12, args.bandwidth * 1e9, "given")
-    elif args.measure:
-        device = measure_device(args.dtype)
+    device = given_device(args.tflops, args.bandwidth, args.op_overhead) if args.tflops is not None else None
     p = plan(args.model, batch=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, loops=args.loops,
              overrides=parse_overrides(args.set), device=device)
+    if args.measure:
+        p.measure()
     print(p.to_text(args.loops, memory))
     if args.json:
         atomic_write_json(args.json, p.to_json(args.loops, memory))

@@ -28,28 +28,22 @@ Memory units are bytes (GiB = 2³⁰); FLOPs count a multiply-add as 2.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 
 import torch
 
 from loopdyn.models.errors import InputError
-from loopdyn.models.precision import Precision, precision
+from loopdyn.models.precision import Precision, meta_as_cpu, precision
+from loopdyn.scaling.costmodel import Device, OpTrace, given_device, measure_device  # noqa: F401 - re-exported
 
 PUBLISHED = ("huginn-0125", "ouro-1.4b", "ouro-2.6b")
 ADAM_STATES = 2  # exp_avg, exp_avg_sq, in the parameters' dtype
-
-
-@dataclass(frozen=True)
-class Device:
-    """Rates of the device the time estimates use."""
-
-    flops: float  # FLOP/s of large matmuls in the compute dtype
-    bandwidth: float  # bytes/s of memory
-    source: str  # "measured here (...)" | "given"
-
-    def to_json(self) -> dict:
-        return {"tflops": self.flops / 1e12, "bandwidth_gbs": self.bandwidth / 1e9, "source": self.source}
+# The process's own memory beyond tensors once a pass has run (code the first pass and the first
+# optimiser step import, the thread pool, oneDNN's primitive caches), measured by
+# bench/plan_check.py on this machine's CPU build of PyTorch.
+# (The process's memory beyond its tensors measured there: +12–22 MiB after forward passes and
+# +115–563 MiB over a training step, the most for bf16 models; within 15 % with these two.)
+RUNTIME_BYTES = {"inference": 16 * 2 ** 20, "training": 100 * 2 ** 20}
 
 
 @dataclass
@@ -76,6 +70,15 @@ class Plan:
     layers: tuple  # (prelude, core, coda) layer counts
     device: Device | None = None
     notes: list = field(default_factory=list)
+    # the meta-device traces (loopdyn/scaling/costmodel.py): operators of each stage, and the live
+    # activation peaks (bytes, weights excluded) of an inference pass and of a training step
+    passes: dict = field(default_factory=dict)  # "prelude" | "loop" | "coda" | "train_base" | "train_loop" | "optimizer" → PassCost
+    peak_inference: int = 0  # live bytes of a no-grad forward pass (any T: a loop frees its input)
+    peak_train: int = 0  # live bytes of a training step with gradients through 1 loop (grads included)
+    peak_train_loop: int = 0  # ... and per further loop with gradients
+    peak_optimizer: int = 0  # live bytes AdamW's update allocates (its two moments and temporaries)
+    buffer_bytes: int = 0  # tensors the model holds beside its parameters (RoPE tables, masks)
+    state_numel: int = 0  # elements of the loop state h at (B, S): the typical operator size
 
     # ---- FLOPs ---------------------------------------------------------------------------
     def inference_flops(self, T: int) -> float:
@@ -113,14 +116,20 @@ class Plan:
         return int((P + T * R + C) * self.kv_per_layer)
 
     def inference_bytes(self, T: int, kv_cache: bool = False) -> int:
-        """Peak bytes of a forward pass at T loops (with the generation KV cache if asked)."""
-        return int(self.weight_bytes + 4 * self.working + (self.kv_cache_bytes(T) if kv_cache else 0))
+        """Peak bytes of a forward pass at T loops (with the generation KV cache if asked): the
+        weights, the runtime's own memory and the traced activation peak."""
+        return int(self.weight_bytes + self.buffer_bytes + RUNTIME_BYTES["inference"] + self.peak_inference
+                   + (self.kv_cache_bytes(T) if kv_cache else 0))
 
     def training_bytes(self, k: int) -> int:
-        """Peak bytes of a training step with gradients through k loops: weights, gradients,
-        AdamW's two moments (all in the parameters' dtype), saved activations, working set."""
-        state = (2 + ADAM_STATES) * self.weight_bytes
-        return int(state + self.saved_prelude + k * self.saved_loop + 4 * self.working)
+        """Peak bytes of a training step with gradients through k loops: the weights and buffers,
+        the runtime, and the larger of the backward pass's peak (AdamW's two moments, in the
+        parameters' dtype, plus the traced peak of the step: saved activations, gradients, working
+        tensors, growing by `peak_train_loop` per loop) and the update's (the gradients plus what
+        AdamW's update allocates: its moments and its per-parameter temporaries)."""
+        backward = ADAM_STATES * self.weight_bytes + self.peak_train + max(k - 1, 0) * self.peak_train_loop
+        update = self.weight_bytes + self.peak_optimizer
+        return int(self.weight_bytes + self.buffer_bytes + RUNTIME_BYTES["training"] + max(backward, update))
 
     def max_loops(self, memory: float, mode: str = "train", limit: int = 100_000) -> int | None:
         """Largest T whose peak fits `memory` bytes (mode "train": gradients through all T loops;
@@ -130,7 +139,7 @@ class Plan:
             (lambda T: self.inference_bytes(T, kv_cache=True) <= memory)
         if not fits(1):
             return None
-        grows = self.saved_loop if mode == "train" else self.layers[1] * self.kv_per_layer
+        grows = self.peak_train_loop if mode == "train" else self.layers[1] * self.kv_per_layer
         if grows <= 0:
             return limit
         lo, hi = 1, limit
@@ -140,26 +149,45 @@ class Plan:
         return lo
 
     # ---- time ----------------------------------------------------------------------------
+    def measure(self, seconds: float = 2.0) -> "Plan":
+        """Set `device` to this machine's rates measured at this model's own shapes (`plan
+        --measure`: costmodel.measure_device); returns self."""
+        self.device = measure_device(self.precision, self.matmul_shapes()[:8], seconds, self.state_numel)
+        return self
+
+    def matmul_shapes(self) -> list[tuple]:
+        """The (m, k, n, dtype) of every matmul the passes run: the largest of each dtype first,
+        then the rest by FLOPs (for `measure_device`, which measures the first few)."""
+        total: dict = {}
+        for p in self.passes.values():
+            for (m, k, n, dt), (_, f) in p.matmuls.items():
+                if m:
+                    total[(m, k, n, dt)] = total.get((m, k, n, dt), 0.0) + f
+        ranked = sorted(total, key=total.get, reverse=True)
+        heads = list({s[3]: s for s in reversed(ranked)}.values())  # the top shape of each dtype
+        return heads + [s for s in ranked if s not in heads]
+
     def forward_seconds(self, T: int) -> float | None:
-        """A forward pass at T loops over the batch: each stage takes the longer of its FLOPs at
-        the matmul rate and its weight bytes at the memory bandwidth."""
+        """A forward pass at T loops over the batch on `device` (costmodel: a roofline per
+        operator plus the fixed cost per operator)."""
         if self.device is None:
             return None
-        tokens = self.batch * self.seq_len
-        per_loop_weights = self.weight_bytes * self._loop_share
-        outer_weights = self.weight_bytes - per_loop_weights
-
-        def stage(flops, wbytes):
-            return max(flops * tokens / self.device.flops, wbytes / self.device.bandwidth)
-        return (stage(self.flops_prelude + self.flops_coda, outer_weights)
-                + T * stage(self.flops_loop, per_loop_weights))
+        sec = {k: self.passes[k].seconds(self.device) for k in ("prelude", "loop", "coda")}
+        return sec["prelude"] + T * sec["loop"] + sec["coda"]
 
     def training_seconds(self, T: int | None = None, k: int | None = None) -> float | None:
+        """A training step over the batch: T − k loops without gradients, k loops with (forward and
+        backward), the loss and AdamW's update; default T, k: the model's per-sequence depth
+        sampling in expectation."""
         if self.device is None:
             return None
-        return self.training_flops(T, k) * self.batch * self.seq_len / self.device.flops
-
-    _loop_share: float = 0.0  # share of the weight bytes read by one loop (set by `plan`)
+        if T is None:
+            n, k = self.expected_loops()
+        else:
+            k = min(T, self.backprop_loops) if k is None else k
+            n = T - k
+        sec = {key: p.seconds(self.device) for key, p in self.passes.items()}
+        return n * sec["loop"] + sec["train_base"] + max(k - 1, 0) * sec["train_loop"] + sec["optimizer"]
 
     def to_json(self, T: int | None = None, memory: float | None = None) -> dict:
         T = self.mean_loops if T is None else T
@@ -172,7 +200,9 @@ class Plan:
                                 "inference": self.inference_flops(T), "training": self.training_flops(T, k),
                                 "training_sampled": self.training_flops()},
             "activation_bytes": {"saved_per_loop": self.saved_loop, "saved_outside_loop": self.saved_prelude,
-                                 "working": self.working},
+                                 "working": self.working, "inference_peak": self.peak_inference,
+                                 "training_peak": self.peak_train, "training_peak_per_loop": self.peak_train_loop,
+                                 "runtime": RUNTIME_BYTES},
             "kv_cache_bytes": self.kv_cache_bytes(T),
             "inference_bytes": self.inference_bytes(T), "generate_bytes": self.inference_bytes(T, True),
             "training_bytes": self.training_bytes(k), "training_bytes_all_loops": self.training_bytes(T),
@@ -197,7 +227,8 @@ class Plan:
                  f"inference at T={T}: {f['inference']:.4g}; training (gradients through {min(T, self.backprop_loops)} "
                  f"of {T}): {f['training']:.4g}; with per-sequence depth sampling: {f['training_sampled']:.4g}",
                  f"  activations saved for backward: {g(self.saved_loop)} per loop with gradients + "
-                 f"{g(self.saved_prelude)} outside the loop; working set {g(4 * self.working)}",
+                 f"{g(self.saved_prelude)} outside the loop; peak of a forward pass {g(self.peak_inference)}, of "
+                 f"a training step {g(self.peak_train)} + {g(self.peak_train_loop)} per loop with gradients",
                  f"  KV cache for generation at T={T}: {g(j['kv_cache_bytes'])} "
                  f"({self.layers[0]} + {T}·{self.layers[1]} + {self.layers[2]} layers)",
                  f"  peak memory at T={T}: inference {g(j['inference_bytes'])}, generation {g(j['generate_bytes'])}, "
@@ -210,7 +241,8 @@ class Plan:
                          f"generation with the KV cache {show(m['generate'])}")
         if self.device is not None:
             lines.append(f"  time ({self.device.source}: {self.device.flops / 1e12:.3g} TFLOP/s, "
-                         f"{self.device.bandwidth / 1e9:.3g} GB/s): forward at T={T} {j['forward_seconds']:.3g} s, "
+                         f"{self.device.bandwidth / 1e9:.3g} GB/s, {self.device.overhead * 1e6:.3g} µs per "
+                         f"operator): forward at T={T} {j['forward_seconds']:.3g} s, "
                          f"training step {j['training_step_seconds']:.3g} s")
         for n in self.notes:
             lines.append(f"  note: {n}")
@@ -310,16 +342,25 @@ def _build(spec: str, overrides: dict | None = None):
     return build_on_meta(lambda: LoopedLM(config)), "loopdyn", config.name
 
 
-def _to_meta(model) -> None:
-    """Buffers built on the CPU (RoPE tables) moved to meta: the whole forward then runs on meta."""
+def _to_meta(model) -> int:
+    """Buffers built on the CPU (RoPE tables) moved to meta: the whole forward then runs on meta.
+    Returns their bytes (they are memory the model holds beside its weights)."""
+    held, seen = 0, set()
     for mod in model.modules():
         for name, buf in list(mod._buffers.items()):
+            if buf is not None and id(buf) not in seen:
+                seen.add(id(buf))
+                held += buf.numel() * buf.element_size()
             if buf is not None and not buf.is_meta:
                 mod._buffers[name] = buf.to("meta")
         for name in ("rope", "cos", "sin"):
             val = mod.__dict__.get(name)
+            if isinstance(val, torch.Tensor) and id(val) not in seen:
+                seen.add(id(val))
+                held += val.numel() * val.element_size()
             if isinstance(val, torch.Tensor) and not val.is_meta:
                 mod.__dict__[name] = val.to("meta")
+    return held
 
 
 class _Saved:
@@ -354,7 +395,7 @@ def plan(spec: str, *, batch: int = 1, seq_len: int = 256, dtype=None, loops: in
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise InputError(f"--seq-len must be a positive integer, got {seq_len!r}")
     model, family, name = _build(spec, overrides)
-    _to_meta(model)
+    buffer_bytes = _to_meta(model)
     for p in model.parameters():
         p.data = p.data.to(prec.weights)
     model.train()
@@ -369,10 +410,10 @@ def plan(spec: str, *, batch: int = 1, seq_len: int = 256, dtype=None, loops: in
     if max_len is not None and seq_len > max_len:
         raise InputError(f"--seq-len {seq_len} is longer than {name} supports ({max_len} tokens)")
     idx = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
-    ctx_mgr = prec.context("cpu")
     tokens = batch * seq_len
     counter = _Saved(model.parameters())
-    with FlopCounterMode(display=False) as fc, ctx_mgr, torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+    with FlopCounterMode(display=False) as fc, prec.context("cpu"), \
+            torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
         ctx = model.encode(idx)
         f0 = fc.get_total_flops()
         h = _init(model, ctx)
@@ -383,17 +424,20 @@ def plan(spec: str, *, batch: int = 1, seq_len: int = 256, dtype=None, loops: in
         logits = model.decode(h1, ctx)
         f2 = fc.get_total_flops()
         working = max(logits.numel() * logits.element_size(), h1.numel() * h1.element_size() * 4)
+        state_numel = h1.numel()
     saved_outside = counter.bytes - saved_loop + logits.numel() * 4  # + the loss's softmax
+    del ctx, h, h1, logits
     flops_prelude, flops_loop, flops_coda = f0 / tokens, (f1 - f0) / tokens, (f2 - f1) / tokens
+    passes, peaks = _trace_passes(model, idx, prec)
     layers, kv = _layers_and_kv(model, family, batch, seq_len, prec)
     cfg = getattr(model, "config", None)
     kb = int(getattr(cfg, "backprop_loops", None) or getattr(cfg, "mean_backprop_depth", None) or mu)
     sampling = str(getattr(cfg, "depth_sampling", "fixed") if family == "loopdyn" else
                    "poisson" if family == "huginn" else "fixed")
     out = Plan(name, family, prec.name, batch, seq_len, mu, kb, sampling, params, weight_bytes, flops_prelude,
-               flops_loop, flops_coda, int(saved_outside), int(saved_loop), int(working), kv, layers, device)
-    loop_params = sum(p.numel() for n, p in model.named_parameters() if _in_loop(n, family))
-    out._loop_share = loop_params / max(params, 1)
+               flops_loop, flops_coda, int(saved_outside), int(saved_loop), int(working), kv, layers, device,
+               passes=passes, peak_inference=peaks[0], peak_train=peaks[1], peak_train_loop=max(peaks[2] - peaks[1], 0),
+               peak_optimizer=peaks[3], buffer_bytes=buffer_bytes, state_numel=state_numel)
     if loops is not None and loops < 1:
         raise InputError(f"--loops must be ≥ 1, got {loops}")
     return out
@@ -408,12 +452,58 @@ def _init(model, ctx):
     return h.detach().requires_grad_(True)
 
 
-def _in_loop(name: str, family: str) -> bool:
-    if family == "loopdyn":
-        return name.startswith(("core.", "injection.", "state_norm."))
-    if family == "huginn":
-        return name.startswith(("core.", "adapter."))
-    return name.startswith(("model.layers.", "layers.", "body.layers", "model.norm"))
+def _trace_passes(model, idx, prec: Precision):
+    """The operators of each stage and the live-activation peaks (costmodel.OpTrace) on meta, along
+    the path the pass takes on this machine's CPU (models/precision.meta_as_cpu):
+    a no-grad forward pass (prelude, one loop, coda + head), and training steps with gradients
+    through 1 and 2 loops (forward, loss, backward), whose difference is one more loop; AdamW's
+    update traced once. Returns (passes, (inference peak, training peak k=1, k=2, update peak))."""
+    import torch.nn.functional as F
+
+    from loopdyn.models import protocol
+
+    passes = {}
+    model.eval()
+    with torch.no_grad(), prec.context("cpu"), meta_as_cpu(), OpTrace() as tr:
+        ctx = model.encode(idx)
+        s0 = tr.snapshot()
+        h = protocol.initial_state(model, ctx)
+        h = model.step(h, ctx)
+        s1 = tr.snapshot()
+        model.decode(h, ctx)
+        s2 = tr.snapshot()
+        del ctx, h
+    passes["prelude"], passes["loop"], passes["coda"] = s0, s1.minus(s0), s2.minus(s1)
+    peak_inference = tr.peak
+    model.train()
+    train_peaks, train_costs = [], []
+    for k in (1, 2):
+        for p in model.parameters():
+            p.grad = None
+        with prec.context("cpu"), meta_as_cpu(), OpTrace() as tr:
+            ctx = model.encode(idx)
+            h = protocol.initial_state(model, ctx)
+            for _ in range(k):
+                h = model.step(h, ctx)
+            logits = model.decode(h, ctx)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), idx.flatten())
+            del ctx, h, logits
+            loss.backward()
+            del loss
+        train_peaks.append(tr.peak)
+        train_costs.append(tr.snapshot())
+    passes["train_base"], passes["train_loop"] = train_costs[0], train_costs[1].minus(train_costs[0])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.grad is not None], lr=1e-4)
+    n = sum(p.numel() * p.element_size() for p in model.parameters())
+    try:
+        with OpTrace() as tr:
+            opt.step()
+        passes["optimizer"], peak_optimizer = tr.snapshot(), tr.peak
+    except Exception:  # noqa: BLE001 - an optimiser that cannot run on meta: its traffic by formula
+        passes["optimizer"], peak_optimizer = type(train_costs[0])(bytes=7.0 * n, other_bytes=7.0 * n), 2 * n
+    for p in model.parameters():
+        p.grad = None
+    return passes, (peak_inference, *train_peaks, peak_optimizer)
 
 
 def _layers_and_kv(model, family: str, batch: int, seq_len: int, prec: Precision) -> tuple[tuple, int]:
@@ -430,40 +520,3 @@ def _layers_and_kv(model, family: str, batch: int, seq_len: int, prec: Precision
     c = model.config
     per = 2 * batch * seq_len * c.num_key_value_heads * c.head_dim * kv_dtype_bytes
     return (0, c.num_hidden_layers, 0), per
-
-
-# ---- the device ---------------------------------------------------------------------------------
-
-def measure_device(dtype=None, shape: tuple[int, int, int] = (256, 2048, 2048), seconds: float = 2.0) -> Device:
-    """Matmul rate and memory bandwidth measured here: (m × k)·(k × n) products through
-    loopdyn's own linear kernel in the compute dtype, and a large copy, best of repeats within
-    about `seconds`."""
-    from loopdyn.models.kernels import fast_linear
-
-    prec = precision(dtype)
-    m, k, n = shape
-    x = torch.randn(m, k).to(prec.compute)
-    w = torch.randn(n, k).to(prec.compute)
-    best = math.inf
-    end = time.perf_counter() + seconds / 2
-    with torch.no_grad():
-        fast_linear(x, w)
-        while True:
-            t = time.perf_counter()
-            fast_linear(x, w)
-            best = min(best, time.perf_counter() - t)
-            if time.perf_counter() > end:
-                break
-    flops = 2 * m * k * n / best
-    a = torch.empty(64 * 2 ** 20 // 4)  # 64 MiB
-    b = torch.empty_like(a)
-    best_copy = math.inf
-    end = time.perf_counter() + seconds / 2
-    while True:
-        t = time.perf_counter()
-        b.copy_(a)
-        best_copy = min(best_copy, time.perf_counter() - t)
-        if time.perf_counter() > end:
-            break
-    bandwidth = 2 * a.numel() * 4 / best_copy  # read + write
-    return Device(flops, bandwidth, f"measured here ({m}×{k}·{k}×{n} {prec.compute} matmul, 64 MiB copy)")

@@ -47,7 +47,7 @@ from loopdyn.models.errors import CheckpointError, ConfigError, InputError
 from loopdyn.models.formats import (ConfigReader, check_h0, check_layer_count, check_loops,
                                     check_tokens, check_weights, make_embedding, read_weights,
                                     stored_dtype_note)
-from loopdyn.models.layers import Block, RMSNorm, rope_table
+from loopdyn.models.layers import Block, Linear, RMSNorm, rope_table
 from loopdyn.models.looped import LMOutput, StateTap, block_sublayers
 from loopdyn.models.operator import DenseOperator
 from loopdyn.models.protocol import LinearPart, Sublayer, config_field
@@ -178,11 +178,11 @@ class HuginnLM(nn.Module):
 
         self.wte = make_embedding(cfg.vocab_size, d)
         self.prelude = nn.ModuleList(block() for _ in range(cfg.n_layers_in_prelude))
-        self.adapter = nn.Linear(2 * d, d, bias=cfg.bias)  # columns [state | e]
+        self.adapter = Linear(2 * d, d, bias=cfg.bias)  # columns [state | e]
         self.core = nn.ModuleList(block() for _ in range(cfg.n_layers_in_recurrent_block))
         self.coda = nn.ModuleList(block() for _ in range(cfg.n_layers_in_coda))
         self.ln_f = RMSNorm(d, cfg.norm_eps)
-        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(d, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.state_tap = StateTap()

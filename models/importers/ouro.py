@@ -50,7 +50,8 @@ from loopdyn.models.formats import (ConfigReader, check_h0, check_layer_count, c
                                     check_tokens, check_weights, make_embedding, read_weights,
                                     stored_dtype_note)
 from loopdyn.models.kernels import causal_sdpa
-from loopdyn.models.layers import RMSNorm
+from loopdyn.models.precision import low_precision_matmul
+from loopdyn.models.layers import Linear, RMSNorm
 from loopdyn.models.looped import LMOutput, StateTap
 from loopdyn.models.protocol import Sublayer, config_field
 from loopdyn.models.sizes import count_params
@@ -174,10 +175,10 @@ class OuroAttention(nn.Module):
         super().__init__()
         d, H, KV, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = H, KV, hd
-        self.q_proj = nn.Linear(d, H * hd, bias=False)
-        self.k_proj = nn.Linear(d, KV * hd, bias=False)
-        self.v_proj = nn.Linear(d, KV * hd, bias=False)
-        self.o_proj = nn.Linear(H * hd, d, bias=False)
+        self.q_proj = Linear(d, H * hd, bias=False)
+        self.k_proj = Linear(d, KV * hd, bias=False)
+        self.v_proj = Linear(d, KV * hd, bias=False)
+        self.o_proj = Linear(H * hd, d, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, S, _ = x.shape
@@ -193,10 +194,10 @@ class OuroAttention(nn.Module):
         if x.dtype == torch.float32:
             y = causal_sdpa(q, k, v, scale)  # (B, H, S, hd); eager differs by ~1e-7 relative
         else:  # the official eager path: softmax in float32, cast back (SDPA differs by ~1e-2 in bf16)
-            scores = (q @ k.transpose(-1, -2)) * scale
+            scores = low_precision_matmul(q, k.transpose(-1, -2)) * scale
             causal = torch.ones(S, S, dtype=torch.bool, device=x.device).tril()
             scores = scores.masked_fill(~causal, float("-inf"))
-            y = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+            y = low_precision_matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), v)
         return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
 
 
@@ -204,9 +205,9 @@ class OuroMLP(nn.Module):
     def __init__(self, cfg: OuroConfig):
         super().__init__()
         d, I = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = nn.Linear(d, I, bias=False)
-        self.up_proj = nn.Linear(d, I, bias=False)
-        self.down_proj = nn.Linear(I, d, bias=False)
+        self.gate_proj = Linear(d, I, bias=False)
+        self.up_proj = Linear(d, I, bias=False)
+        self.down_proj = Linear(I, d, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -244,7 +245,7 @@ class OuroModelBody(nn.Module):
         self.embed_tokens = make_embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(OuroLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.early_exit_gate = nn.Linear(cfg.hidden_size, 1, bias=True)
+        self.early_exit_gate = Linear(cfg.hidden_size, 1, bias=True)
 
 
 class OuroLM(nn.Module):
@@ -258,7 +259,7 @@ class OuroLM(nn.Module):
         super().__init__()
         self.config = cfg = config
         self.model = OuroModelBody(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.state_tap = StateTap()

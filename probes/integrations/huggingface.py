@@ -25,6 +25,7 @@ Needs `transformers` (pip install "loopdyn[hf]").
 from __future__ import annotations
 
 import inspect
+import logging
 
 import torch
 from transformers import TrainerCallback
@@ -33,6 +34,8 @@ from transformers.trainer_callback import CallbackHandler
 from loopdyn.probes.actions import ParamGroupLRCut, SchedulerLRCut
 from loopdyn.probes.monitor import StabilityMonitor
 from loopdyn.probes.sinks import MetricsSink
+
+log = logging.getLogger("loopdyn.probes")
 
 
 def _unwrap_optimizer(optimizer):
@@ -105,9 +108,16 @@ class StabilityTrainerCallback(TrainerCallback):
             if opt is not None:
                 cut = SchedulerLRCut(opt, lr_scheduler) if lr_scheduler is not None else ParamGroupLRCut(opt)
             options = dict(self.options)
+            called = _called_model(model, args)
             if getattr(args, "torch_compile", False):
                 options.setdefault("compile_safe", True)  # whatever module we find: never hook compiled code
-            self.monitor = StabilityMonitor(_called_model(model, args), opt,
+                if called is model:  # the compiled wrapper is out of sight: a hook on `model` runs inside it
+                    options["hook_inputs"] = False
+                    log.warning("loopdyn: StabilityTrainerCallback cannot find the compiled model this Trainer calls, "
+                                "so it hooks nothing (a hook inside the compiled frame would recompile it): no loss "
+                                "and no token ids reach the monitor. Fix: give them from the training step "
+                                "(callback.monitor.record_loss(loss), callback.monitor.record_inputs(input_ids)).")
+            self.monitor = StabilityMonitor(called, opt,
                                             sinks=[self.metrics] if self.log_signals else (), lr_cut=cut, **options)
         return control
 
