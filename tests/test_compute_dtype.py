@@ -245,3 +245,26 @@ def test_compare_passes_the_dtype_to_every_run():
     old = {k: v for k, v in grid(["diagonal"], [0.01], [0])[0].__dict__.items() if k != "dtype"}
     assert _differing_settings(old, grid(["diagonal"], [0.01], [0])[0]) == ""
     assert "dtype" in _differing_settings(old, specs[0])
+
+
+@pytest.mark.parametrize("shape,bias", [((3, 5, 1024), True), ((7, 1024), False)])
+def test_the_blockwise_cast_is_the_whole_cast_bit_for_bit(shape, bias):
+    """`_f32_product` casts a large bf16 weight a block of output rows at a time (no weight-sized
+    float32 copy): every output element is the same float32 reduction as with the whole weight
+    cast at once, so the result is bit-identical; a transposed weight takes the whole cast."""
+    from loopdyn.models import precision as P
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(torch.bfloat16)
+    w = (torch.randn(4096 + 17, 1024, generator=g) * 0.02).to(torch.bfloat16)  # 2 blocks and a remainder
+    b = torch.randn(4096 + 17, generator=g).to(torch.bfloat16) if bias else None
+    from loopdyn.models.kernels import fast_linear
+
+    assert w.numel() > P._CHUNK and x.numel() // 1024 < P._CHUNK // 1024
+    got = P._f32_product(x, w, b)
+    whole = fast_linear(x.float(), w.float(), None if b is None else b.float()).to(torch.bfloat16)
+    assert torch.equal(got, whole)  # the same kernel on the whole weight
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())  # independent: float64
+    assert torch.allclose(got.double(), exact, rtol=2 ** -8, atol=1e-6 * exact.abs().max().item())
+    wt = w[:1024, :].t()  # (1024, 1024) transposed view
+    assert torch.equal(P._f32_product(x, wt, None), fast_linear(x.float(), wt.float()).to(torch.bfloat16))

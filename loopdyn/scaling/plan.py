@@ -74,8 +74,13 @@ class Plan:
     # activation peaks (bytes, weights excluded) of an inference pass and of a training step
     passes: dict = field(default_factory=dict)  # "prelude" | "loop" | "coda" | "train_base" | "train_loop" | "optimizer" → PassCost
     peak_inference: int = 0  # live bytes of a no-grad forward pass (any T: a loop frees its input)
-    peak_train: int = 0  # live bytes of a training step with gradients through 1 loop (grads included)
-    peak_train_loop: int = 0  # ... and per further loop with gradients
+    # live bytes of a training step with gradients through k loops (gradients included):
+    # max(peak_train, peak_train_base + k · peak_train_loop) — a transient that does not grow with k
+    # (e.g. the embedding's gradient at the end of the backward pass), or the saved activations of
+    # every loop alive at once (`activation_peak`)
+    peak_train: int = 0  # the peak at k = 1
+    peak_train_loop: int = 0  # growth per loop with gradients, where the loops' activations dominate
+    peak_train_base: int = 0
     peak_optimizer: int = 0  # live bytes AdamW's update allocates (its two moments and temporaries)
     buffer_bytes: int = 0  # tensors the model holds beside its parameters (RoPE tables, masks)
     state_numel: int = 0  # elements of the loop state h at (B, S): the typical operator size
@@ -121,13 +126,18 @@ class Plan:
         return int(self.weight_bytes + self.buffer_bytes + RUNTIME_BYTES["inference"] + self.peak_inference
                    + (self.kv_cache_bytes(T) if kv_cache else 0))
 
+    def activation_peak(self, k: int) -> int:
+        """Live bytes of a training step's pass with gradients through k loops (weights and AdamW's
+        moments excluded): piecewise linear in k, traced at k = 1, 2 and where the loops dominate."""
+        return int(max(self.peak_train, self.peak_train_base + k * self.peak_train_loop))
+
     def training_bytes(self, k: int) -> int:
         """Peak bytes of a training step with gradients through k loops: the weights and buffers,
         the runtime, and the larger of the backward pass's peak (AdamW's two moments, in the
         parameters' dtype, plus the traced peak of the step: saved activations, gradients, working
-        tensors, growing by `peak_train_loop` per loop) and the update's (the gradients plus what
+        tensors: `activation_peak`) and the update's (the gradients plus what
         AdamW's update allocates: its moments and its per-parameter temporaries)."""
-        backward = ADAM_STATES * self.weight_bytes + self.peak_train + max(k - 1, 0) * self.peak_train_loop
+        backward = ADAM_STATES * self.weight_bytes + self.activation_peak(k)
         update = self.weight_bytes + self.peak_optimizer
         return int(self.weight_bytes + self.buffer_bytes + RUNTIME_BYTES["training"] + max(backward, update))
 
@@ -228,7 +238,8 @@ class Plan:
                  f"of {T}): {f['training']:.4g}; with per-sequence depth sampling: {f['training_sampled']:.4g}",
                  f"  activations saved for backward: {g(self.saved_loop)} per loop with gradients + "
                  f"{g(self.saved_prelude)} outside the loop; peak of a forward pass {g(self.peak_inference)}, of "
-                 f"a training step {g(self.peak_train)} + {g(self.peak_train_loop)} per loop with gradients",
+                 f"a training step {g(self.activation_peak(1))} through 1 loop, growing by {g(self.peak_train_loop)} "
+                 f"per loop from {g(self.activation_peak(1))} on",
                  f"  KV cache for generation at T={T}: {g(j['kv_cache_bytes'])} "
                  f"({self.layers[0]} + {T}·{self.layers[1]} + {self.layers[2]} layers)",
                  f"  peak memory at T={T}: inference {g(j['inference_bytes'])}, generation {g(j['generate_bytes'])}, "
@@ -428,7 +439,7 @@ def plan(spec: str, *, batch: int = 1, seq_len: int = 256, dtype=None, loops: in
     saved_outside = counter.bytes - saved_loop + logits.numel() * 4  # + the loss's softmax
     del ctx, h, h1, logits
     flops_prelude, flops_loop, flops_coda = f0 / tokens, (f1 - f0) / tokens, (f2 - f1) / tokens
-    passes, peaks = _trace_passes(model, idx, prec)
+    passes, peaks = _trace_passes(model, idx, prec, saved_loop)
     layers, kv = _layers_and_kv(model, family, batch, seq_len, prec)
     cfg = getattr(model, "config", None)
     kb = int(getattr(cfg, "backprop_loops", None) or getattr(cfg, "mean_backprop_depth", None) or mu)
@@ -436,8 +447,8 @@ def plan(spec: str, *, batch: int = 1, seq_len: int = 256, dtype=None, loops: in
                    "poisson" if family == "huginn" else "fixed")
     out = Plan(name, family, prec.name, batch, seq_len, mu, kb, sampling, params, weight_bytes, flops_prelude,
                flops_loop, flops_coda, int(saved_outside), int(saved_loop), int(working), kv, layers, device,
-               passes=passes, peak_inference=peaks[0], peak_train=peaks[1], peak_train_loop=max(peaks[2] - peaks[1], 0),
-               peak_optimizer=peaks[3], buffer_bytes=buffer_bytes, state_numel=state_numel)
+               passes=passes, peak_inference=peaks[0], peak_train=peaks[1], peak_train_loop=peaks[2],
+               peak_train_base=peaks[3], peak_optimizer=peaks[4], buffer_bytes=buffer_bytes, state_numel=state_numel)
     if loops is not None and loops < 1:
         raise InputError(f"--loops must be ≥ 1, got {loops}")
     return out
@@ -452,12 +463,36 @@ def _init(model, ctx):
     return h.detach().requires_grad_(True)
 
 
-def _trace_passes(model, idx, prec: Precision):
+def _train_peak(model, idx, prec: Precision, k: int):
+    """(live-byte peak, the trace) of a training step's forward, loss and backward through k loops."""
+    import torch.nn.functional as F
+
+    from loopdyn.models import protocol
+
+    for p in model.parameters():
+        p.grad = None
+    with prec.context("cpu"), meta_as_cpu(), OpTrace() as tr:
+        ctx = model.encode(idx)
+        h = protocol.initial_state(model, ctx)
+        for _ in range(k):
+            h = model.step(h, ctx)
+        logits = model.decode(h, ctx)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), idx.flatten())
+        del ctx, h, logits
+        loss.backward()
+        del loss
+    return tr.peak, tr
+
+
+def _trace_passes(model, idx, prec: Precision, saved_loop: int):
     """The operators of each stage and the live-activation peaks (costmodel.OpTrace) on meta, along
     the path the pass takes on this machine's CPU (models/precision.meta_as_cpu):
-    a no-grad forward pass (prelude, one loop, coda + head), and training steps with gradients
-    through 1 and 2 loops (forward, loss, backward), whose difference is one more loop; AdamW's
-    update traced once. Returns (passes, (inference peak, training peak k=1, k=2, update peak))."""
+    a no-grad forward pass (prelude, one loop, coda + head); training steps with gradients
+    through 1 and 2 loops (forward, loss, backward), whose difference is the time of one more loop,
+    and, when the k = 1 peak is a transient the loops' saved activations have not reached, through
+    kb loops, past where they outgrow it (the growth beyond is what one loop saves for the
+    backward pass); AdamW's update traced once. Returns (passes, (inference peak, training peak at k = 1, growth per loop,
+    its base, update peak))."""
     import torch.nn.functional as F
 
     from loopdyn.models import protocol
@@ -476,34 +511,29 @@ def _trace_passes(model, idx, prec: Precision):
     passes["prelude"], passes["loop"], passes["coda"] = s0, s1.minus(s0), s2.minus(s1)
     peak_inference = tr.peak
     model.train()
-    train_peaks, train_costs = [], []
-    for k in (1, 2):
-        for p in model.parameters():
-            p.grad = None
-        with prec.context("cpu"), meta_as_cpu(), OpTrace() as tr:
-            ctx = model.encode(idx)
-            h = protocol.initial_state(model, ctx)
-            for _ in range(k):
-                h = model.step(h, ctx)
-            logits = model.decode(h, ctx)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), idx.flatten())
-            del ctx, h, logits
-            loss.backward()
-            del loss
-        train_peaks.append(tr.peak)
-        train_costs.append(tr.snapshot())
-    passes["train_base"], passes["train_loop"] = train_costs[0], train_costs[1].minus(train_costs[0])
+    (p1, t1), (p2, t2) = _train_peak(model, idx, prec, 1), _train_peak(model, idx, prec, 2)
+    passes["train_base"], passes["train_loop"] = t1.snapshot(), t2.snapshot().minus(t1.snapshot())
+    # the growth per loop where the loops' saved activations dominate the peak (beyond a transient
+    # such as the embedding's gradient, which k = 1 and 2 may both be below)
+    kb = min(max(math.ceil(p1 / max(saved_loop, 1)) + 1, 2), 256)
+    if kb > 2:  # one trace there; the growth is what a loop saves for the backward pass
+        grow = saved_loop
+        base = _train_peak(model, idx, prec, kb)[0] - kb * grow
+    else:
+        grow, base = max(p2 - p1, 0), p1 - max(p2 - p1, 0)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.grad is not None], lr=1e-4)
     n = sum(p.numel() * p.element_size() for p in model.parameters())
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p) if p.requires_grad else None
     try:
         with OpTrace() as tr:
             opt.step()
         passes["optimizer"], peak_optimizer = tr.snapshot(), tr.peak
     except Exception:  # noqa: BLE001 - an optimiser that cannot run on meta: its traffic by formula
-        passes["optimizer"], peak_optimizer = type(train_costs[0])(bytes=7.0 * n, other_bytes=7.0 * n), 2 * n
+        passes["optimizer"], peak_optimizer = type(t1.cost)(bytes=7.0 * n, other_bytes=7.0 * n), 2 * n
     for p in model.parameters():
         p.grad = None
-    return passes, (peak_inference, *train_peaks, peak_optimizer)
+    return passes, (peak_inference, p1, grow, base, peak_optimizer)
 
 
 def _layers_and_kv(model, family: str, batch: int, seq_len: int, prec: Precision) -> tuple[tuple, int]:
