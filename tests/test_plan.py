@@ -168,3 +168,23 @@ def test_cli(tmp_path, capsys):
     assert main(["plan", "no-such-preset"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("error:") == 3
+
+
+def test_a_transient_peak_then_the_loops_activations():
+    """A Huginn-shaped model with a large vocabulary and few tokens: the training peak at k = 1
+    and 2 is a transient (the embedding and head gradients), which the loops' saved activations
+    outgrow only past ~100 loops. The plan's piecewise peak equals the real CPU run's on both
+    sides of the break."""
+    from loopdyn.models.importers.huginn import HuginnConfig, HuginnLM
+    from loopdyn.scaling.costmodel import OpTrace
+
+    over = {"n_embd": 256, "n_heads": 4, "intermediate_size": 512, "vocab_size": 32768}
+    p = plan("huginn-0125", batch=1, seq_len=16, overrides=over)
+    assert p.activation_peak(2) == p.activation_peak(1)  # flat: the transient
+    torch.manual_seed(0)
+    model = HuginnLM(HuginnConfig(**over)).train()
+    idx = torch.randint(0, 32768, (1, 16))
+    for k in (1, 150):
+        real = _real_step(model, idx, k, OpTrace())
+        assert p.activation_peak(k) == pytest.approx(real, rel=0.03), k
+    assert p.activation_peak(150) > 1.3 * p.activation_peak(1)

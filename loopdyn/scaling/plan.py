@@ -12,16 +12,19 @@ read), a LoopConfig preset, or the published configurations `huginn-0125`, `ouro
   max(Poisson(μ), 1), k = min(T, μ_bwd)) by its exact expectation when the model samples depths;
 * activation bytes: what autograd saves for the backward pass, counted with saved-tensor hooks
   on the meta model (per loop with gradients, and for prelude + coda + head; parameters
-  excluded), and the largest working tensor of a forward pass (inference);
+  excluded), and the peak of live tensors of a forward pass and of a training step (forward,
+  loss, backward; AdamW's update), traced on meta with the lifetimes of the real pass
+  (loopdyn/scaling/costmodel.py);
 * KV-cache bytes for generation: every layer run keeps its keys and values, and a looped model
   runs its core once per loop, so the cache grows like prelude + T·core + coda layers;
 * the largest T that fits a memory budget, for inference (weights + KV cache at T loops: the
   forward pass itself needs no more memory at more loops) and for training with gradients
-  through all T loops (weights, gradients, two AdamW moments, saved activations);
-* time: FLOPs / the device's matmul rate, or weight bytes / its memory bandwidth when that is
-  slower (small batches read every weight once per loop), from a rate measured here
-  (`measure_device`: a short calibration run of matmuls of the model's own shapes and dtype, and
-  a large copy) or given (`tflops`, `bandwidth`).
+  through all T loops (weights, gradients, two AdamW moments, the traced peak);
+* time: the traced operators on a `Device` — per operator the longer of its FLOPs at the
+  matmul rate of its shape and its bytes at the memory bandwidth, plus a fixed cost per
+  operator — from rates measured here (`Plan.measure`: a short calibration run of the model's
+  own matmul shapes, an elementwise add and small operators) or given (`tflops`, `bandwidth`,
+  `overhead`).
 
 Memory units are bytes (GiB = 2³⁰); FLOPs count a multiply-add as 2.
 """
@@ -40,9 +43,8 @@ PUBLISHED = ("huginn-0125", "ouro-1.4b", "ouro-2.6b")
 ADAM_STATES = 2  # exp_avg, exp_avg_sq, in the parameters' dtype
 # The process's own memory beyond tensors once a pass has run (code the first pass and the first
 # optimiser step import, the thread pool, oneDNN's primitive caches), measured by
-# bench/plan_check.py on this machine's CPU build of PyTorch.
-# (The process's memory beyond its tensors measured there: +12–22 MiB after forward passes and
-# +115–563 MiB over a training step, the most for bf16 models; within 15 % with these two.)
+# bench/plan_check.py on this machine's CPU build of PyTorch: +0–22 MiB after forward passes,
+# +15–470 MiB over a training step (the most for bf16 models); within 15 % with these two.
 RUNTIME_BYTES = {"inference": 16 * 2 ** 20, "training": 100 * 2 ** 20}
 
 
@@ -80,7 +82,7 @@ class Plan:
     # every loop alive at once (`activation_peak`)
     peak_train: int = 0  # the peak at k = 1
     peak_train_loop: int = 0  # growth per loop with gradients, where the loops' activations dominate
-    peak_train_base: int = 0
+    peak_train_base: int = 0  # (or the deferred trace that gives it)
     peak_optimizer: int = 0  # live bytes AdamW's update allocates (its two moments and temporaries)
     buffer_bytes: int = 0  # tensors the model holds beside its parameters (RoPE tables, masks)
     state_numel: int = 0  # elements of the loop state h at (B, S): the typical operator size
@@ -128,7 +130,10 @@ class Plan:
 
     def activation_peak(self, k: int) -> int:
         """Live bytes of a training step's pass with gradients through k loops (weights and AdamW's
-        moments excluded): piecewise linear in k, traced at k = 1, 2 and where the loops dominate."""
+        moments excluded): piecewise linear in k, traced at k = 1, 2 and where the loops dominate
+        (that trace is run the first time a k > 2 is asked)."""
+        if callable(self.peak_train_base):
+            self.peak_train_base = int(self.peak_train_base())
         return int(max(self.peak_train, self.peak_train_base + k * self.peak_train_loop))
 
     def training_bytes(self, k: int) -> int:
@@ -515,12 +520,11 @@ def _trace_passes(model, idx, prec: Precision, saved_loop: int):
     passes["train_base"], passes["train_loop"] = t1.snapshot(), t2.snapshot().minus(t1.snapshot())
     # the growth per loop where the loops' saved activations dominate the peak (beyond a transient
     # such as the embedding's gradient, which k = 1 and 2 may both be below)
-    kb = min(max(math.ceil(p1 / max(saved_loop, 1)) + 1, 2), 256)
-    if kb > 2:  # one trace there; the growth is what a loop saves for the backward pass
-        grow = saved_loop
-        base = _train_peak(model, idx, prec, kb)[0] - kb * grow
-    else:
-        grow, base = max(p2 - p1, 0), p1 - max(p2 - p1, 0)
+    if p2 - p1 >= saved_loop / 2:  # the loops' activations make the peak from k = 1 on
+        grow, base = p2 - p1, p1 - (p2 - p1)
+    else:  # a transient: trace once past it (when asked: kb loops of a big model take a while)
+        kb = min(math.ceil(p1 / max(saved_loop, 1)) + 1, 256)
+        grow, base = saved_loop, lambda: _train_peak(model, idx, prec, kb)[0] - kb * saved_loop
     opt = torch.optim.AdamW([p for p in model.parameters() if p.grad is not None], lr=1e-4)
     n = sum(p.numel() * p.element_size() for p in model.parameters())
     for p in model.parameters():
