@@ -150,7 +150,7 @@ class MonitorConfig:
     # and the hook mode's per-loop norms; None: 10, or 20 in compile-safe mode
     loop_batch: int | None = None  # sequences of the last batch in the probe pass; None: 2, or 1 in
     # compile-safe mode, where the eager pass is the monitor's main cost (there every 20 steps and on
-    # one sequence: 0.4 % of a compiled `small` step; every 10 on two: 1.2 %, bench/probe_overhead.py)
+    # one sequence: 0.45 % of a compiled `small` step; every 10 on two: 1.3 %, bench/probe_overhead.py)
     compile_safe: bool | None = None  # None: on when the model or a module in it is torch.compile'd
     hook_inputs: bool = True  # False: no hook on the model (its loss and token ids then come from
     # record_loss / record_inputs); the Hugging Face callback sets it when the model the Trainer

@@ -498,8 +498,6 @@ def _trace_passes(model, idx, prec: Precision, saved_loop: int):
     kb loops, past where they outgrow it (the growth beyond is what one loop saves for the
     backward pass); AdamW's update traced once. Returns (passes, (inference peak, training peak at k = 1, growth per loop,
     its base, update peak))."""
-    import torch.nn.functional as F
-
     from loopdyn.models import protocol
 
     passes = {}

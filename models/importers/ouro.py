@@ -50,9 +50,9 @@ from loopdyn.models.formats import (ConfigReader, check_h0, check_layer_count, c
                                     check_tokens, check_weights, make_embedding, read_weights,
                                     stored_dtype_note)
 from loopdyn.models.kernels import causal_sdpa
-from loopdyn.models.precision import low_precision_matmul
 from loopdyn.models.layers import Linear, RMSNorm
 from loopdyn.models.looped import LMOutput, StateTap
+from loopdyn.models.precision import low_precision_matmul
 from loopdyn.models.protocol import Sublayer, config_field
 from loopdyn.models.sizes import count_params
 from loopdyn.models.weights import build_on_meta, fill, nonfinite_parameters
