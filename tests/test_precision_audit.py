@@ -14,6 +14,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 import torch
 from torch import nn
 
@@ -51,7 +53,7 @@ def linear_loop(mu: float, n: int = 16, T: int = 40, seed: int = 0, contracting_
 IDX = torch.zeros(2, 4, dtype=torch.long)
 
 
-@pytest.mark.parametrize("mu", [2.0, 1.5])
+@pytest.mark.parametrize("mu", [2.0, 1.5, 1.25])
 @pytest.mark.parametrize("dtype", ["bf16", "float32"])
 def test_divergence_rate_matches_the_leading_exponent(mu, dtype):
     T = 40
@@ -160,6 +162,17 @@ def test_divergence_rate_fit_window():
     rate, (a, b) = divergence_rate(absd, rel)
     assert rate == pytest.approx(0.3) and b == int(np.flatnonzero(rel < 0.1)[-1]) + 1
     assert math.isnan(divergence_rate(np.zeros(5), np.zeros(5))[0])
+
+
+@given(lam=st.floats(0.02, 2.0), gamma=st.floats(0.0, 1.0), log_c=st.floats(-30, 0), n=st.integers(4, 60))
+def test_divergence_rate_is_exact_for_a_power_law_prefactor(lam, gamma, log_c, n):
+    """c·t^γ·e^{λt} (γ ∈ [0, 1]: first rounding dominant, quadrature, coherent) gives λ back exactly,
+    where the plain slope of the log would overstate it by ≈ γ/t."""
+    t = np.arange(1, n + 1)
+    absd = np.exp(log_c + gamma * np.log(t) + lam * t)
+    rate, (a, b) = divergence_rate(absd, np.zeros(n))
+    assert (a, b) == (1, n)
+    assert rate == pytest.approx(lam, rel=1e-6, abs=1e-9)
 
 
 def test_mixed_precision_audit_keeps_a_float32_state():
