@@ -2,9 +2,11 @@
 at T loops and of a training step with gradients through k loops, across presets and the three
 families (loopdyn/Parcae presets, a Huginn-shaped and an Ouro-shaped model at reduced width).
 
-Each case runs in a fresh child process (random weights, built in the compute dtype): the peak
-resident memory (VmHWM, reset through /proc/self/clear_refs after the imports) minus the
-resident memory before the model exists, and the best of 3 wall times. The plan's device rates
+Each case runs in two fresh child processes (random weights, built in the compute dtype): one
+for the peak resident memory (VmHWM, reset through /proc/self/clear_refs after the imports) minus
+the resident memory before the model exists, run with MALLOC_MMAP_THRESHOLD_=65536 so that freed
+activations leave the process; one for the best of 3 wall times (forward and training
+step), with the allocator's defaults, as users run (`--glibc-default`: one child for both). The plan's device rates
 are measured for each case in the parent (`plan --measure`'s calibration at the case's own
 matmul shapes), right before the case runs. Ratios
 measured/planned are printed side by side; targets: memory within 15 %, time within 25 %.
@@ -16,6 +18,7 @@ Ends with `RESULT plan_check memory_worst=… time_worst=…`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -95,7 +98,7 @@ model.train()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 reset()
 ts = []
-for _ in range(2):
+for _ in range(3):
     t = time.perf_counter()
     with prec.context("cpu"):
         ctx = model.encode(idx)
@@ -143,14 +146,26 @@ def main() -> None:
         devices[name] = p.measure().device  # as `plan --measure`
         payload = json.dumps([spec, overrides, dtype, T, k, args.batch, args.seq_len, args.threads])
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        if not args.glibc_default:
-            env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-        res = subprocess.run([sys.executable, "-c", CHILD, payload], capture_output=True, text=True, env=env)
-        line = next((ln for ln in res.stdout.splitlines() if ln.startswith("JSON")), None)
-        if line is None:
-            print(f"{name}: child failed: {res.stderr.strip().splitlines()[-1:] }")
+        # memory with freed activations returned to the system (resident memory follows the
+        # tensors); time with the allocator as users run it (an mmap per activation costs page
+        # faults: up to 1.9× the time of a pass)
+        runs = {}
+        for mode in (("memory", "time") if not args.glibc_default else ("both",)):
+            env_mode = {**env, "MALLOC_MMAP_THRESHOLD_": "65536"} if mode == "memory" else env
+            res = subprocess.run([sys.executable, "-c", CHILD, payload], capture_output=True, text=True, env=env_mode)
+            line = next((ln for ln in res.stdout.splitlines() if ln.startswith("JSON")), None)
+            if line is None:
+                print(f"{name}: child failed: {res.stderr.strip().splitlines()[-1:] }")
+                break
+            runs[mode] = json.loads(line[4:])
+        if len(runs) < (1 if args.glibc_default else 2):
             continue
-        m = json.loads(line[4:])
+        mem, tim = runs.get("memory", runs.get("both")), runs.get("time", runs.get("both"))
+        m = {**mem, "forward_s": tim["forward_s"], "train_s": tim["train_s"]}
+        roof = dataclasses.replace(p.device, kernel_seconds={})
+        saved, p.device = p.device, roof
+        rooflines = (p.forward_seconds(T), p.training_seconds(T, k))
+        p.device = saved
         planned = {"forward_bytes": p.inference_bytes(T), "train_bytes": p.training_bytes(k),
                    "forward_s": p.forward_seconds(T), "train_s": p.training_seconds(T, k)}
         ratios = {key: m[key] / planned[key] for key in planned}
@@ -161,6 +176,7 @@ def main() -> None:
               f"planned (×{ratios['forward_bytes']:.2f}), {m['forward_s']:.3f} s vs {planned['forward_s']:.3f} "
               f"(×{ratios['forward_s']:.2f}); train {m['train_bytes'] / 2**30:.3f} vs {planned['train_bytes'] / 2**30:.3f} GiB "
               f"(×{ratios['train_bytes']:.2f}), {m['train_s']:.3f} s vs {planned['train_s']:.3f} (×{ratios['train_s']:.2f}); "
+              f"roofline only: ×{m['forward_s'] / rooflines[0]:.2f} / ×{m['train_s'] / rooflines[1]:.2f}; "
               f"unplanned: forward {(m['forward_bytes'] - planned['forward_bytes']) / 2**20:+.0f} MiB, train "
               f"{(m['train_bytes'] - planned['train_bytes']) / 2**20:+.0f} MiB (weights resident "
               f"{m['weights_rss'] / 2**20:.0f} MiB, planned {p.weight_bytes / 2**20:.0f})", flush=True)

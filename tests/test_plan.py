@@ -147,6 +147,88 @@ def test_time_from_a_given_device():
     assert fixed.training_seconds(8, 4) > fixed.forward_seconds(8)
 
 
+def test_replayed_operator_calls():
+    """`plan --measure` replays each distinct traced call on tensors of its layout: the layouts are
+    rebuilt exactly (a transposed, an expanded and an offset view), repeated calls are counted
+    once per signature, a pass then costs Σ count · t_call (+ the per-call overhead), a call
+    without a time keeps its roofline, and a memory cap leaves big calls out."""
+    from loopdyn.scaling.costmodel import Device, OpTrace, _spec, measure_kernels
+
+    base = torch.randn(9, 7)
+    for x in (base.t(), base[2:, 1:], base[:1].expand(5, 7), base.t()[1:, ::2]):
+        made = _spec(x).make()
+        assert (made.shape, made.stride(), made.storage_offset(), made.dtype) == \
+            (x.shape, x.stride(), x.storage_offset(), x.dtype)
+        assert bool(((made >= 0.5) & (made < 1)).all())
+    a, b = torch.empty(64, 32, device="meta"), torch.empty(32, 16, device="meta")
+    with OpTrace() as tr:
+        for _ in range(3):
+            y = torch.relu(a @ b) + 1.0
+    cost = tr.snapshot()
+    counts = {str(sig[0]): c for sig, (c, *_) in cost.kernels.items()}
+    assert counts == {"aten.mm.default": 3, "aten.relu.default": 3, "aten.add.Tensor": 3}
+    assert y.shape == (64, 16)
+    times = measure_kernels(cost.kernels, seconds=0.2)
+    assert set(times) == set(cost.kernels) and all(0 < t < 0.1 for t in times.values())
+    assert measure_kernels(cost.kernels, seconds=0.1, cap_bytes=0) == {}
+    fixed = {sig: 1e-3 for sig in cost.kernels}
+    assert cost.seconds(Device(1e9, 1e9, "test", overhead=1.0, kernel_seconds=fixed)) == pytest.approx(9e-3)
+    assert cost.seconds(Device(1e9, 1e9, "test", kernel_seconds=fixed, call_overhead=1e-4)) == pytest.approx(9.9e-3)
+    mm = next(sig for sig in cost.kernels if str(sig[0]) == "aten.mm.default")
+    partial = {sig: t for sig, t in fixed.items() if sig != mm}
+    roof = max(2 * 64 * 32 * 16 / 1e9, (64 * 32 + 32 * 16 + 64 * 16) * 4 / 1e9) + 1e-6
+    assert cost.seconds(Device(1e9, 1e9, "test", overhead=1e-6, kernel_seconds=partial)) == \
+        pytest.approx(6e-3 + 3 * roof)
+    with OpTrace() as tr1:
+        torch.relu(a @ b)
+    left = cost.minus(tr1.snapshot()).kernels
+    assert {str(sig[0]): c for sig, (c, *_) in left.items()} == \
+        {"aten.mm.default": 2, "aten.relu.default": 2, "aten.add.Tensor": 3}
+
+
+@pytest.mark.parametrize("spec,overrides", [("small", {"n_kv_heads": 2, "value_embeds": False}), ("small", {"d_state": 128, "n_state_heads": 2, "n_kv_heads": 2}),
+                                           ("huginn-0125", {}), ("ouro-1.4b", {})])
+def test_the_calibration_twin_keeps_the_code_path(spec, overrides):
+    """The twin `plan --measure` runs for real has width 64 and a 256-token vocabulary, and keeps
+    the layers, loops, grouped KV heads and everything else of the model's config."""
+    import dataclasses
+
+    from loopdyn.scaling.calibrate import twin_config
+    from loopdyn.scaling.plan import _model_class
+
+    p = plan(spec, batch=1, seq_len=8, overrides=overrides)
+    twin = twin_config(p.config, p.family)
+    changed = {f.name for f in dataclasses.fields(twin) if getattr(twin, f.name) != getattr(p.config, f.name)}
+    width = {"loopdyn": {"d_model", "n_heads", "n_kv_heads", "vocab_size"},
+             "huginn": {"n_embd", "n_heads", "intermediate_size", "vocab_size"},
+             "ouro": {"hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
+                      "vocab_size"}}[p.family]
+    assert changed <= width | {"d_mlp", "d_state", "n_state_heads", "d_state_mlp", "extra"}, changed
+    if p.family == "loopdyn":
+        assert twin.n_kv_heads < twin.n_heads  # grouped stays grouped
+        assert (twin.d_state is None) == (p.config.d_state is None)
+    model = _model_class(p.family)(twin)
+    assert sum(q.numel() for q in model.parameters()) < p.params / 10
+    out = model.decode(model.step(model.init_state(ctx := model.encode(torch.zeros(1, 8, dtype=torch.long))), ctx), ctx)
+    assert out.shape == (1, 8, 256)
+
+
+def test_measure_end_to_end(capsys):
+    """`plan --measure` on a preset: every replayable call of the passes timed, the framework's
+    cost per call from the twin, and times that grow with the loops."""
+    from loopdyn.cli import main
+
+    p = plan("tiny", batch=2, seq_len=16).measure(0.2)
+    d = p.device
+    calls = {sig for q in p.passes.values() for sig in q.kernels}
+    assert len(d.kernel_seconds) >= 0.9 * len(calls) and all(t > 0 for t in d.kernel_seconds.values())
+    assert d.call_overhead >= 0 and d.grad_call_overhead >= 0 and "twin" in d.source
+    assert 0 < p.forward_seconds(2) < p.forward_seconds(8) < p.training_seconds(8, 8)
+    assert main(["plan", "tiny", "--seq-len", "16", "--measure"]) == 0
+    captured = capsys.readouterr()
+    assert "measuring this machine" in captured.err and "operator calls replayed" in captured.out
+
+
 def test_parse_bytes():
     assert parse_bytes("24GiB") == 24 * 2 ** 30 and parse_bytes("16 GB") == 16e9 and parse_bytes("512MiB") == 2 ** 29
     with pytest.raises(InputError, match="cannot read the memory size"):

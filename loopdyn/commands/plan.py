@@ -4,12 +4,14 @@ For a checkpoint folder (only its config.json is read), a preset, or a published
 (huginn-0125, ouro-1.4b, ouro-2.6b): parameters, weight bytes, activation and KV-cache bytes,
 FLOPs per token for inference at T loops and for training with gradients through k of T loops
 (per-sequence depth sampling included), at a batch size, sequence length and --dtype; the
-largest T that fits --memory; time from a device rate measured here (--measure) or given
-(--tflops, --bandwidth). Nothing is allocated: the model is built on PyTorch's meta device.
+largest T that fits --memory; time measured here (--measure: the passes' operator calls replayed,
+the framework's cost on a narrow twin) or from a given device (--tflops, --bandwidth). Nothing
+is allocated for the plan itself: the model is built on PyTorch's meta device.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 
 from loopdyn.commands.common import add_dtype_option, add_hidden_alias, add_threads_option, parse_overrides, set_threads
 from loopdyn.models.errors import InputError
@@ -29,8 +31,8 @@ def register(sub) -> None:
     p.add_argument("--memory", default=None, metavar="SIZE",
                    help="a memory budget, e.g. 24GiB: report the largest T that fits (default: none)")
     p.add_argument("--measure", action="store_true",
-                   help="measure this machine's matmul rate at the model's own shapes, its memory bandwidth and "
-                        "its cost per operator (a ~2 s calibration run)")
+                   help="measure this machine: every distinct operator call of the model's passes replayed and "
+                        "timed, and the framework's cost per call on a narrow twin of the model (10-30 s)")
     p.add_argument("--tflops", type=float, default=None, metavar="X",
                    help="the device's matmul rate in TFLOP/s in --dtype, for a device that is not here")
     p.add_argument("--bandwidth", type=float, default=None, metavar="GBS",
@@ -65,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
     p = plan(args.model, batch=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, loops=args.loops,
              overrides=parse_overrides(args.set), device=device)
     if args.measure:
+        print("measuring this machine: the passes' operator calls and a width-64 twin of the model (10-30 s)",
+              file=sys.stderr, flush=True)
         p.measure()
     print(p.to_text(args.loops, memory))
     if args.json:

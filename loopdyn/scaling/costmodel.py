@@ -19,10 +19,20 @@ operator, which is what dominates small models on a CPU):
 
 where rate(shape) is the device's matmul rate at that shape (measured per shape by
 `measure_device`, or one given rate) and non-matmul operators have no FLOPs term.
+
+Measured here (`measure_kernels`, `plan --measure`), the roofline is replaced where it can be:
+every distinct operator call of the trace (the aten operator, its arguments' shapes, strides
+and dtypes) is replayed on this CPU on tensors of those layouts and timed, so a pass costs
+Σ_calls count · t_measured (+ the framework's cost per operator beyond a bare call); what
+cannot be replayed (inputs over a memory cap, operators that need real data) keeps its roofline.
+That carries what no rate does: bf16 arithmetic emulated in float32 on a CPU without native
+bf16, the thread pool's start-up on mid-size tensors, softmax and normalisation kernels.
 """
 from __future__ import annotations
 
+import itertools
 import math
+import statistics
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -48,9 +58,21 @@ class PassCost:
     ops: int = 0  # operators that launch work (views and allocations excluded)
     matmuls: dict = field(default_factory=dict)  # (m, k, n, dtype) → (count, FLOPs)
     other_bytes: float = 0.0  # bytes moved by operators without a FLOPs formula
+    # distinct operator calls: signature → (count, FLOPs per call, bytes per call, matmul key or None)
+    kernels: dict = field(default_factory=dict, repr=False)
 
-    def seconds(self, device: "Device") -> float:
-        """The roofline time of the pass on `device` (module docstring)."""
+    def seconds(self, device: "Device", grad: bool = False) -> float:
+        """The time of the pass on `device` (module docstring): each call's measured time where
+        the device has one (+ the framework's cost per call, with or without gradients), else
+        the roofline."""
+        if device.kernel_seconds:
+            extra = device.grad_call_overhead if grad else device.call_overhead
+            t = 0.0
+            for sig, (count, flops, moved, mm) in self.kernels.items():
+                measured = device.kernel_seconds.get(sig)
+                t += count * (measured + extra if measured is not None
+                              else _roofline(flops, moved, mm, device) + max(device.overhead, extra))
+            return t
         t = self.other_bytes / device.bandwidth + self.ops * device.overhead
         for (m, k, n, dtype), (count, flops) in self.matmuls.items():
             rate = device.rate((m, k, n), dtype)
@@ -66,8 +88,90 @@ class PassCost:
                 mm.pop(key, None)
             else:
                 mm[key] = (c0 - c, f0 - f)
+        kernels = dict(self.kernels)
+        for sig, (c, *rest) in other.kernels.items():
+            c0 = kernels.get(sig, (0,))[0]
+            if c0 - c <= 0:
+                kernels.pop(sig, None)
+            else:
+                kernels[sig] = (c0 - c, *rest)
         return PassCost(self.flops - other.flops, self.bytes - other.bytes, self.ops - other.ops, mm,
-                        self.other_bytes - other.other_bytes)
+                        self.other_bytes - other.other_bytes, kernels)
+
+
+def _roofline(flops: float, moved: float, mm, device: "Device") -> float:
+    """One call's roofline time: FLOPs at the rate of its matmul shape (or the device rate), bytes
+    at the bandwidth, whichever is longer."""
+    if not flops:
+        return moved / device.bandwidth
+    rate = device.rate(mm[:3], mm[3]) if mm else device.flops
+    return max(flops / rate, moved / device.bandwidth)
+
+
+@dataclass(frozen=True)
+class _TensorSpec:
+    """A tensor argument by layout: what a replay allocates in its place."""
+
+    shape: tuple
+    stride: tuple
+    offset: int
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        if any(n == 0 for n in self.shape):
+            return 0
+        span = self.offset + 1 + sum((n - 1) * st for n, st in zip(self.shape, self.stride))
+        return span * _itemsize(self.dtype)
+
+    def make(self) -> torch.Tensor:
+        """A CPU tensor of this layout: floats uniform in [0.5, 1) (no denormals, no NaN from a
+        log or a square root), integers and booleans zero (a valid index, an empty mask)."""
+        base = torch.empty(self.nbytes // _itemsize(self.dtype), dtype=self.dtype)
+        if base.is_floating_point() or base.is_complex():
+            base.uniform_(0.5, 1.0)
+        else:
+            base.zero_()
+        return base.as_strided(self.shape, self.stride, self.offset)
+
+
+class _Opaque:
+    """An argument a replay cannot rebuild (a generator, an unhashable object)."""
+
+
+def _spec(x):
+    if isinstance(x, torch.Tensor):
+        return _TensorSpec(tuple(x.shape), tuple(x.stride()), x.storage_offset(), x.dtype)
+    if isinstance(x, (list, tuple)):
+        return tuple(_spec(v) for v in x)
+    if isinstance(x, torch.device):
+        return torch.device("cpu")
+    if x is None or isinstance(x, (bool, int, float, str, torch.dtype, torch.layout, torch.memory_format)):
+        return x
+    return _Opaque
+
+
+def _signature(func, args, kwargs) -> tuple:
+    """A hashable key of one operator call: the operator and its arguments by layout."""
+    return (func, _spec(args), tuple(sorted((k, _spec(v)) for k, v in kwargs.items())))
+
+
+def _materialize(x):
+    if isinstance(x, _TensorSpec):
+        return x.make()
+    if isinstance(x, tuple):
+        return tuple(_materialize(v) for v in x)
+    return x
+
+
+def _contains(x, kind) -> bool:
+    return x is kind if not isinstance(x, tuple) else any(_contains(v, kind) for v in x)
+
+
+def _input_bytes(x) -> int:
+    if isinstance(x, _TensorSpec):
+        return x.nbytes
+    return sum(_input_bytes(v) for v in x) if isinstance(x, tuple) else 0
 
 
 def _dtype_name(dtype) -> str:
@@ -90,7 +194,7 @@ class OpTrace(TorchDispatchMode):
 
     def snapshot(self) -> PassCost:
         c = self.cost
-        return PassCost(c.flops, c.bytes, c.ops, dict(c.matmuls), c.other_bytes)
+        return PassCost(c.flops, c.bytes, c.ops, dict(c.matmuls), c.other_bytes, dict(c.kernels))
 
     def reset_peak(self) -> None:
         self.peak = self.live
@@ -130,20 +234,19 @@ class OpTrace(TorchDispatchMode):
         c.bytes += moved
         packet = func._overloadpacket
         flops = flop_registry[packet](*args, **kwargs, out_val=out) if packet in flop_registry else 0
+        key = None  # the matmul shape the device's rate table is looked up by
         if flops and name in _MATMULS and outs:
             a = ins[-2] if name in ("addmm", "baddbmm") else ins[0]
-            m = a.numel() // a.shape[-1]
-            k = a.shape[-1]
-            n = outs[0].shape[-1]
-            key = (m, k, n, outs[0].dtype)
-            count, f = c.matmuls.get(key, (0, 0.0))
-            c.matmuls[key] = (count + 1, f + flops)
+            key = (a.numel() // a.shape[-1], a.shape[-1], outs[0].shape[-1], outs[0].dtype)
         elif flops:  # attention and other formulas: at the device's base rate for the dtype
             key = (0, 0, 0, outs[0].dtype if outs else torch.float32)
+        if key is None:
+            c.other_bytes += moved
+        else:
             count, f = c.matmuls.get(key, (0, 0.0))
             c.matmuls[key] = (count + 1, f + flops)
-        else:
-            c.other_bytes += moved
+        sig = _signature(func, args, kwargs)
+        c.kernels[sig] = (c.kernels.get(sig, (0,))[0] + 1, flops, moved, key)
         c.flops += flops
         return out
 
@@ -155,13 +258,19 @@ class Device:
     flops: FLOP/s of large matmuls in the compute dtype; bandwidth: bytes/s of memory for
     elementwise work; overhead: seconds of fixed cost per operator (dispatch, kernel launch);
     shape_rates: measured FLOP/s per matmul shape and dtype ((m, k, n, dtype name), FLOP/s),
-    when measured here."""
+    when measured here; kernel_seconds: measured seconds per operator call, by trace signature
+    (`measure_kernels`); call_overhead and grad_call_overhead: the framework's seconds per call
+    on top of a bare call, in no-grad passes and in passes with gradients (module code, Python
+    autograd Functions, autograd's graph; calibrate.py)."""
 
     flops: float
     bandwidth: float
     source: str  # "measured here (...)" | "given"
     overhead: float = 5e-6
     shape_rates: tuple = ()  # ((m, k, n, dtype name), FLOP/s) pairs
+    kernel_seconds: dict = field(default_factory=dict, repr=False, compare=False)
+    call_overhead: float = 0.0
+    grad_call_overhead: float = 0.0
 
     def rate(self, shape: tuple, dtype=None) -> float:
         """The matmul rate at (m, k, n) in `dtype`: the measured one, else that of the nearest
@@ -177,8 +286,11 @@ class Device:
         return table[best]
 
     def to_json(self) -> dict:
-        return {"tflops": self.flops / 1e12, "bandwidth_gbs": self.bandwidth / 1e9,
-                "op_overhead_us": self.overhead * 1e6, "source": self.source}
+        out = {"tflops": self.flops / 1e12, "bandwidth_gbs": self.bandwidth / 1e9,
+               "op_overhead_us": self.overhead * 1e6, "source": self.source}
+        if self.kernel_seconds:
+            out["kernels_measured"] = len(self.kernel_seconds)
+        return out
 
 
 def _best_time(fn, seconds: float, min_reps: int = 3) -> float:
@@ -226,6 +338,46 @@ def measure_device(dtype=None, shapes: list | None = None, seconds: float = 2.0,
     big = max(rates, key=lambda r: r[0][0] * r[0][1] * r[0][2])[1] if rates else math.nan
     label = f"{len(shapes)} matmul shape(s), elementwise at {s.numel():,} elements"
     return Device(big, bw, f"measured here ({label})", overhead, tuple(rates))
+
+
+def measure_kernels(sigs, seconds: float = 4.0, cap_bytes: float = 2 * 2 ** 30, gap: float = 0.0) -> dict:
+    """Seconds per call of each operator signature in `sigs` (from `PassCost.kernels`), replayed
+    here on tensors of the traced layouts: the median of repeated calls (at least 5; about
+    `seconds` in all), met as a pass meets them — inputs cycle through copies of ≥ 64 MiB in all (at most
+    16), so they are not hot in the cache the previous call left them in, and each call follows
+    `gap` seconds of Python work (the framework's cost between calls, calibrate.py), so the
+    thread pool is met as a pass meets it, not kept spinning by back-to-back calls. A call whose
+    inputs exceed `cap_bytes`, or that fails on made-up data (an index out of range, a
+    data-dependent shape), is left out: its roofline stands."""
+    sigs = [s for s in dict.fromkeys(sigs) if not _contains(s, _Opaque)
+            and _input_bytes((s[1], tuple(v for _, v in s[2]))) <= cap_bytes]
+    per = seconds / max(len(sigs), 1)
+    clock = time.perf_counter
+    out = {}
+    with torch.no_grad():
+        for sig in sigs:
+            func, args, kwargs = sig
+            try:
+                nbytes = max(_input_bytes((args, tuple(v for _, v in kwargs))), 1)
+                sets = [(_materialize(args), {k: _materialize(v) for k, v in kwargs})
+                        for _ in range(max(1, min(16, int(64 * 2 ** 20 // nbytes))))]
+                func(*sets[0][0], **sets[0][1])  # warm-up
+                times, end = [], clock() + per
+                for a, kw in itertools.cycle(sets):
+                    t = clock() + gap
+                    while clock() < t:  # the work between two calls of a pass
+                        pass
+                    t = clock()
+                    func(*a, **kw)
+                    times.append(clock() - t)
+                    if len(times) >= 5 and clock() > end:
+                        break
+                out[sig] = statistics.median(times)
+            except Exception:  # noqa: BLE001 - not replayable on made-up data: keep its roofline
+                pass
+            finally:
+                sets = None
+    return out
 
 
 def given_device(tflops: float, bandwidth_gbs: float, overhead_us: float = 5.0) -> Device:

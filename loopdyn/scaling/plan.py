@@ -20,11 +20,11 @@ read), a LoopConfig preset, or the published configurations `huginn-0125`, `ouro
 * the largest T that fits a memory budget, for inference (weights + KV cache at T loops: the
   forward pass itself needs no more memory at more loops) and for training with gradients
   through all T loops (weights, gradients, two AdamW moments, the traced peak);
-* time: the traced operators on a `Device` — per operator the longer of its FLOPs at the
-  matmul rate of its shape and its bytes at the memory bandwidth, plus a fixed cost per
-  operator — from rates measured here (`Plan.measure`: a short calibration run of the model's
-  own matmul shapes, an elementwise add and small operators) or given (`tflops`, `bandwidth`,
-  `overhead`).
+* time: the traced operators on a `Device`. Measured here (`Plan.measure`), every distinct
+  operator call of the passes is replayed on this CPU on tensors of its layout and timed, and a
+  pass costs Σ count · t_call; given a device (`tflops`, `bandwidth`, `overhead`), per operator
+  the longer of its FLOPs at the matmul rate of its shape and its bytes at the memory bandwidth,
+  plus a fixed cost per operator (the roofline, also for calls a replay cannot make).
 
 Memory units are bytes (GiB = 2³⁰); FLOPs count a multiply-add as 2.
 """
@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loopdyn.models.errors import InputError
+from loopdyn.models.errors import ConfigError, InputError
 from loopdyn.models.precision import Precision, meta_as_cpu, precision
-from loopdyn.scaling.costmodel import Device, OpTrace, given_device, measure_device  # noqa: F401 - re-exported
+from loopdyn.scaling.costmodel import Device, OpTrace, given_device, measure_device, measure_kernels  # noqa: F401 - re-exported
 
 PUBLISHED = ("huginn-0125", "ouro-1.4b", "ouro-2.6b")
 ADAM_STATES = 2  # exp_avg, exp_avg_sq, in the parameters' dtype
@@ -86,6 +86,7 @@ class Plan:
     peak_optimizer: int = 0  # live bytes AdamW's update allocates (its two moments and temporaries)
     buffer_bytes: int = 0  # tensors the model holds beside its parameters (RoPE tables, masks)
     state_numel: int = 0  # elements of the loop state h at (B, S): the typical operator size
+    config: object = field(default=None, repr=False)  # the model's config (for `measure`'s twin)
 
     # ---- FLOPs ---------------------------------------------------------------------------
     def inference_flops(self, T: int) -> float:
@@ -167,7 +168,31 @@ class Plan:
     def measure(self, seconds: float = 2.0) -> "Plan":
         """Set `device` to this machine's rates measured at this model's own shapes (`plan
         --measure`: costmodel.measure_device); returns self."""
-        self.device = measure_device(self.precision, self.matmul_shapes()[:8], seconds, self.state_numel)
+        import dataclasses
+
+        from loopdyn.scaling import calibrate
+        from loopdyn.models.weights import build_on_meta
+
+        device = measure_device(self.precision, self.matmul_shapes()[:8], seconds, self.state_numel)
+        c_fwd = c_grad = 0.0
+        twin = "on a width-64 twin"
+        try:  # the framework's cost per call, on a narrow twin of the model (calibrate.py)
+            cfg, cls = calibrate.twin_config(self.config, self.family), _model_class(self.family)
+            prec = precision(self.precision)
+            twin_plan = _plan_model(build_on_meta(lambda: cls(cfg)), self.family, cfg.name, self.batch,
+                                    self.seq_len, prec)
+            torch.manual_seed(0)
+            model = cls(cfg)
+            prec.apply(model)
+            c_fwd, c_grad = calibrate.call_overheads(twin_plan, model, prec, seconds / 2)
+        except (ConfigError, TypeError, ValueError, AttributeError) as err:  # no twin of this config
+            twin = f"not measured (no width-64 twin: {err})"
+        sigs = [sig for p in self.passes.values() for sig in p.kernels]
+        kernels = measure_kernels(sigs, 2 * seconds, gap=c_fwd)
+        self.device = dataclasses.replace(
+            device, kernel_seconds=kernels, call_overhead=c_fwd, grad_call_overhead=c_grad,
+            source=device.source + f", {len(kernels)} operator calls replayed, framework {c_fwd * 1e6:.1f} / "
+                                   f"{c_grad * 1e6:.1f} µs per call (no-grad / training) {twin}")
         return self
 
     def matmul_shapes(self) -> list[tuple]:
@@ -201,7 +226,7 @@ class Plan:
         else:
             k = min(T, self.backprop_loops) if k is None else k
             n = T - k
-        sec = {key: p.seconds(self.device) for key, p in self.passes.items()}
+        sec = {key: p.seconds(self.device, grad=key.startswith("train")) for key, p in self.passes.items()}
         return n * sec["loop"] + sec["train_base"] + max(k - 1, 0) * sec["train_loop"] + sec["optimizer"]
 
     def to_json(self, T: int | None = None, memory: float | None = None) -> dict:
@@ -358,6 +383,16 @@ def _build(spec: str, overrides: dict | None = None):
     return build_on_meta(lambda: LoopedLM(config)), "loopdyn", config.name
 
 
+def _model_class(family: str):
+    if family == "huginn":
+        from loopdyn.models.importers.huginn import HuginnLM as cls
+    elif family == "ouro":
+        from loopdyn.models.importers.ouro import OuroLM as cls
+    else:
+        from loopdyn.models.looped import LoopedLM as cls
+    return cls
+
+
 def _to_meta(model) -> int:
     """Buffers built on the CPU (RoPE tables) moved to meta: the whole forward then runs on meta.
     Returns their bytes (they are memory the model holds beside its weights)."""
@@ -403,14 +438,22 @@ class _Saved:
 def plan(spec: str, *, batch: int = 1, seq_len: int = 256, dtype=None, loops: int | None = None,
          overrides: dict | None = None, device: Device | None = None) -> Plan:
     """The Plan of `spec` (module docstring); nothing is allocated or read but the config."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     prec: Precision = precision(dtype)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise InputError(f"--batch-size must be a positive integer, got {batch!r}")
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise InputError(f"--seq-len must be a positive integer, got {seq_len!r}")
+    if loops is not None and loops < 1:
+        raise InputError(f"--loops must be ≥ 1, got {loops}")
     model, family, name = _build(spec, overrides)
+    return _plan_model(model, family, name, batch, seq_len, prec, device)
+
+
+def _plan_model(model, family: str, name: str, batch: int, seq_len: int, prec: Precision,
+                device: Device | None = None) -> Plan:
+    """The Plan of a model built on meta (`_build`)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     buffer_bytes = _to_meta(model)
     for p in model.parameters():
         p.data = p.data.to(prec.weights)
@@ -453,9 +496,8 @@ def plan(spec: str, *, batch: int = 1, seq_len: int = 256, dtype=None, loops: in
     out = Plan(name, family, prec.name, batch, seq_len, mu, kb, sampling, params, weight_bytes, flops_prelude,
                flops_loop, flops_coda, int(saved_outside), int(saved_loop), int(working), kv, layers, device,
                passes=passes, peak_inference=peaks[0], peak_train=peaks[1], peak_train_loop=peaks[2],
-               peak_train_base=peaks[3], peak_optimizer=peaks[4], buffer_bytes=buffer_bytes, state_numel=state_numel)
-    if loops is not None and loops < 1:
-        raise InputError(f"--loops must be ≥ 1, got {loops}")
+               peak_train_base=peaks[3], peak_optimizer=peaks[4], buffer_bytes=buffer_bytes, state_numel=state_numel,
+               config=cfg)
     return out
 
 
