@@ -32,7 +32,8 @@ def register(sub) -> None:
                    help="a memory budget, e.g. 24GiB: report the largest T that fits (default: none)")
     p.add_argument("--measure", action="store_true",
                    help="measure this machine: every distinct operator call of the model's passes replayed and "
-                        "timed, and the framework's cost per call on a narrow twin of the model (10-30 s)")
+                        "timed, and the framework's cost per call on a narrow twin of the model (10-30 s; minutes at "
+                        "billions of parameters)")
     p.add_argument("--tflops", type=float, default=None, metavar="X",
                    help="the device's matmul rate in TFLOP/s in --dtype, for a device that is not here")
     p.add_argument("--bandwidth", type=float, default=None, metavar="GBS",
@@ -67,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
     p = plan(args.model, batch=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, loops=args.loops,
              overrides=parse_overrides(args.set), device=device)
     if args.measure:
-        print("measuring this machine: the passes' operator calls and a width-64 twin of the model (10-30 s)",
-              file=sys.stderr, flush=True)
+        print("measuring this machine: the passes' operator calls and a width-64 twin of the model "
+              "(10-30 s; minutes at billions of parameters)", file=sys.stderr, flush=True)
         p.measure()
     print(p.to_text(args.loops, memory))
     if args.json:

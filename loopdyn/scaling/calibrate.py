@@ -10,7 +10,7 @@ model that keeps its code, layers, loops, precision, batch and sequence length b
     c_fwd  = (t_real(forward) − Σ_calls t_replay) / n_calls      (no-grad passes)
     c_grad = (t_real(training step) − Σ_calls t_replay) / n_calls  (passes with gradients)
 
-in seconds per call, each ≥ 0, t_real the best of a few timed passes on the CPU.
+in seconds per call, each ≥ 0, t_real the best of several timed passes on the CPU.
 """
 from __future__ import annotations
 
@@ -57,7 +57,8 @@ def _best(fn, reps: int = 3) -> float:
 
 def real_pass_seconds(model, prec, batch: int, seq_len: int, loops: int, k: int) -> tuple[float, float]:
     """(forward at `loops` loops, a training step through k of them: forward, loss, backward,
-    AdamW) on the CPU, best of 3 after a warm-up, seconds."""
+    AdamW) on the CPU, best of 7 and of 5 after a warm-up, seconds (a twin's pass takes
+    milliseconds: the repeats make the calibration steady, not slow)."""
     import torch.nn.functional as F
 
     from loopdyn.models import protocol
@@ -73,7 +74,7 @@ def real_pass_seconds(model, prec, batch: int, seq_len: int, loops: int, k: int)
                 h = model.step(h, ctx)
             model.decode(h, ctx)
 
-    fwd = _best(forward)
+    fwd = _best(forward, reps=7)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
@@ -89,7 +90,7 @@ def real_pass_seconds(model, prec, batch: int, seq_len: int, loops: int, k: int)
         loss.backward()
         opt.step()
 
-    return fwd, _best(step, reps=2)
+    return fwd, _best(step, reps=5)
 
 
 def call_overheads(twin_plan, twin_model, prec, seconds: float = 1.0) -> tuple[float, float]:
