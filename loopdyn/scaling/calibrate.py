@@ -55,12 +55,26 @@ def _best(fn, reps: int = 3) -> float:
     return best
 
 
+def training_loss(model, idx, k: int) -> torch.Tensor:
+    """The loss of a training step with gradients through k loops (next-token cross-entropy on
+    `idx` itself, float32): the step `plan` traces and the twin runs. The pass's tensors are freed
+    on return, as in a training loop, before the backward pass."""
+    import torch.nn.functional as F
+
+    from loopdyn.models import protocol
+
+    ctx = model.encode(idx)
+    h = protocol.initial_state(model, ctx)
+    for _ in range(k):
+        h = model.step(h, ctx)
+    logits = model.decode(h, ctx)  # (B, S, V)
+    return F.cross_entropy(logits.flatten(0, 1).float(), idx.flatten())
+
+
 def real_pass_seconds(model, prec, batch: int, seq_len: int, loops: int, k: int) -> tuple[float, float]:
     """(forward at `loops` loops, a training step through k of them: forward, loss, backward,
     AdamW) on the CPU, best of 7 and of 5 after a warm-up, seconds (a twin's pass takes
     milliseconds: the repeats make the calibration steady, not slow)."""
-    import torch.nn.functional as F
-
     from loopdyn.models import protocol
 
     idx = torch.randint(0, VOCAB, (batch, seq_len), generator=torch.Generator().manual_seed(0))
@@ -80,12 +94,7 @@ def real_pass_seconds(model, prec, batch: int, seq_len: int, loops: int, k: int)
 
     def step():
         with prec.context("cpu"):
-            ctx = model.encode(idx)
-            h = protocol.initial_state(model, ctx)
-            for _ in range(k):
-                h = model.step(h, ctx)
-            logits = model.decode(h, ctx)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), idx.flatten())
+            loss = training_loss(model, idx, k)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

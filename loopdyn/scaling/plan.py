@@ -512,20 +512,12 @@ def _init(model, ctx):
 
 def _train_peak(model, idx, prec: Precision, k: int):
     """(live-byte peak, the trace) of a training step's forward, loss and backward through k loops."""
-    import torch.nn.functional as F
-
-    from loopdyn.models import protocol
+    from loopdyn.scaling.calibrate import training_loss
 
     for p in model.parameters():
         p.grad = None
     with prec.context("cpu"), meta_as_cpu(), OpTrace() as tr:
-        ctx = model.encode(idx)
-        h = protocol.initial_state(model, ctx)
-        for _ in range(k):
-            h = model.step(h, ctx)
-        logits = model.decode(h, ctx)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), idx.flatten())
-        del ctx, h, logits
+        loss = training_loss(model, idx, k)
         loss.backward()
         del loss
     return tr.peak, tr
