@@ -342,9 +342,10 @@ def measure_device(dtype=None, shapes: list | None = None, seconds: float = 2.0,
 
 def measure_kernels(sigs, seconds: float = 4.0, cap_bytes: float = 2 * 2 ** 30, gap: float = 0.0) -> dict:
     """Seconds per call of each operator signature in `sigs` (from `PassCost.kernels`), replayed
-    here on tensors of the traced layouts: the median of repeated calls (at least 5, 3 over 10 ms; about
-    `seconds` in all), met as a pass meets them — inputs cycle through copies of ≥ 64 MiB in all (at most
-    16), so they are not hot in the cache the previous call left them in, and each call follows
+    here on tensors of the traced layouts: the median of repeated calls (at least 5, or 3 over
+    10 ms; about `seconds` in all), met as a pass meets them — inputs cycle through copies of
+    ≥ 64 MiB in all (at most 16), so they are not hot in the cache the previous call left them
+    in, and each call follows
     `gap` seconds of Python work (the framework's cost between calls, calibrate.py), so the
     thread pool is met as a pass meets it, not kept spinning by back-to-back calls. A call whose
     inputs exceed `cap_bytes`, or that fails on made-up data (an index out of range, a

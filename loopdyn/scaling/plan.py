@@ -37,7 +37,8 @@ import torch
 
 from loopdyn.models.errors import ConfigError, InputError
 from loopdyn.models.precision import Precision, meta_as_cpu, precision
-from loopdyn.scaling.costmodel import Device, OpTrace, given_device, measure_device, measure_kernels  # noqa: F401 - re-exported
+from loopdyn.scaling.costmodel import (Device, OpTrace, given_device, measure_device,  # noqa: F401 - re-exported
+                                       measure_kernels)
 
 PUBLISHED = ("huginn-0125", "ouro-1.4b", "ouro-2.6b")
 ADAM_STATES = 2  # exp_avg, exp_avg_sq, in the parameters' dtype
@@ -166,12 +167,14 @@ class Plan:
 
     # ---- time ----------------------------------------------------------------------------
     def measure(self, seconds: float = 2.0) -> "Plan":
-        """Set `device` to this machine's rates measured at this model's own shapes (`plan
-        --measure`: costmodel.measure_device); returns self."""
+        """Set `device` to this machine, measured (`plan --measure`): the rates of the model's own
+        matmul shapes and the bandwidth (costmodel.measure_device, for calls a replay cannot
+        make), the framework's cost per call on a width-64 twin (calibrate.py), and every
+        distinct operator call of the passes replayed (costmodel.measure_kernels); returns self."""
         import dataclasses
 
-        from loopdyn.scaling import calibrate
         from loopdyn.models.weights import build_on_meta
+        from loopdyn.scaling import calibrate
 
         device = measure_device(self.precision, self.matmul_shapes()[:8], seconds, self.state_numel)
         c_fwd = c_grad = 0.0
