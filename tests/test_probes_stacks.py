@@ -6,7 +6,9 @@ signals come from the monitor's probe pass, which needs the batch's token ids), 
 loop signals reach the framework's logger, and that a learning-rate jump is warned at its step.
 (The plain torch.compile loop: test_probes_compile.py; torchrun + FSDP2 + compile:
 test_probes_fsdp_compile.py.)"""
+import contextlib
 import csv
+import logging
 
 import pytest
 import torch
@@ -15,6 +17,23 @@ from tests.stack_models import LOOP_SIGNALS, UserLoopNet, adapter, token_batches
 
 BACKEND = "aot_eager"  # dynamo traces for real; the backend only keeps the tests fast
 JUMP = 24
+
+
+@contextlib.contextmanager
+def probe_warnings(caplog):
+    """The warnings of the `loopdyn.probes` logger, as messages filled in on exit. That logger stops
+    propagating to the root once it has its own console handler (an earlier test may have made
+    it), so caplog's handler is attached to it directly; a record seen twice (propagated and
+    direct) is kept once."""
+    log = logging.getLogger("loopdyn.probes")
+    log.addHandler(caplog.handler)
+    messages: list[str] = []
+    try:
+        with caplog.at_level("WARNING", logger="loopdyn.probes"):
+            yield messages
+    finally:
+        log.removeHandler(caplog.handler)
+        messages.extend(r.getMessage() for r in {id(r): r for r in caplog.records}.values())
 
 
 def lr_warning(alerts):
@@ -91,17 +110,9 @@ def test_lightning_without_token_ids_says_so_once(tmp_path, caplog):
     data = torch.cat([x for x, _ in token_batches(4)]).float()
     trainer = pl.Trainer(max_steps=4, callbacks=[callback], accelerator="cpu", logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    import logging
-
-    probes_log = logging.getLogger("loopdyn.probes")  # may not propagate to the root (its own handler)
-    probes_log.addHandler(caplog.handler)
-    try:
-        with caplog.at_level("WARNING", logger="loopdyn.probes"):
-            trainer.fit(module, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=4))
-    finally:
-        probes_log.removeHandler(caplog.handler)
-    records = {id(r): r for r in caplog.records}.values()  # one record seen twice (propagated and direct) counts once
-    lines = [r.getMessage() for r in records if "not measured" in r.getMessage()]
+    with probe_warnings(caplog) as messages:
+        trainer.fit(module, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=4))
+    lines = [m for m in messages if "not measured" in m]
     assert len(lines) == 1 and "token ids" in lines[0] and "record_inputs" in lines[0] and "batch_to_ids" in lines[0]
     cov = callback.monitor.coverage()
     assert "loop state" in cov.missing and "injection spectrum" in cov.measured
@@ -164,15 +175,8 @@ def test_huggingface_trainer_torch_compile_logs_the_loop_signals(tmp_path, monke
                                           lr_scheduler_type="constant", learning_rate=3e-3, torch_compile=True,
                                           torch_compile_backend=BACKEND)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback, Jump(), Record()])
-    import logging
-
-    probes_log = logging.getLogger("loopdyn.probes")  # may not propagate to the root (its own handler)
-    probes_log.addHandler(caplog.handler)
-    try:
-        with caplog.at_level("WARNING", logger="loopdyn.probes"):
-            trainer.train()
-    finally:
-        probes_log.removeHandler(caplog.handler)
+    with probe_warnings(caplog) as messages:
+        trainer.train()
     monitor = callback.monitor
     assert monitor.compile_safe and (monitor.model is trainer.model_wrapped) == wrapper_found
     assert sum(counters["recompiles"].values()) == 0, dict(counters["recompiles"])
@@ -180,8 +184,7 @@ def test_huggingface_trainer_torch_compile_logs_the_loop_signals(tmp_path, monke
     assert graphs[0] >= 1 and len(set(graphs)) == 1, Record.graphs  # compiled at the first step, never again
     assert lr_warning(monitor.alerts)[:1] == [JUMP]  # the optimiser's signals need no hook
     logged = {k for rec in Record.logs for k in rec}
-    records = {id(r): r for r in caplog.records}.values()  # a record seen twice (propagated and direct) counts once
-    told = [r.getMessage() for r in records if "cannot find the compiled model" in r.getMessage()]
+    told = [m for m in messages if "cannot find the compiled model" in m]
     if wrapper_found:
         assert {f"loopdyn/{n}" for n in LOOP_SIGNALS} <= logged, sorted(logged)
         assert list(monitor.coverage().missing) == ["attention logits"], monitor.coverage().line()  # none in the net

@@ -51,43 +51,40 @@ _FREE = {"view", "_unsafe_view", "reshape", "expand", "permute", "transpose", "t
 
 @dataclass
 class PassCost:
-    """What one traced pass costs (bytes and FLOPs for the whole batch)."""
+    """What one traced pass costs: its distinct operator calls (views and allocations excluded),
+    signature → (count, FLOPs per call, bytes moved per call, matmul key (m, k, n, dtype) or None),
+    for the whole batch; the totals are derived from them."""
 
-    flops: float = 0.0
-    bytes: float = 0.0  # moved by non-free operators
-    ops: int = 0  # operators that launch work (views and allocations excluded)
-    matmuls: dict = field(default_factory=dict)  # (m, k, n, dtype) → (count, FLOPs)
-    other_bytes: float = 0.0  # bytes moved by operators without a FLOPs formula
-    # distinct operator calls: signature → (count, FLOPs per call, bytes per call, matmul key or None)
     kernels: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def ops(self) -> int:
+        """Operator calls that launch work."""
+        return sum(c for c, *_ in self.kernels.values())
+
+    @property
+    def matmuls(self) -> dict:
+        """(m, k, n, dtype) → (calls, FLOPs): the products, by the shape their rate is looked up by."""
+        out: dict = {}
+        for count, flops, _, key in self.kernels.values():
+            if key is not None:
+                c, f = out.get(key, (0, 0.0))
+                out[key] = (c + count, f + count * flops)
+        return out
 
     def seconds(self, device: "Device", grad: bool = False) -> float:
         """The time of the pass on `device` (module docstring): each call's measured time where
         the device has one (+ the framework's cost per call, with or without gradients), else
-        the roofline."""
-        if device.kernel_seconds:
-            extra = device.grad_call_overhead if grad else device.call_overhead
-            t = 0.0
-            for sig, (count, flops, moved, mm) in self.kernels.items():
-                measured = device.kernel_seconds.get(sig)
-                t += count * (measured + extra if measured is not None
-                              else _roofline(flops, moved, mm, device) + max(device.overhead, extra))
-            return t
-        t = self.other_bytes / device.bandwidth + self.ops * device.overhead
-        for (m, k, n, dtype), (count, flops) in self.matmuls.items():
-            rate = device.rate((m, k, n), dtype)
-            mm_bytes = count * (m * k + k * n + m * n) * _itemsize(dtype)
-            t += max(flops / rate, mm_bytes / device.bandwidth)
+        its roofline and the device's fixed cost per operator."""
+        extra = device.grad_call_overhead if grad else device.call_overhead
+        t = 0.0
+        for sig, (count, flops, moved, mm) in self.kernels.items():
+            measured = device.kernel_seconds.get(sig)
+            t += count * (measured + extra if measured is not None
+                          else _roofline(flops, moved, mm, device) + max(device.overhead, extra))
         return t
 
     def minus(self, other: "PassCost") -> "PassCost":
-        mm = dict(self.matmuls)
-        for key, (c, f) in other.matmuls.items():
-            c0, f0 = mm.get(key, (0, 0.0))
-            if c0 - c <= 0:
-                mm.pop(key, None)
-            else:
-                mm[key] = (c0 - c, f0 - f)
         kernels = dict(self.kernels)
         for sig, (c, *rest) in other.kernels.items():
             c0 = kernels.get(sig, (0,))[0]
@@ -95,8 +92,7 @@ class PassCost:
                 kernels.pop(sig, None)
             else:
                 kernels[sig] = (c0 - c, *rest)
-        return PassCost(self.flops - other.flops, self.bytes - other.bytes, self.ops - other.ops, mm,
-                        self.other_bytes - other.other_bytes, kernels)
+        return PassCost(kernels)
 
 
 def _roofline(flops: float, moved: float, mm, device: "Device") -> float:
@@ -193,8 +189,7 @@ class OpTrace(TorchDispatchMode):
         self._alive: set[int] = set()
 
     def snapshot(self) -> PassCost:
-        c = self.cost
-        return PassCost(c.flops, c.bytes, c.ops, dict(c.matmuls), c.other_bytes, dict(c.kernels))
+        return PassCost(dict(self.cost.kernels))
 
     def reset_peak(self) -> None:
         self.peak = self.live
@@ -229,9 +224,6 @@ class OpTrace(TorchDispatchMode):
         if name in _FREE or func.is_view:
             return out
         moved = sum(t.numel() * t.element_size() for t in ins + outs)
-        c = self.cost
-        c.ops += 1
-        c.bytes += moved
         packet = func._overloadpacket
         flops = flop_registry[packet](*args, **kwargs, out_val=out) if packet in flop_registry else 0
         key = None  # the matmul shape the device's rate table is looked up by
@@ -240,14 +232,9 @@ class OpTrace(TorchDispatchMode):
             key = (a.numel() // a.shape[-1], a.shape[-1], outs[0].shape[-1], outs[0].dtype)
         elif flops:  # attention and other formulas: at the device's base rate for the dtype
             key = (0, 0, 0, outs[0].dtype if outs else torch.float32)
-        if key is None:
-            c.other_bytes += moved
-        else:
-            count, f = c.matmuls.get(key, (0, 0.0))
-            c.matmuls[key] = (count + 1, f + flops)
         sig = _signature(func, args, kwargs)
-        c.kernels[sig] = (c.kernels.get(sig, (0,))[0] + 1, flops, moved, key)
-        c.flops += flops
+        kernels = self.cost.kernels
+        kernels[sig] = (kernels.get(sig, (0,))[0] + 1, flops, moved, key)
         return out
 
 

@@ -37,8 +37,8 @@ import torch
 
 from loopdyn.models.errors import ConfigError, InputError
 from loopdyn.models.precision import Precision, meta_as_cpu, precision
-from loopdyn.scaling.costmodel import (Device, OpTrace, given_device, measure_device,  # noqa: F401 - re-exported
-                                       measure_kernels)
+from loopdyn.scaling.costmodel import (Device, OpTrace, PassCost, given_device,  # noqa: F401 - re-exported
+                                       measure_device, measure_kernels)
 
 PUBLISHED = ("huginn-0125", "ouro-1.4b", "ouro-2.6b")
 ADAM_STATES = 2  # exp_avg, exp_avg_sq, in the parameters' dtype
@@ -569,7 +569,8 @@ def _trace_passes(model, idx, prec: Precision, saved_loop: int):
             opt.step()
         passes["optimizer"], peak_optimizer = tr.snapshot(), tr.peak
     except Exception:  # noqa: BLE001 - an optimiser that cannot run on meta: its traffic by formula
-        passes["optimizer"], peak_optimizer = type(t1.cost)(bytes=7.0 * n, other_bytes=7.0 * n), 2 * n
+        by_formula = (("AdamW's update by formula", (), ()), (1, 0.0, 7.0 * n, None))  # a call no replay makes
+        passes["optimizer"], peak_optimizer = PassCost(dict([by_formula])), 2 * n
     for p in model.parameters():
         p.grad = None
     return passes, (peak_inference, p1, grow, base, peak_optimizer)
