@@ -15,6 +15,12 @@ Ouro-2.6B at 256 tokens: ≤ 30 forward equivalents.
     python bench/real_size_audit.py --model huginn-0125 --seq-len 64 [--dir DIR] [--threads 2]
     python bench/real_size_audit.py --model ouro-2.6b --seq-len 256
     python bench/real_size_audit.py --model huginn-0125 --seq-len 16 --shrink 8   # a quick smoke run
+    python bench/real_size_audit.py --model ouro-2.6b --plan --dir DIR   # plan --measure vs the forward
+
+`--plan` runs no audit: it times the bf16 forward pass at the model's loops (32, 4) on the loaded
+checkpoint (best of --reps) and, in its own process, `loopdyn plan CKPT --measure` for the same
+pass, and prints measured/planned time (target: within 25 %; memory is bench/plan_check.py's);
+ends with `RESULT real_size_plan …`.
 
 `--shrink F` divides the widths by F (a smaller model of the same shape family, for a smoke
 run of the script). `--keep` keeps the written checkpoint. Ends with
@@ -95,6 +101,61 @@ CHILD = textwrap.dedent(r"""
     print("BENCH_JSON " + json.dumps(result))
 """)
 
+# --plan: the forward pass timed on the loaded checkpoint (best of --reps), for `loopdyn plan --measure`
+CHILD_FORWARD = textwrap.dedent(r"""
+    import json, os, sys, time
+    import torch
+    torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
+    import loopdyn.models as lm
+
+    path, S, T, reps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    model = lm.load(path, dtype=torch.bfloat16).eval()
+    idx = torch.randint(0, 256, (1, S), generator=torch.Generator().manual_seed(0))
+    times = []
+    with torch.no_grad():
+        for _ in range(reps):
+            t = time.perf_counter()
+            ctx = model.encode(idx)
+            h = model.init_state(ctx)
+            for _ in range(T):
+                h = model.step(h, ctx)
+            model.decode(h, ctx)
+            del ctx, h
+            times.append(time.perf_counter() - t)
+    print("BENCH_JSON " + json.dumps({"forward_s": min(times), "times": times}))
+""")
+
+
+def plan_against_forward(ckpt: Path, S: int, T: int, threads: int, reps: int) -> None:
+    """`loopdyn plan CKPT --measure` (its own process) beside the forward pass it plans, timed on
+    the loaded checkpoint in another (best of `reps`), one after the other."""
+    env = {**os.environ, "BENCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    t = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", CHILD_FORWARD, str(ckpt), str(S), str(T), str(reps)],
+                         capture_output=True, text=True, env=env)
+    line = next((ln for ln in res.stdout.splitlines() if ln.startswith("BENCH_JSON")), None)
+    if line is None:
+        print(res.stdout[-2000:], res.stderr[-2000:])
+        raise SystemExit("the forward child failed")
+    real = json.loads(line.split(" ", 1)[1])
+    print(f"forward at {T} loops, {S} tokens, bf16: {', '.join(f'{x:.1f}' for x in real['times'])} s "
+          f"({time.perf_counter() - t:.0f} s with the load)", flush=True)
+    out = ckpt.parent / f"{ckpt.name}-plan.json"
+    t = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "loopdyn", "plan", str(ckpt), "--dtype", "bfloat16", "--seq-len",
+                          str(S), "--loops", str(T), "--measure", "--threads", str(threads), "--json", str(out)],
+                         capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        print(res.stdout[-2000:], res.stderr[-2000:])
+        raise SystemExit("loopdyn plan failed")
+    p = json.loads(out.read_text())
+    ratio = real["forward_s"] / p["forward_seconds"]
+    print(f"plan --measure ({time.perf_counter() - t:.0f} s): forward {p['forward_seconds']:.1f} s planned vs "
+          f"{real['forward_s']:.1f} s measured (×{ratio:.2f}); device: {p['device']['source']}")
+    print(f"RESULT real_size_plan model={ckpt.name} seq_len={S} loops={T} time_ratio={ratio:.2f} "
+          f"forward_s={real['forward_s']:.1f} planned_s={p['forward_seconds']:.1f} "
+          f"threads={threads}")
+
 
 def write_checkpoint(model: str, directory: Path, shrink: int, shard_gib: float) -> int:
     """Write config.json + sharded bf16 safetensors with random weights; returns the parameter count."""
@@ -164,6 +225,9 @@ def main() -> None:
     ap.add_argument("--shrink", type=int, default=1)
     ap.add_argument("--shard-gib", type=float, default=2.0)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--plan", action="store_true",
+                    help="no audit: `loopdyn plan --measure` against the forward pass it plans, timed here")
+    ap.add_argument("--reps", type=int, default=2, help="--plan: timed forward passes (the best is kept)")
     args = ap.parse_args()
     S = args.seq_len or (64 if args.model == "huginn-0125" else 256)
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="loopdyn-real-"))
@@ -173,6 +237,9 @@ def main() -> None:
         n = write_checkpoint(args.model, ckpt, args.shrink, args.shard_gib)
         print(f"wrote {ckpt}: {n:,} parameters in bf16 shards ({time.perf_counter() - t:.0f} s)", flush=True)
     try:
+        if args.plan:
+            T = 32 if args.model == "huginn-0125" else 4
+            return plan_against_forward(ckpt, S, T, args.threads, args.reps)
         out = root / f"{args.model}-audit.json"
         env = {**os.environ, "BENCH_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads),
                "PYTHONPATH": str(ROOT)}

@@ -20,7 +20,7 @@ decided in three layers, each once:
 3. per call, what the inputs allow: dtype, device, whether a gradient is wanted, whether the call
    runs under a function transform (`under_transform`) or is traced by torch.compile
    (`fast_paths_enabled`), and whether a module the fused path would skip is watched
-   (`models.hooks.watched`).
+   (`models.hooks.watched`). Under `meta_as_cpu()` meta tensors decide as CPU tensors do.
 
 `fast_paths(False)` turns the fast paths off for the duration: tests and benchmarks use it to
 reproduce the official kernel choice bit for bit (tests/test_official_parity.py) or to measure the
@@ -57,6 +57,28 @@ def fast_paths(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         _FAST = saved
+
+
+# ---- the device a pass is planned for -----------------------------------------------------------
+_META_AS_CPU = [False]  # set while loopdyn.scaling.plan traces a CPU pass on the meta device
+
+
+@contextlib.contextmanager
+def meta_as_cpu() -> Iterator[None]:
+    """Within: meta tensors take the paths CPU tensors take (oneDNN linear layers, as the one
+    operator `loopdyn::onednn_linear`; the explicit attention; the SDPA kernel PyTorch picks for CPU
+    tensors; the low-precision upcast of models/precision.py), so a pass traced on meta runs the
+    operators, and allocates the memory, of the same pass on this CPU (loopdyn.scaling.plan)."""
+    old, _META_AS_CPU[0] = _META_AS_CPU[0], True
+    try:
+        yield
+    finally:
+        _META_AS_CPU[0] = old
+
+
+def on_cpu(t: torch.Tensor) -> bool:
+    """t is a CPU tensor, or a meta tensor standing for one (`meta_as_cpu`)."""
+    return t.device.type == "cpu" or (_META_AS_CPU[0] and t.device.type == "meta")
 
 
 def fast_paths_enabled() -> bool:
@@ -270,8 +292,8 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    return (x.dtype == weight.dtype == torch.float32 and x.device.type == weight.device.type == "cpu"
-            and x.dim() >= 2 and (bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu")))
+    return (x.dtype == weight.dtype == torch.float32 and on_cpu(x) and on_cpu(weight)
+            and x.dim() >= 2 and (bias is None or (bias.dtype == torch.float32 and on_cpu(bias))))
 
 
 def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -283,6 +305,8 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             return _COMPILED_ONEDNN(x, weight, bias)
         return F.linear(x, weight, bias)
     if _ONEDNN_LINEAR is not None and _onednn_applies(x, weight, bias) and use_fast(x):
+        if x.device.type == "meta":  # a CPU pass traced on meta: the same kernel as one operator
+            return F.linear(x, weight, bias) if _COMPILED_ONEDNN is None else _COMPILED_ONEDNN(x, weight, bias)
         if _wants_grad(x, weight, bias):
             return _OneDNNLinear.apply(x, weight, bias)
         return _onednn(x, weight, bias)
@@ -340,7 +364,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     min of 20). The two agree to float round-off.
     """
     S = q.shape[-2]
-    if (fast_paths_enabled() and S <= EXPLICIT_ATTENTION_MAX_LEN and q.device.type == "cpu"
+    if (fast_paths_enabled() and S <= EXPLICIT_ATTENTION_MAX_LEN and on_cpu(q)
             and q.dtype in (torch.float32, torch.float64) and k.dtype == q.dtype and v.dtype == q.dtype
             and (under_transform(q) or _wants_grad(q, k, v))):
         scores = torch.baddbmm(_causal_mask(S, q.dtype, q.device), q.flatten(0, 1),
@@ -358,6 +382,25 @@ def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float 
 
         with sdpa_kernel([SDPBackend.MATH]):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if q.device.type == "meta" and on_cpu(q):
+        return _sdpa_as_on_cpu(q, k, v, scale)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+
+def _sdpa_as_on_cpu(q, k, v, scale):
+    """Causal SDPA on meta tensors standing for CPU ones (`meta_as_cpu`): the kernel the CPU
+    would choose, asked of PyTorch with small CPU stand-ins of the same dtype, batch, heads and
+    head size (one position: the choice does not depend on the length), then that kernel on meta
+    — on meta PyTorch itself would always decompose into the math kernel, with its S×S scores."""
+    def stand_in(t):
+        if t.stride(-1) != 1:  # the fused kernel needs unit-stride rows: the math kernel runs
+            return None
+        return torch.empty(*t.shape[:-2], 1, t.shape[-1], dtype=t.dtype).requires_grad_(t.requires_grad)
+
+    proxies = [stand_in(t) for t in (q, k, v)]
+    fused = None not in proxies and int(torch._fused_sdp_choice(*proxies, is_causal=True, scale=scale)) == 1
+    if fused:  # SDPBackend.FLASH_ATTENTION: the CPU's flash kernel (and its backward)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=True, scale=scale)[0]
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from loopdyn.models.errors import InputError
+from loopdyn.models.kernels import on_cpu
 
 _ALIASES = {
     "float32": "float32", "fp32": "float32", "f32": "float32", "float": "float32", "32": "float32",
@@ -209,22 +210,6 @@ def _device_of(model) -> torch.device:
 
 _LOW = (torch.bfloat16, torch.float16)
 _NATIVE: dict = {}
-_META_AS_CPU = [False]  # set while loopdyn.scaling.plan traces a CPU pass on the meta device
-
-
-@contextlib.contextmanager
-def meta_as_cpu():
-    """Within: meta tensors take the CPU's low-precision path (`takes_upcast`), so a pass traced
-    on meta allocates what the same pass allocates on this CPU."""
-    old, _META_AS_CPU[0] = _META_AS_CPU[0], True
-    try:
-        yield
-    finally:
-        _META_AS_CPU[0] = old
-
-
-def _cpu(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" or (_META_AS_CPU[0] and t.device.type == "meta")
 
 
 def native_matmul(dtype: torch.dtype) -> bool:
@@ -310,13 +295,13 @@ def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def low_precision_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b; for bf16/fp16 CPU tensors without native kernels through float32 and rounded once
     (what a native kernel computes, up to accumulation order: see above)."""
-    if a.dtype in _LOW and b.dtype == a.dtype and _cpu(a) and _cpu(b) and not native_matmul(a.dtype):
+    if a.dtype in _LOW and b.dtype == a.dtype and on_cpu(a) and on_cpu(b) and not native_matmul(a.dtype):
         return (a.float() @ b.float()).to(a.dtype)
     return a @ b
 
 
 def takes_upcast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether `fast_linear` should compute this low-precision product by `upcast_linear`."""
-    return (x.dtype in _LOW and weight.dtype == x.dtype and _cpu(x) and _cpu(weight) and x.dim() >= 2
-            and (bias is None or (bias.dtype == x.dtype and _cpu(bias)))
+    return (x.dtype in _LOW and weight.dtype == x.dtype and on_cpu(x) and on_cpu(weight) and x.dim() >= 2
+            and (bias is None or (bias.dtype == x.dtype and on_cpu(bias)))
             and not native_matmul(x.dtype))

@@ -130,6 +130,86 @@ def test_the_meta_trace_has_the_real_runs_activation_peak(name, B, S):
     assert p.peak_inference == pytest.approx(tr.peak, rel=0.02)
 
 
+# per-pass bookkeeping that differs by where a value was cached (the causal mask is made once on
+# the CPU, again on meta; a scalar read), not by the kernels a pass runs
+_BOOKKEEPING = {"_local_scalar_dense", "_record_function_enter_new", "_record_function_exit", "min", "max",
+                "full", "triu", "_is_mkldnn_bf16_supported"}
+
+
+def _calls(kernels, times: int = 1, out=None):
+    """Operator calls by name, x `times`; oneDNN's linear as loopdyn's operator that wraps it."""
+    import collections
+
+    out = collections.Counter() if out is None else out
+    for sig, (count, *_) in kernels.items():
+        name = sig[0]._overloadpacket.__name__
+        name = "onednn_linear" if name == "_linear_pointwise" else name
+        if name not in _BOOKKEEPING:
+            out[name] += times * count
+    return out
+
+
+def _cpu_model(spec, overrides):
+    """The model of `spec` on the CPU, built by its own family's class (not by plan's builder)."""
+    if spec == "huginn-0125":
+        from loopdyn.models.importers.huginn import HuginnConfig, HuginnLM
+
+        return HuginnLM(HuginnConfig(**overrides))
+    if spec == "ouro-1.4b":
+        from loopdyn.models.importers.ouro import OuroConfig, OuroLM
+
+        return OuroLM(OuroConfig.ouro_1_4b(**overrides))
+    return LoopedLM(LoopConfig.preset(spec, **overrides))
+
+
+@pytest.mark.parametrize("name,overrides,dtype", [
+    ("tiny", {}, "float32"), ("small", {}, "bfloat16"),
+    ("huginn-0125", {"n_embd": 64, "n_heads": 2, "intermediate_size": 128, "vocab_size": 256}, "float32"),
+    ("ouro-1.4b", {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+                   "num_key_value_heads": 2, "vocab_size": 256}, "bfloat16")])
+def test_the_meta_trace_runs_the_cpu_passes_operators(name, overrides, dtype):
+    """`plan` times the operators the pass runs on this CPU, so its meta trace must take the
+    CPU's path (oneDNN linear layers, the explicit attention of a training pass, bf16 products
+    through float32): the operator calls, by name and count, of real CPU passes — a forward at 4
+    loops, a training step through 3 loops, AdamW's second update — equal the plan's passes."""
+    from loopdyn.models import protocol
+    from loopdyn.models.precision import precision
+    from loopdyn.scaling.costmodel import OpTrace
+
+    B, S = 2, 32
+    p = plan(name, batch=B, seq_len=S, dtype=dtype, overrides=overrides)
+    prec = precision(dtype)
+    torch.manual_seed(0)
+    model = _cpu_model(name, overrides)
+    prec.apply(model)
+    idx = torch.randint(0, 256, (B, S))
+    model.eval()
+    with torch.no_grad(), prec.context("cpu"), OpTrace() as tr:
+        ctx = model.encode(idx)
+        h = protocol.initial_state(model, ctx)
+        for _ in range(4):
+            h = model.step(h, ctx)
+        model.decode(h, ctx)
+    planned = _calls(p.passes["prelude"].kernels)
+    _calls(p.passes["loop"].kernels, 4, planned)
+    _calls(p.passes["coda"].kernels, 1, planned)
+    assert _calls(tr.cost.kernels) == planned
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for step in range(2):
+        with prec.context("cpu"), OpTrace() as tr:
+            from loopdyn.scaling.calibrate import training_loss
+
+            training_loss(model, idx, 3).backward()
+        with OpTrace() as tr_opt:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+    planned = _calls(p.passes["train_base"].kernels)
+    _calls(p.passes["train_loop"].kernels, 2, planned)
+    assert _calls(tr.cost.kernels) == planned
+    assert _calls(tr_opt.cost.kernels) == _calls(p.passes["optimizer"].kernels)
+
+
 def test_time_from_a_given_device():
     """The roofline: with no fixed cost per operator and an unbounded bandwidth the forward pass
     takes its FLOPs at the matmul rate; with an unbounded matmul rate, at least every weight is

@@ -40,13 +40,25 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import flop_registry
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
-_MATMULS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear"}
+_MATMULS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "onednn_linear"}  # the last: models/kernels.py
 _FREE = {"view", "_unsafe_view", "reshape", "expand", "permute", "transpose", "t", "unsqueeze", "squeeze",
          "select", "slice", "as_strided", "alias", "detach", "unbind", "split", "split_with_sizes", "chunk",
          "unflatten", "flatten", "view_as_complex", "view_as_real", "_reshape_alias", "lift_fresh", "narrow",
-         "empty_like", "empty", "new_empty", "empty_strided", "new_empty_strided", "_to_copy"}
+         "empty_like", "empty", "new_empty", "empty_strided", "new_empty_strided",
+         "_fused_sdp_choice"}  # the last: a question (models/kernels.py asks it on meta), no work
+
+
+# FLOPs of the operators a CPU pass runs that torch.utils.flop_counter has no formula for, from
+# their tensor inputs and outputs (the SDPA counts are flop_counter's own, S×S in full)
+_MORE_FLOPS = {
+    "onednn_linear": lambda ins, outs: 2 * ins[0].numel() * outs[0].shape[-1],  # models/kernels.py: x·Wᵀ
+    "_scaled_dot_product_flash_attention_for_cpu":
+        lambda ins, outs: sdpa_flop_count(ins[0].shape, ins[1].shape, ins[2].shape),
+    "_scaled_dot_product_flash_attention_for_cpu_backward":
+        lambda ins, outs: sdpa_backward_flop_count(ins[0].shape, ins[1].shape, ins[2].shape, ins[3].shape),
+}
 
 
 @dataclass
@@ -85,13 +97,16 @@ class PassCost:
         return t
 
     def minus(self, other: "PassCost") -> "PassCost":
+        """The calls of this pass not in `other`, by signature; a count may be negative (a training
+        step through 2 loops calls one operator of the first loop's backward on another layout
+        than through 1), so that base + (k − 1)·(step₂ − step₁) keeps every operator's count."""
         kernels = dict(self.kernels)
         for sig, (c, *rest) in other.kernels.items():
-            c0 = kernels.get(sig, (0,))[0]
-            if c0 - c <= 0:
+            c0, *mine = kernels.get(sig, (0, *rest))
+            if c0 == c:
                 kernels.pop(sig, None)
             else:
-                kernels[sig] = (c0 - c, *rest)
+                kernels[sig] = (c0 - c, *mine)
         return PassCost(kernels)
 
 
@@ -221,11 +236,13 @@ class OpTrace(TorchDispatchMode):
             for t in outs:
                 if id(t.untyped_storage()) not in held:
                     self._track(t)
-        if name in _FREE or func.is_view:
-            return out
+        if name in _FREE or func.is_view or (name == "_to_copy" and ins[0].device != outs[0].device
+                                                       and ins[0].dtype == outs[0].dtype):
+            return out  # (a move to meta: the trace's own, of a tensor made on the CPU)
         moved = sum(t.numel() * t.element_size() for t in ins + outs)
         packet = func._overloadpacket
-        flops = flop_registry[packet](*args, **kwargs, out_val=out) if packet in flop_registry else 0
+        flops = (flop_registry[packet](*args, **kwargs, out_val=out) if packet in flop_registry
+                 else _MORE_FLOPS[name](ins, outs) if name in _MORE_FLOPS else 0)
         key = None  # the matmul shape the device's rate table is looked up by
         if flops and name in _MATMULS and outs:
             a = ins[-2] if name in ("addmm", "baddbmm") else ins[0]

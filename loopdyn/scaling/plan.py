@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 import torch
 
 from loopdyn.models.errors import ConfigError, InputError
-from loopdyn.models.precision import Precision, meta_as_cpu, precision
+from loopdyn.models.kernels import meta_as_cpu
+from loopdyn.models.precision import Precision, precision
 from loopdyn.scaling.costmodel import (Device, OpTrace, PassCost, given_device,  # noqa: F401 - re-exported
                                        measure_device, measure_kernels)
 
@@ -528,21 +529,22 @@ def _train_peak(model, idx, prec: Precision, k: int):
 
 def _trace_passes(model, idx, prec: Precision, saved_loop: int):
     """The operators of each stage and the live-activation peaks (costmodel.OpTrace) on meta, along
-    the path the pass takes on this machine's CPU (models/precision.meta_as_cpu):
-    a no-grad forward pass (prelude, one loop, coda + head); training steps with gradients
-    through 1 and 2 loops (forward, loss, backward), whose difference is the time of one more loop,
-    and, when the k = 1 peak is a transient the loops' saved activations have not reached, through
-    kb loops, past where they outgrow it (the growth beyond is what one loop saves for the
-    backward pass); AdamW's update traced once. Returns (passes, (inference peak, training peak at k = 1, growth per loop,
-    its base, update peak))."""
+    the path the pass takes on this machine's CPU (models/kernels.meta_as_cpu): a no-grad forward
+    pass (prelude, one loop, coda + head); training steps with gradients through 1 and 2 loops
+    (forward, loss, backward), whose difference is the time of one more loop, and, when the k = 1
+    peak is a transient the loops' saved activations have not reached, through kb loops, past
+    where they outgrow it (the growth beyond is what one loop saves for the backward pass);
+    AdamW's update twice (the first allocates its moments, the second is what every later step
+    runs). Returns (passes, (inference peak, training peak at k = 1, growth per loop, its base,
+    update peak))."""
     from loopdyn.models import protocol
 
     passes = {}
     model.eval()
     with torch.no_grad(), prec.context("cpu"), meta_as_cpu(), OpTrace() as tr:
         ctx = model.encode(idx)
+        h = protocol.initial_state(model, ctx)  # h_0: once per pass, with the prelude
         s0 = tr.snapshot()
-        h = protocol.initial_state(model, ctx)
         h = model.step(h, ctx)
         s1 = tr.snapshot()
         model.decode(h, ctx)
@@ -565,9 +567,12 @@ def _trace_passes(model, idx, prec: Precision, saved_loop: int):
     for p in model.parameters():
         p.grad = torch.zeros_like(p) if p.requires_grad else None
     try:
-        with OpTrace() as tr:
+        with OpTrace() as tr:  # the first update: the moments are allocated
             opt.step()
-        passes["optimizer"], peak_optimizer = tr.snapshot(), tr.peak
+        peak_optimizer = tr.peak
+        with OpTrace() as tr:  # every later one: the operators a training step runs
+            opt.step()
+        passes["optimizer"] = tr.snapshot()
     except Exception:  # noqa: BLE001 - an optimiser that cannot run on meta: its traffic by formula
         by_formula = (("AdamW's update by formula", (), ()), (1, 0.0, 7.0 * n, None))  # a call no replay makes
         passes["optimizer"], peak_optimizer = PassCost(dict([by_formula])), 2 * n
