@@ -45,6 +45,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# a forward pass at T loops, timed: the start of both children's code
+FORWARD_S = textwrap.dedent(r"""
+    import time
+    import torch
+
+    def forward_s(model, idx, T):
+        with torch.no_grad():
+            t = time.perf_counter()
+            ctx = model.encode(idx)
+            h = model.init_state(ctx)
+            for _ in range(T):
+                h = model.step(h, ctx)
+            model.decode(h, ctx)
+            return time.perf_counter() - t
+""")
+
 CHILD = textwrap.dedent(r"""
     import json, os, statistics, sys, time
     import torch
@@ -72,16 +88,6 @@ CHILD = textwrap.dedent(r"""
                       dtype=str(next(model.parameters()).dtype).replace("torch.", ""))
         reset_hwm()
         return model
-
-    def forward_s(model, idx, T):
-        with torch.no_grad():
-            t = time.perf_counter()
-            ctx = model.encode(idx)
-            h = model.init_state(ctx)
-            for _ in range(T):
-                h = model.step(h, ctx)
-            model.decode(h, ctx)
-            return time.perf_counter() - t
 
     def timed_audit(model, idx, loops, *args, **kwargs):
         before = [forward_s(model, idx, loops) for _ in range(2)]
@@ -111,17 +117,7 @@ CHILD_FORWARD = textwrap.dedent(r"""
     path, S, T, reps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     model = lm.load(path, dtype=torch.bfloat16).eval()
     idx = torch.randint(0, 256, (1, S), generator=torch.Generator().manual_seed(0))
-    times = []
-    with torch.no_grad():
-        for _ in range(reps):
-            t = time.perf_counter()
-            ctx = model.encode(idx)
-            h = model.init_state(ctx)
-            for _ in range(T):
-                h = model.step(h, ctx)
-            model.decode(h, ctx)
-            del ctx, h
-            times.append(time.perf_counter() - t)
+    times = [forward_s(model, idx, T) for _ in range(reps)]
     print("BENCH_JSON " + json.dumps({"forward_s": min(times), "times": times}))
 """)
 
@@ -131,7 +127,7 @@ def plan_against_forward(ckpt: Path, S: int, T: int, threads: int, reps: int) ->
     the loaded checkpoint in another (best of `reps`), one after the other."""
     env = {**os.environ, "BENCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
     t = time.perf_counter()
-    res = subprocess.run([sys.executable, "-c", CHILD_FORWARD, str(ckpt), str(S), str(T), str(reps)],
+    res = subprocess.run([sys.executable, "-c", FORWARD_S + CHILD_FORWARD, str(ckpt), str(S), str(T), str(reps)],
                          capture_output=True, text=True, env=env)
     line = next((ln for ln in res.stdout.splitlines() if ln.startswith("BENCH_JSON")), None)
     if line is None:
@@ -243,7 +239,7 @@ def main() -> None:
         out = root / f"{args.model}-audit.json"
         env = {**os.environ, "BENCH_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads),
                "PYTHONPATH": str(ROOT)}
-        res = subprocess.run([sys.executable, "-c", CHILD, str(ckpt), str(out), str(S)], capture_output=True,
+        res = subprocess.run([sys.executable, "-c", FORWARD_S + CHILD, str(ckpt), str(out), str(S)], capture_output=True,
                              text=True, env=env)
         line = next((ln for ln in res.stdout.splitlines() if ln.startswith("BENCH_JSON")), None)
         if line is None:
