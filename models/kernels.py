@@ -397,9 +397,11 @@ def _sdpa_as_on_cpu(q, k, v, scale):
             return None
         return torch.empty(*t.shape[:-2], 1, t.shape[-1], dtype=t.dtype).requires_grad_(t.requires_grad)
 
+    from torch.nn.attention import SDPBackend
+
     proxies = [stand_in(t) for t in (q, k, v)]
-    fused = None not in proxies and int(torch._fused_sdp_choice(*proxies, is_causal=True, scale=scale)) == 1
-    if fused:  # SDPBackend.FLASH_ATTENTION: the CPU's flash kernel (and its backward)
+    if None not in proxies and int(torch._fused_sdp_choice(*proxies, is_causal=True, scale=scale)) == \
+            SDPBackend.FLASH_ATTENTION.value:  # the CPU's flash kernel (and its backward)
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=True, scale=scale)[0]
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 

@@ -174,6 +174,7 @@ def test_the_meta_trace_runs_the_cpu_passes_operators(name, overrides, dtype):
     loops, a training step through 3 loops, AdamW's second update — equal the plan's passes."""
     from loopdyn.models import protocol
     from loopdyn.models.precision import precision
+    from loopdyn.scaling.calibrate import training_loss
     from loopdyn.scaling.costmodel import OpTrace
 
     B, S = 2, 32
@@ -198,8 +199,6 @@ def test_the_meta_trace_runs_the_cpu_passes_operators(name, overrides, dtype):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     for step in range(2):
         with prec.context("cpu"), OpTrace() as tr:
-            from loopdyn.scaling.calibrate import training_loss
-
             training_loss(model, idx, 3).backward()
         with OpTrace() as tr_opt:
             opt.step()
