@@ -104,8 +104,10 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
         traj = measure_trajectory(model, idx, T, cost=cost)
     else:  # the loop is run through the sweep's linearisations, which need it anyway
         ctx = encode_probe(model, idx)
+        pres: list = []  # the pre-norm states r_1..r_T, read off the linearised steps when the model splits
         states, swept = _sweep(model, ctx, T, lyapunov_k, jacobian_steps, arnoldi_steps, krylov_dim,
-                               _jacobian_loops(T, jacobian_loops), cost, report, keep=set(fc.forecast_loops(T)))
+                               _jacobian_loops(T, jacobian_loops), cost, report, keep=set(fc.forecast_loops(T)),
+                               pres=pres)
         traj = trajectory_of(states, ctx, T)
     broken = bool(bad) or traj.nonfinite_at is not None
     minfo = ModelInfo(path if path is not None else getattr(info, "path", None), fmt,
@@ -117,9 +119,8 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
     sweep.lti_spectral_norm, sweep.lti_spectral_radius = spec.spectral_norm, spec.spectral_radius
     krylov = None
     G = None
-    kept: dict = {}  # the sweep's linearisations at the loops the forecast needs (fc.forecast_loops)
     if not broken:
-        sweep, lyap, krylovs, kept, after = swept
+        sweep, lyap, krylovs, sub_T, after = swept
         krylov = krylovs.get(T)
         sweep.lti_spectral_norm, sweep.lti_spectral_radius = spec.spectral_norm, spec.spectral_radius
         part = protocol.linear_part(model)
@@ -147,9 +148,9 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
         sigma_T = float(sweep.spectral_norm[-1]) if sweep.loops and sweep.loops[-1] == T else None
         forecast = fc.forecast_from(model, traj, spec, H, krylovs=krylovs, krylov_dim=krylov_dim,
                                     explosion_factor=explosion_factor, settle_tol=settle_tol,
-                                    extra_evidence=extra, sigma_T=sigma_T, cost=cost, linearisations=kept)
-        kept.clear()  # free the recorded graphs and the Krylov bases
-        krylovs.clear()
+                                    extra_evidence=extra, sigma_T=sigma_T, cost=cost, subspace=sub_T)
+        krylovs.clear()  # free the Krylov bases
+        sub_T = None
     from loopdyn.dynamics.phases import token_phases
     phases = None if broken else token_phases(traj.states, forecast.leading_eigenvalues, forecast.eigenvalue_source)
     got = None if broken else probe_losses(model, idx, traj, H, cost, after=after, per_token=True)
@@ -164,7 +165,8 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
         from loopdyn.dynamics.normalised import normalised_loop
 
         report("normalised loop", 0, 1)
-        norm_result = normalised_loop(model, loops=T, ctx=traj.ctx, states=traj.states, jacobian_loops=0, cost=cost)
+        norm_result = normalised_loop(model, loops=T, ctx=traj.ctx, states=traj.states, jacobian_loops=0, cost=cost,
+                                      pre=pres[:T] if len(pres) >= T else None)
     verdict, _ = audit_verdict((forecast.verdict, ""), None if norm_result is None else
                                (norm_result.verdict, norm_result.evidence), broken)
     if callable(getattr(model, "exit_gate", None)) and not broken:
@@ -184,17 +186,21 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
 
 
 def _sweep(model, ctx, T: int, lyapunov_k: int, gkl_steps: int, arnoldi_steps: int, krylov_dim: int,
-           jac_loops: list[int], cost: Cost, report, keep: set = frozenset()):
+           jac_loops: list[int], cost: Cost, report, keep: set = frozenset(), pres: list | None = None):
     """Run the loop h_0..h_T through the linearisations of its step and analyse it on the way.
 
     Each state h_{t+1} is the output F(h_t) of the linearisation at h_t, so measuring the loop
     costs no step beyond them; one plain step F(h_0) runs the protocol's checks and shows that F
     is a pure function of h. At each loop: Lyapunov vectors, Jacobian spectra, and at the loops in
-    `keep` the linearisations and krylov_dim-step Arnoldi runs (for the forecast, which then
-    linearises nothing and runs no Arnoldi twice).
+    `keep` krylov_dim-step Arnoldi runs; at loop T also the forecast's Jacobian subspace (its
+    random starts), so the forecast linearises nothing and runs no Arnoldi twice, and no recorded
+    graph outlives its loop (each holds the step's activations: GiB at the real sizes).
 
-    Returns (states, analysis): analysis = (sweep, lyapunov, krylovs, kept, F(h_T)), or None when a
-    state is non-finite (the states then end with it).
+    A model that splits its step (`protocol.pre_norm_split`: step = renormalise ∘ pre_norm_state) is
+    linearised as that composition, and each pre-norm state r_{t+1} is appended to `pres` on the way.
+
+    Returns (states, analysis): analysis = (sweep, lyapunov, krylovs, the subspace at T, F(h_T)), or
+    None when a state is non-finite (the states then end with it).
     """
     states = run_loop(model, ctx, 1, cost=cost)  # h_0 and the plain F(h_0)
     if len(states) < 2 or not all_finite(states[1]):
@@ -204,7 +210,16 @@ def _sweep(model, ctx, T: int, lyapunov_k: int, gkl_steps: int, arnoldi_steps: i
     sig, rho, hind = [], [], []
     products = 0
     u_warm = None
-    krylovs, kept = {}, {}
+    krylovs, sub_T = {}, None
+    split = protocol.pre_norm_split(model) if pres is not None else None
+    fn = None
+    if split is not None:
+        pre_fn, renorm = split
+
+        def fn(h):  # the step as its two parts: r = pre_norm_state(h) is kept
+            r = pre_fn(h, ctx)
+            pres.append(r.detach())
+            return renorm(r, ctx)
     for t in range(T + 1):
         report("linearised loops", t, T + 1)
         spectra = t >= 1 and (t in jac_loops or t == T)
@@ -217,7 +232,7 @@ def _sweep(model, ctx, T: int, lyapunov_k: int, gkl_steps: int, arnoldi_steps: i
             if float(start.norm()) == 0:
                 g = torch.Generator().manual_seed(t)
                 start = torch.randn(start.shape, generator=g, dtype=torch.float64).to(start.device)
-        lin = Linearisation(model, ctx, states[t], cost, w0=start)
+        lin = Linearisation(model, ctx, states[t], cost, fn=fn, w0=start)
         if t == 0:
             check_pure(model, lin.output, plain, 0)
         if t < T:
@@ -256,10 +271,11 @@ def _sweep(model, ctx, T: int, lyapunov_k: int, gkl_steps: int, arnoldi_steps: i
             if t in jac_loops:
                 sig.append(float(s[0]))
                 rho.append(lam)
-        if t in keep:
-            kept[t] = lin
         if t == T:
             after = lin.output  # F(h_T): the first loop past the measured ones
+            if krylov_dim > 0:  # the forecast's subspace (forecast_from's defaults for the random starts)
+                r_T = (states[T] - states[T - 1]).to(torch.float64)
+                sub_T = fc.jacobian_subspace(lin, r_T, min(krylov_dim, r_T.numel()), krylov=krylovs.get(T))
         del lin
     report("linearised loops", T + 1, T + 1)
     loops = [t for t in jac_loops]
@@ -268,7 +284,7 @@ def _sweep(model, ctx, T: int, lyapunov_k: int, gkl_steps: int, arnoldi_steps: i
               f"{arnoldi_steps} Arnoldi steps from r_t ({krylov_dim} at loop {T}; Ritz estimate)")
     sweep = JacobianSweep(loops, np.array(sig), np.array(rho), method, products, np.array(hind))
     lyap = acc.result() if acc is not None else LyapunovResult(np.zeros(0), 0, None)
-    return states, (sweep, lyap, krylovs, kept, after)
+    return states, (sweep, lyap, krylovs, sub_T, after)
 
 
 def _jacobian_evidence(sweep: JacobianSweep) -> str:

@@ -278,14 +278,16 @@ def _pick_loops(T: int, limit: int | None) -> list[int]:
 def normalised_loop(model, idx: torch.Tensor | None = None, loops: int | None = None, *, ctx=None,
                     h0: torch.Tensor | None = None, tol: float = 1e-3, rate_tol: float = 1e-2,
                     jacobian_loops: int | None = 8, jacobian_steps: int = 6, seed: int = 0,
-                    states: list[torch.Tensor] | None = None, cost: Cost | None = None) -> NormalisedLoop:
+                    states: list[torch.Tensor] | None = None, cost: Cost | None = None,
+                    pre: list[torch.Tensor] | None = None) -> NormalisedLoop:
     """Measure what the state norm hides (module docstring) on the probe batch `idx` (B, S).
 
     loops: loops measured (default `model.mean_loops`); h0: the initial state (default the
     model's, drawn with `seed`); jacobian_loops: how many loops (evenly spread, always incl. T)
     get ‖J_t‖₂, None = all, 0 = none (an audit that has its own Jacobian sweep); tol / rate_tol: convergence tolerance (relative distance) and the
     margin below 1 for a decay to count as geometric. An audit that already ran the loop may
-    pass `ctx` and `states` (h_0..h_T); the pre-norm states are then recomputed from them.
+    pass `ctx` and `states` (h_0..h_T); the pre-norm states are then recomputed from them, unless it
+    passes them too (`pre`: r_1..r_T, read off its own steps).
     """
     require_looped(model)
     kind = state_norm_kind(model)
@@ -301,6 +303,8 @@ def normalised_loop(model, idx: torch.Tensor | None = None, loops: int | None = 
     has_pre = callable(getattr(model, "pre_norm_state", None))
     if states is None:
         states, pre = run_normalised(model, ctx, T, h0, cost, seed)
+    elif pre is not None:
+        states, pre = list(states)[: T + 1], list(pre)[:T]
     else:
         states = list(states)[: T + 1]
         with analysis(model):

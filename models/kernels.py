@@ -94,7 +94,8 @@ def fast_paths_enabled() -> bool:
 _functorch = getattr(torch._C, "_functorch", None)
 _INTERPRETER_STACK = getattr(_functorch, "peek_interpreter_stack", None)  # torch.func levels
 _IS_WRAPPED = getattr(_functorch, "is_functorch_wrapped_tensor", None)
-_IS_BATCHED = getattr(torch._C, "_is_batched", None)  # autograd.grad(..., is_grads_batched=True)
+# autograd.grad(..., is_grads_batched=True) runs the backward under the legacy vmap
+_IS_BATCHED = getattr(_functorch, "is_legacy_batchedtensor", None)
 
 
 def _safe(check, *args) -> bool:

@@ -301,6 +301,10 @@ class LoopedLM(nn.Module):
         renormalises, h_{t+1} = Norm(R(h_t)); for the other kinds this is the step itself)."""
         return self._step_fn(ctx)[1](h)
 
+    def renormalise(self, r: torch.Tensor, ctx: LoopContext) -> torch.Tensor:
+        """The step's end, step = renormalise ∘ pre_norm_state: Tap(Norm(r)) (autonomous), Tap(r)."""
+        return self.state_tap(self.state_norm(r) if self.state_norm is not None else r)
+
     def step(self, h: torch.Tensor, ctx: LoopContext) -> torch.Tensor:
         """One loop iteration h_{t+1} = R(inject(h_t, e)) (autonomous: Norm(R(h_t))), a pure
         function of h for fixed ctx."""

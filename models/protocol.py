@@ -26,6 +26,8 @@ Optional members; an analysis that needs a missing one says what it skipped and 
   loopdyn's autonomous loop; "pre": the step normalises its input before anything else uses
   it). Then ‖h_t‖ cannot explode and the audit looks through the norm.
 * `pre_norm_state(h, ctx)` → the state before the step's final renormalisation (for "post").
+* `renormalise(r, ctx)` → that renormalisation, step(h, ctx) = renormalise(pre_norm_state(h, ctx),
+  ctx): with both, the audit reads r_{t+1} off its own linearised steps instead of a second pass.
 * `exit_gate(h, ctx)` → per-token exit probabilities (B, S) in [0, 1] at state h (Ouro).
 * `readout_part()` → the Operator C that reads the state out to the decoder (gain graph).
 * `state_tap`: an `nn.Module` called with h_0 and every new state during the model's own
@@ -99,6 +101,15 @@ def linear_part(model) -> LinearPart | None:
     """The model's LTI part, or None when it has none (no `linear_part`, or it returns None)."""
     fn = getattr(model, "linear_part", None)
     return None if fn is None else _as_linear_part(fn())
+
+
+def pre_norm_split(model):
+    """(pre_norm_state, renormalise) when the model renormalises its state inside the step and
+    has both (step = renormalise ∘ pre_norm_state), else None."""
+    pre, ren = getattr(model, "pre_norm_state", None), getattr(model, "renormalise", None)
+    if state_norm_kind(model) == "none" or not (callable(pre) and callable(ren)):
+        return None
+    return pre, ren
 
 
 def state_norm_kind(model) -> str:
@@ -279,7 +290,8 @@ class LoopAdapter(nn.Module):
     def __init__(self, *, encode: Callable, step: Callable, decode: Callable, mean_loops: int,
                  init_state: Callable | None = None, linear_part: Callable | None = None,
                  sublayers: Callable | None = None, state_norm_kind: str = "none",
-                 pre_norm_state: Callable | None = None, exit_gate: Callable | None = None,
+                 pre_norm_state: Callable | None = None, renormalise: Callable | None = None,
+                 exit_gate: Callable | None = None,
                  module: nn.Module | None = None, state_tap: nn.Module | None = None,
                  name: str | None = None, injection_name: str | None = None):
         super().__init__()
@@ -304,6 +316,8 @@ class LoopAdapter(nn.Module):
             self.sublayers = sublayers
         if pre_norm_state is not None:
             self.pre_norm_state = pre_norm_state
+        if renormalise is not None:
+            self.renormalise = renormalise
         if exit_gate is not None:
             self.exit_gate = exit_gate
         if state_tap is not None:

@@ -42,6 +42,7 @@ def test_the_loop_is_autonomous_and_renormalised():
         s = m.step(100 * h, ctx)
         assert torch.allclose(s, r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + m.config.norm_eps), atol=1e-6)
         assert torch.allclose(s.pow(2).mean(-1), torch.ones(2, 9), atol=1e-4)
+        assert torch.equal(m.renormalise(r, ctx), s)  # step = renormalise ∘ pre_norm_state, bit for bit
         x_ = h
         for sub in m.sublayers(ctx):
             assert sub.kind != "injection"

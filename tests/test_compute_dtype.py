@@ -251,7 +251,7 @@ def test_compare_passes_the_dtype_to_every_run():
 def test_the_blockwise_cast_is_the_whole_cast_bit_for_bit(shape, bias):
     """`_f32_product` casts a large bf16 weight a block of output rows at a time (no weight-sized
     float32 copy): every output element is the same float32 reduction as with the whole weight
-    cast at once, so the result is bit-identical; a transposed weight takes the whole cast."""
+    cast at once, so the result is bit-identical; a small transposed weight takes the whole cast."""
     from loopdyn.models import precision as P
 
     g = torch.Generator().manual_seed(0)
@@ -268,3 +268,47 @@ def test_the_blockwise_cast_is_the_whole_cast_bit_for_bit(shape, bias):
     assert torch.allclose(got.double(), exact, rtol=2 ** -8, atol=1e-6 * exact.abs().max().item())
     wt = w[:1024, :].t()  # (1024, 1024) transposed view
     assert torch.equal(P._f32_product(x, wt, None), fast_linear(x.float(), wt.float()).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("shape,bias", [((3, 5, 4096 + 17), True), ((7, 4096 + 17), False)])
+def test_a_large_transposed_weight_is_cast_a_reduction_block_at_a_time(shape, bias):
+    """A backward pass's g·W reaches `_f32_product` as x·(Wᵀ)ᵀ with a transposed view: its
+    contiguous row blocks are blocks of the reduction, cast and accumulated in float32. Against
+    float64: one rounding of a float32 sum (the whole cast's result within one bf16 unit)."""
+    from loopdyn.models import precision as P
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g).to(torch.bfloat16)
+    W = (torch.randn(4096 + 17, 1024, generator=g) * 0.02).to(torch.bfloat16)  # (K, N): 3 blocks
+    b = torch.randn(1024, generator=g).to(torch.bfloat16) if bias else None
+    assert W.numel() > P._CHUNK
+    got = P._f32_product(x, W.t(), b)
+    assert got.shape == (*shape[:-1], 1024) and got.dtype == torch.bfloat16
+    exact = x.double() @ W.double() + (0 if b is None else b.double())
+    scale = exact.abs().max()
+    assert float(((got.double() - exact).abs() / scale).max()) <= 1.01 * BF16_ULP
+    whole = fast_linear(x.float(), W.t().float(), None if b is None else b.float()).to(torch.bfloat16)
+    assert float(((got.double() - whole.double()).abs() / scale).max()) <= 2 * BF16_ULP
+
+
+def test_batched_gradients_take_the_plain_path_through_the_bf16_kernel():
+    """`autograd.grad(..., is_grads_batched=True)` (an audit's Lyapunov products on a small state)
+    runs backward passes under the legacy vmap: `under_transform` sees its batched tensors, so the
+    low-precision kernel takes plain products there (its blockwise copies into an unbatched buffer
+    failed under vmap). Jᵀ·W and reverse-over-reverse J·V equal the products one at a time."""
+    from loopdyn.models import precision as P
+
+    g = torch.Generator().manual_seed(4)
+    W = (torch.randn(4096 + 17, 1024, generator=g) * 0.02).to(torch.bfloat16)  # a blockwise-cast weight
+    assert W.numel() > P._CHUNK
+    x = torch.randn(4, 1024, generator=g).to(torch.bfloat16).requires_grad_(True)
+    y = upcast_linear(x, W)
+    u = torch.zeros_like(y).requires_grad_(True)
+    (gx,) = torch.autograd.grad(y, x, u, create_graph=True)
+    V = torch.randn(3, 4, 1024, generator=g).to(torch.bfloat16)
+    Wv = torch.randn(3, 4, 4096 + 17, generator=g).to(torch.bfloat16)
+    (jv,) = torch.autograd.grad(gx, u, V, retain_graph=True, is_grads_batched=True)
+    (jtw,) = torch.autograd.grad(y, x, Wv, retain_graph=True, is_grads_batched=True)
+    for i in range(3):
+        assert rel(jv[i], V[i].double() @ W.double().T) <= 2 * BF16_ULP
+        assert rel(jtw[i], Wv[i].double() @ W.double()) <= 2 * BF16_ULP

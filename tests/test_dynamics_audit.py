@@ -236,8 +236,9 @@ def test_the_head_of_an_arnoldi_run_is_the_shorter_run(steps):
 
 
 def test_the_forecast_reuses_the_sweeps_arnoldi_runs_without_changing_a_number():
-    """The audit hands its Arnoldi runs at T and T − w to the forecast: the forecast is the one
-    it computes on its own, number for number, for krylov_dim fewer J·v products at T − w."""
+    """The audit hands its Arnoldi runs at T and T − w and its Jacobian subspace at T (made in the
+    sweep, so no recorded graph outlives its loop) to the forecast: the forecast is the one it
+    computes on its own, number for number, without linearising or multiplying anything."""
     from loopdyn.dynamics import forecasting as fc
     from loopdyn.dynamics.auditing import _jacobian_loops, _sweep
     from loopdyn.dynamics.loopmap import Cost
@@ -246,22 +247,25 @@ def test_the_forecast_reuses_the_sweeps_arnoldi_runs_without_changing_a_number()
     model, T, H = make(perturb=0.4), 4, 16
     keep = set(fc.forecast_loops(T))
     assert len(keep) == 2  # T and T − w
-    cost = Cost()  # the kept linearisations count their products here
+    cost = Cost()
     ctx = encode_probe(model, IDX)
-    states, (_, _, krylovs, kept, _) = _sweep(model, ctx, T, 2, 3, 3, 5, _jacobian_loops(T, None), cost,
-                                              lambda *a: None, keep=keep)
+    states, (_, _, krylovs, sub_T, _) = _sweep(model, ctx, T, 2, 3, 3, 5, _jacobian_loops(T, None), cost,
+                                               lambda *a: None, keep=keep)
     traj = trajectory_of(states, ctx, T)
     assert set(krylovs) == keep and all(k.H.shape[1] == 5 for k in krylovs.values())
+    assert (sub_T.n, sub_T.from_r) == (5 + 2 * 4, 5)  # the Krylov run and two 4-step random starts
     runs = {}
-    for given in (krylovs, None):
-        before = cost.jvps
-        f = fc.forecast_from(model, traj, None, H, krylovs=given, krylov_dim=5, cost=cost, linearisations=kept)
+    for given in (True, False):
+        before = (cost.jvps, cost.linearisations)
+        f = fc.forecast_from(model, traj, None, H, krylovs=krylovs if given else None, krylov_dim=5, cost=cost,
+                             subspace=sub_T if given else None)
         js = json_safe(f.to_json())
         # the evidence counts the products this call made; every other word and number is the same
         js["evidence"] = [re.sub(r"\(\d+ products\)", "(n products)", e) for e in js["evidence"]]
-        runs["given" if given else "own"] = (js, cost.jvps - before)
+        runs["given" if given else "own"] = (js, cost.jvps - before[0], cost.linearisations - before[1])
     assert runs["given"][0] == runs["own"][0]
-    assert runs["own"][1] - runs["given"][1] == 2 * 5  # the two krylov_dim-step runs
+    assert runs["given"][1:] == (0, 0)
+    assert runs["own"][1:] == (2 * 5 + 2 * 4, 2)  # two krylov_dim-step runs, the random starts at T only
 
 
 def test_the_audit_measures_the_loop_through_its_linearisations():

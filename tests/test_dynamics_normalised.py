@@ -212,7 +212,7 @@ def test_convergence_classifier_on_hand_made_sequences():
     assert dist.shape == (4, T) and np.isnan(dist[2, :2]).all()
 
 
-def ouro_reference_adapter(cfg, sd, L: int):
+def ouro_reference_adapter(cfg, sd, L: int, split: bool = False):
     """The spec-only Ouro loop (tests/ouro_reference.py) as a LoopedModel on sequences of length
     L: h_0 = embedding, step = model.norm ∘ layers, pre-norm state = layers, gate σ(w·h + b)."""
     from tests import ouro_reference as ouro
@@ -230,6 +230,7 @@ def ouro_reference_adapter(cfg, sd, L: int):
     return LoopAdapter(encode=lambda i: sd["model.embed_tokens.weight"][i], init_state=lambda e: e.clone(),
                        step=lambda h, e: rms_norm(stack(h), sd["model.norm.weight"], dims.eps),
                        pre_norm_state=lambda h, e: stack(h), decode=lambda h, e: h @ sd["lm_head.weight"].T,
+                       renormalise=(lambda r, e: rms_norm(r, sd["model.norm.weight"], dims.eps)) if split else None,
                        exit_gate=lambda h, e: torch.sigmoid(h @ gw + gb), mean_loops=cfg["total_ut_steps"],
                        state_norm_kind="post")
 
@@ -255,3 +256,27 @@ def test_ouro_reference_loop_pre_norm_and_dense_jacobian(tmp_path):
     J = torch.autograd.functional.jacobian(lambda x: model.step(x, None), h).reshape(h.numel(), h.numel())
     sigma = float(torch.linalg.matrix_norm(J.double(), 2))
     assert res.jacobian_norm[2] == pytest.approx(sigma, rel=1e-3)
+
+
+def test_the_audit_reads_the_pre_norm_states_off_its_own_steps(tmp_path):
+    """A model with `renormalise` (step = renormalise ∘ pre_norm_state) is linearised as that
+    composition: the audit's normalised-loop figures are those of the model without it (which
+    recomputes r_t = pre_norm_state(h_{t−1}) in T more passes), for T fewer steps; and they are
+    the spec-only reference's pre-norm norms."""
+    from loopdyn.dynamics.auditing import audit
+    from tests import ouro_reference as ouro
+
+    cfg, sd = ouro.load_checkpoint(ouro.make_ouro_checkpoint(tmp_path, seed=3))
+    idx = torch.tensor([[3, 17, 99, 5, 42, 7]])
+    T = 4
+    split, plain = (audit(ouro_reference_adapter(cfg, sd, 6, split=s), idx, loops=T, horizon=8) for s in (True, False))
+    assert plain.cost.steps - split.cost.steps == T
+    a, b = split.normalised, plain.normalised
+    np.testing.assert_allclose(a.pre_norm, b.pre_norm, rtol=1e-6)
+    np.testing.assert_allclose(a.step_growth, b.step_growth, rtol=1e-6)
+    np.testing.assert_allclose(a.absorbed_gain, b.absorbed_gain, rtol=1e-6)
+    assert a.verdict == b.verdict and split.verdict == plain.verdict
+    ref = ouro.reference_forward((cfg, sd), idx, T)
+    for t in range(T):
+        want = torch.linalg.vector_norm(ref.pre_norm_states[t].double(), dim=-1).mean()
+        assert a.pre_norm[t] == pytest.approx(float(want), rel=1e-5)

@@ -38,6 +38,7 @@ def assert_parity(model, folder, idx, h0):
             assert rel(s, s_ref) <= RTOL, f"state {t}"
         for t in range(LOOPS):
             assert rel(model.pre_norm_state(states[t], ctx), out.pre_norm_states[t]) <= RTOL, f"pre-norm {t + 1}"
+            assert rel(model.renormalise(out.pre_norm_states[t], ctx), out.states[t + 1]) <= RTOL, f"renorm {t + 1}"
         for t, logits_ref in enumerate(out.logits_per_loop):
             assert rel(model.decode(states[t], ctx), logits_ref) <= RTOL, f"logits at {t} loops"
         for T in (1, 7, LOOPS):  # forward at an explicit loop count = the reference at that count

@@ -52,6 +52,7 @@ def test_parity_with_the_reference_at_every_loop_count(tmp_path, variant):
         for t in range(1, LOOPS + 1):
             assert rel(states[t], out.states[t]) <= RTOL, f"state {t}"
             assert rel(model.pre_norm_state(states[t - 1], ctx), out.pre_norm_states[t - 1]) <= RTOL, f"pre {t}"
+            assert rel(model.renormalise(out.pre_norm_states[t - 1], ctx), out.states[t]) <= RTOL, f"renorm {t}"
             assert rel(model.decode(states[t], ctx), out.logits_per_loop[t - 1]) <= RTOL, f"logits at {t}"
             assert rel(model.exit_gate(states[t], ctx), out.gate_probs[t - 1]) <= RTOL, f"gate at {t}"
         assert rel(model.exit_distribution(states[1:], ctx), out.exit_probs) <= RTOL

@@ -69,14 +69,15 @@ def forecast_from(model, traj, spec, horizon: int, *, krylovs: dict | None = Non
                   krylov_dim: int = 8, explosion_factor: float = 10.0, settle_tol: float = 1e-2,
                   extra_evidence: list[str] | None = None, sigma_T: float | None = None,
                   n_random: int = 2, random_steps: int = 4, cost: Cost | None = None,
-                  linearisations: dict | None = None) -> Forecast:
+                  subspace=None) -> Forecast:
     """The forecast from a measured trajectory (with its states). `spec` (an InjectionSpectrum, or
     None) only saves recomputing Ā's eigenvalues; `krylovs` ({loop t: KrylovResult}, the audit's
     krylov_dim-step Arnoldi runs at h_t from r_t, with their bases) saves those products;
-    `linearisations` ({loop t: Linearisation at h_t}, the audit's own for `forecast_loops(T)`)
-    saves re-linearising those states. Costs the linearisations at h_T and h_{T−w} not given,
-    about 2·(krylov_dim + n_random·random_steps) Jacobian products (krylov_dim fewer per given
-    run) and two loop steps."""
+    `subspace` (the audit's `jacobian_subspace` at h_T, made while its linearisation there was
+    alive) saves linearising h_T. Costs the linearisations at h_T and h_{T−w} not saved so,
+    about 2·krylov_dim + n_random·random_steps Jacobian products (krylov_dim fewer per given
+    run) and two loop steps: the random starts are run at h_T only (the hindcast from h_{T−w}
+    propagates r_{T−w} in its Krylov space alone; `jacobian_model`)."""
     T, H = traj.n_loops, int(horizon)
     states = traj.states
     if traj.nonfinite_at is not None:
@@ -97,17 +98,18 @@ def forecast_from(model, traj, spec, horizon: int, *, krylovs: dict | None = Non
     if krylov_dim > 0 and T >= 1:
         r_T = (states[T] - states[T - 1]).to(torch.float64)
         steps = min(krylov_dim, r_T.numel())
-        given, runs = linearisations or {}, krylovs or {}
-        lin = given.get(T) or Linearisation(model, traj.ctx, states[T], cost)
-        sub = jacobian_subspace(lin, r_T, steps, n_random, random_steps, seed=0, krylov=runs.get(T))
-        del lin
+        runs = krylovs or {}
+        sub = subspace
+        if sub is None:
+            sub = jacobian_subspace(Linearisation(model, traj.ctx, states[T], cost), r_T, steps, n_random,
+                                    random_steps, seed=0, krylov=runs.get(T))
         sub0 = None
         w = data.hindcast_window()
         if w >= 1 and T - w >= 1:
             t0 = T - w
-            lin0 = given.get(t0) or Linearisation(model, traj.ctx, states[t0], cost)
-            sub0 = jacobian_subspace(lin0, (states[t0] - states[t0 - 1]).to(torch.float64), steps, n_random,
-                                     random_steps, seed=1, krylov=runs.get(t0))
+            run0 = runs.get(t0)  # given, the hindcast needs no linearisation
+            lin0 = Linearisation(model, traj.ctx, states[t0], cost) if run0 is None else None
+            sub0 = jacobian_subspace(lin0, (states[t0] - states[t0 - 1]).to(torch.float64), steps, 0, krylov=run0)
             del lin0
         HL = lti_projection(sub, part.A) if use_scaling else None
         HL0 = lti_projection(sub0, part.A) if use_scaling and sub0 is not None else None

@@ -117,10 +117,11 @@ class Subspace:
         return lam, res, Y
 
 
-def jacobian_subspace(lin: Linearisation, r: torch.Tensor, steps: int, n_random: int = 2,
+def jacobian_subspace(lin: Linearisation | None, r: torch.Tensor, steps: int, n_random: int = 2,
                       random_steps: int = 4, seed: int = 0, krylov: KrylovResult | None = None) -> Subspace:
     """Arnoldi on J from r (or the given KrylovResult's basis), continued from `n_random` random
-    vectors for `random_steps` steps each, every new vector orthogonal to all before."""
+    vectors for `random_steps` steps each, every new vector orthogonal to all before. `lin` may be
+    None when `krylov` is given and n_random is 0 (no product is made then)."""
     dtype = torch.float64
     V: list[torch.Tensor] = []
     JV: list[torch.Tensor] = []
@@ -151,8 +152,8 @@ def jacobian_subspace(lin: Linearisation, r: torch.Tensor, steps: int, n_random:
         return x
 
     g = torch.Generator().manual_seed(seed)
-    shape = lin.h.shape
-    for _ in range(n_random):
+    shape = lin.h.shape if lin is not None else r.shape
+    for _ in range(n_random if lin is not None else 0):
         x = torch.randn(shape, generator=g, dtype=dtype).to(lin.h.device)
         for _ in range(random_steps):
             before = float(x.norm())

@@ -42,7 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
-_MATMULS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "onednn_linear"}  # the last: models/kernels.py
+_MATMULS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "matmul", "linear", "onednn_linear"}  # onednn: models/kernels.py
 _FREE = {"view", "_unsafe_view", "reshape", "expand", "permute", "transpose", "t", "unsqueeze", "squeeze",
          "select", "slice", "as_strided", "alias", "detach", "unbind", "split", "split_with_sizes", "chunk",
          "unflatten", "flatten", "view_as_complex", "view_as_real", "_reshape_alias", "lift_fresh", "narrow",
@@ -54,6 +54,7 @@ _FREE = {"view", "_unsafe_view", "reshape", "expand", "permute", "transpose", "t
 # their tensor inputs and outputs (the SDPA counts are flop_counter's own, S×S in full)
 _MORE_FLOPS = {
     "onednn_linear": lambda ins, outs: 2 * ins[0].numel() * outs[0].shape[-1],  # models/kernels.py: x·Wᵀ
+    "addmm_": lambda ins, outs: 2 * ins[1].numel() * ins[2].shape[-1],  # models/precision.py's blocked g·W
     "_scaled_dot_product_flash_attention_for_cpu":
         lambda ins, outs: sdpa_flop_count(ins[0].shape, ins[1].shape, ins[2].shape),
     "_scaled_dot_product_flash_attention_for_cpu_backward":
@@ -245,7 +246,7 @@ class OpTrace(TorchDispatchMode):
                  else _MORE_FLOPS[name](ins, outs) if name in _MORE_FLOPS else 0)
         key = None  # the matmul shape the device's rate table is looked up by
         if flops and name in _MATMULS and outs:
-            a = ins[-2] if name in ("addmm", "baddbmm") else ins[0]
+            a = ins[-2] if name in ("addmm", "addmm_", "baddbmm") else ins[0]
             key = (a.numel() // a.shape[-1], a.shape[-1], outs[0].shape[-1], outs[0].dtype)
         elif flops:  # attention and other formulas: at the device's base rate for the dtype
             key = (0, 0, 0, outs[0].dtype if outs else torch.float32)

@@ -240,6 +240,10 @@ class HuginnLM(nn.Module):
         x = last.norm_3(u + last.attn(last.norm_1(u), ctx.rope))
         return x + last.mlp(last.norm_2(x))
 
+    def renormalise(self, r: torch.Tensor, ctx: HuginnContext) -> torch.Tensor:
+        """N₄(r), the last core block's final norm: step = renormalise ∘ pre_norm_state."""
+        return self.state_tap(self.core[-1].norm_4(r))
+
     def step(self, h: torch.Tensor, ctx: HuginnContext) -> torch.Tensor:
         """s_{t+1} = Core(W_a [s_t ; e]), a pure function of s_t."""
         u = self.inject(h, ctx)

@@ -289,9 +289,13 @@ class OuroLM(nn.Module):
             h = layer(h, ctx.cos, ctx.sin)
         return h
 
+    def renormalise(self, r: torch.Tensor, ctx: OuroContext) -> torch.Tensor:
+        """N_final(r), the in-loop final norm: step = renormalise ∘ pre_norm_state."""
+        return self.state_tap(self.model.norm(r))
+
     def step(self, h: torch.Tensor, ctx: OuroContext) -> torch.Tensor:
         """h_{t+1} = N_final(Stack(h_t))."""
-        return self.state_tap(self.model.norm(self.pre_norm_state(h, ctx)))
+        return self.renormalise(self.pre_norm_state(h, ctx), ctx)
 
     def decode(self, h: torch.Tensor, ctx: OuroContext) -> torch.Tensor:
         """lm_head(h) in the model dtype, returned as float32 (B, S, V)."""
