@@ -234,7 +234,13 @@ def _sweep(model, ctx, T: int, lyapunov_k: int, gkl_steps: int, arnoldi_steps: i
                 start = torch.randn(start.shape, generator=g, dtype=torch.float64).to(start.device)
         lin = Linearisation(model, ctx, states[t], cost, fn=fn, w0=start)
         if t == 0:
-            check_pure(model, lin.output, plain, 0)
+            try:
+                check_pure(model, lin.output, plain, 0)
+            except protocol.ProtocolError as err:
+                if split is None:
+                    raise
+                raise protocol.ProtocolError(f"{err}; or LoopedModel.renormalise(pre_norm_state(h)) is not "
+                                             f"step(h)") from None
         if t < T:
             states.append(lin.output)
             if not all_finite(lin.output):
@@ -271,6 +277,10 @@ def _sweep(model, ctx, T: int, lyapunov_k: int, gkl_steps: int, arnoldi_steps: i
             if t in jac_loops:
                 sig.append(float(s[0]))
                 rho.append(lam)
+        elif t in keep and t >= 1 and krylov_dim > 0:  # T − w outside the spectra loops: the forecast's run
+            r_t = (states[t] - states[t - 1]).to(torch.float64)
+            if float(r_t.norm()) > 0:
+                krylovs[t] = fc.krylov_at(lin, states[t], r_t, min(krylov_dim, r_t.numel()))
         if t == T:
             after = lin.output  # F(h_T): the first loop past the measured ones
             if krylov_dim > 0:  # the forecast's subspace (forecast_from's defaults for the random starts)

@@ -235,7 +235,8 @@ def test_the_head_of_an_arnoldi_run_is_the_shorter_run(steps):
     assert torch.equal(head.first_image(), short.first_image())
 
 
-def test_the_forecast_reuses_the_sweeps_arnoldi_runs_without_changing_a_number():
+@pytest.mark.parametrize("spectra_everywhere", [True, False])
+def test_the_forecast_reuses_the_sweeps_arnoldi_runs_without_changing_a_number(spectra_everywhere):
     """The audit hands its Arnoldi runs at T and T − w and its Jacobian subspace at T (made in the
     sweep, so no recorded graph outlives its loop) to the forecast: the forecast is the one it
     computes on its own, number for number, without linearising or multiplying anything."""
@@ -249,8 +250,9 @@ def test_the_forecast_reuses_the_sweeps_arnoldi_runs_without_changing_a_number()
     assert len(keep) == 2  # T and T − w
     cost = Cost()
     ctx = encode_probe(model, IDX)
-    states, (_, _, krylovs, sub_T, _) = _sweep(model, ctx, T, 2, 3, 3, 5, _jacobian_loops(T, None), cost,
-                                               lambda *a: None, keep=keep)
+    # spectra at every loop, or at loop T only (then T − w gets the forecast's run all the same)
+    loops = _jacobian_loops(T, None) if spectra_everywhere else [T]
+    states, (_, _, krylovs, sub_T, _) = _sweep(model, ctx, T, 2, 3, 3, 5, loops, cost, lambda *a: None, keep=keep)
     traj = trajectory_of(states, ctx, T)
     assert set(krylovs) == keep and all(k.H.shape[1] == 5 for k in krylovs.values())
     assert (sub_T.n, sub_T.from_r) == (5 + 2 * 4, 5)  # the Krylov run and two 4-step random starts

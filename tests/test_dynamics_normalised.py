@@ -280,3 +280,18 @@ def test_the_audit_reads_the_pre_norm_states_off_its_own_steps(tmp_path):
     for t in range(T):
         want = torch.linalg.vector_norm(ref.pre_norm_states[t].double(), dim=-1).mean()
         assert a.pre_norm[t] == pytest.approx(float(want), rel=1e-5)
+
+
+def test_a_renormalise_that_is_not_the_steps_end_is_named():
+    """step must be renormalise ∘ pre_norm_state: an adapter whose renormalise is something else
+    is a ProtocolError that names it (the audit would otherwise analyse another map)."""
+    from loopdyn.dynamics.auditing import audit
+    from loopdyn.models.protocol import ProtocolError
+
+    W = torch.eye(4) * 0.5
+    model = LoopAdapter(encode=lambda i: torch.ones(*i.shape, 4), init_state=lambda e: e.clone(),
+                        step=lambda h, e: torch.nn.functional.normalize(h @ W.T + e, dim=-1),
+                        pre_norm_state=lambda h, e: h @ W.T + e, renormalise=lambda r, e: 2 * r,
+                        decode=lambda h, e: h, mean_loops=3, state_norm_kind="post")
+    with pytest.raises(ProtocolError, match="renormalise"):
+        audit(model, torch.tensor([[1, 2, 3]]), loops=3, horizon=6)
