@@ -104,10 +104,8 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
         traj = measure_trajectory(model, idx, T, cost=cost)
     else:  # the loop is run through the sweep's linearisations, which need it anyway
         ctx = encode_probe(model, idx)
-        pres: list = []  # the pre-norm states r_1..r_T, read off the linearised steps when the model splits
         states, swept = _sweep(model, ctx, T, lyapunov_k, jacobian_steps, arnoldi_steps, krylov_dim,
-                               _jacobian_loops(T, jacobian_loops), cost, report, keep=set(fc.forecast_loops(T)),
-                               pres=pres)
+                               _jacobian_loops(T, jacobian_loops), cost, report, keep=set(fc.forecast_loops(T)))
         traj = trajectory_of(states, ctx, T)
     broken = bool(bad) or traj.nonfinite_at is not None
     minfo = ModelInfo(path if path is not None else getattr(info, "path", None), fmt,
@@ -119,8 +117,9 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
     sweep.lti_spectral_norm, sweep.lti_spectral_radius = spec.spectral_norm, spec.spectral_radius
     krylov = None
     G = None
+    pres = None  # the pre-norm states r_1..r_T, when the sweep read them off its steps
     if not broken:
-        sweep, lyap, krylovs, sub_T, after = swept
+        sweep, lyap, krylovs, sub_T, after, pres = swept
         krylov = krylovs.get(T)
         sweep.lti_spectral_norm, sweep.lti_spectral_radius = spec.spectral_norm, spec.spectral_radius
         part = protocol.linear_part(model)
@@ -166,7 +165,7 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
 
         report("normalised loop", 0, 1)
         norm_result = normalised_loop(model, loops=T, ctx=traj.ctx, states=traj.states, jacobian_loops=0, cost=cost,
-                                      pre=pres[:T] if len(pres) >= T else None)
+                                      pre=pres[:T] if pres else None)
     verdict, _ = audit_verdict((forecast.verdict, ""), None if norm_result is None else
                                (norm_result.verdict, norm_result.evidence), broken)
     if callable(getattr(model, "exit_gate", None)) and not broken:
@@ -186,7 +185,7 @@ def audit(model, idx: torch.Tensor, loops: int | None = None, horizon: int | Non
 
 
 def _sweep(model, ctx, T: int, lyapunov_k: int, gkl_steps: int, arnoldi_steps: int, krylov_dim: int,
-           jac_loops: list[int], cost: Cost, report, keep: set = frozenset(), pres: list | None = None):
+           jac_loops: list[int], cost: Cost, report, keep: set = frozenset()):
     """Run the loop h_0..h_T through the linearisations of its step and analyse it on the way.
 
     Each state h_{t+1} is the output F(h_t) of the linearisation at h_t, so measuring the loop
@@ -197,10 +196,11 @@ def _sweep(model, ctx, T: int, lyapunov_k: int, gkl_steps: int, arnoldi_steps: i
     graph outlives its loop (each holds the step's activations: GiB at the real sizes).
 
     A model that splits its step (`protocol.pre_norm_split`: step = renormalise ∘ pre_norm_state) is
-    linearised as that composition, and each pre-norm state r_{t+1} is appended to `pres` on the way.
+    linearised as that composition, which gives each pre-norm state r_{t+1} on the way.
 
-    Returns (states, analysis): analysis = (sweep, lyapunov, krylovs, the subspace at T, F(h_T)), or
-    None when a state is non-finite (the states then end with it).
+    Returns (states, analysis): analysis = (sweep, lyapunov, krylovs, the subspace at T, F(h_T),
+    [r_1..r_{T+1}] or [] when the model does not split), or None when a state is non-finite (the
+    states then end with it).
     """
     states = run_loop(model, ctx, 1, cost=cost)  # h_0 and the plain F(h_0)
     if len(states) < 2 or not all_finite(states[1]):
@@ -211,15 +211,13 @@ def _sweep(model, ctx, T: int, lyapunov_k: int, gkl_steps: int, arnoldi_steps: i
     products = 0
     u_warm = None
     krylovs, sub_T = {}, None
-    split = protocol.pre_norm_split(model) if pres is not None else None
-    fn = None
-    if split is not None:
-        pre_fn, renorm = split
+    split, pres = protocol.pre_norm_split(model), []
 
-        def fn(h):  # the step as its two parts: r = pre_norm_state(h) is kept
-            r = pre_fn(h, ctx)
-            pres.append(r.detach())
-            return renorm(r, ctx)
+    def split_step(h):  # the step as its two parts, keeping r = pre_norm_state(h)
+        r = split[0](h, ctx)
+        pres.append(r.detach())
+        return split[1](r, ctx)
+
     for t in range(T + 1):
         report("linearised loops", t, T + 1)
         spectra = t >= 1 and (t in jac_loops or t == T)
@@ -232,7 +230,7 @@ def _sweep(model, ctx, T: int, lyapunov_k: int, gkl_steps: int, arnoldi_steps: i
             if float(start.norm()) == 0:
                 g = torch.Generator().manual_seed(t)
                 start = torch.randn(start.shape, generator=g, dtype=torch.float64).to(start.device)
-        lin = Linearisation(model, ctx, states[t], cost, fn=fn, w0=start)
+        lin = Linearisation(model, ctx, states[t], cost, fn=split_step if split else None, w0=start)
         if t == 0:
             try:
                 check_pure(model, lin.output, plain, 0)
@@ -294,7 +292,7 @@ def _sweep(model, ctx, T: int, lyapunov_k: int, gkl_steps: int, arnoldi_steps: i
               f"{arnoldi_steps} Arnoldi steps from r_t ({krylov_dim} at loop {T}; Ritz estimate)")
     sweep = JacobianSweep(loops, np.array(sig), np.array(rho), method, products, np.array(hind))
     lyap = acc.result() if acc is not None else LyapunovResult(np.zeros(0), 0, None)
-    return states, (sweep, lyap, krylovs, sub_T, after)
+    return states, (sweep, lyap, krylovs, sub_T, after, pres)
 
 
 def _jacobian_evidence(sweep: JacobianSweep) -> str:

@@ -242,8 +242,7 @@ def _f32_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     xf = x.float()
     N, K = weight.shape
     rows = max(_CHUNK // max(K, 1), 1)
-    if N * K > _CHUNK and xf.numel() // K <= rows and weight.dim() == 2 and not weight.is_contiguous() \
-            and weight.t().is_contiguous():
+    if N * K > _CHUNK and xf.numel() // K <= rows and not weight.is_contiguous() and weight.t().is_contiguous():
         return _f32_product_transposed(xf, weight.t(), b).to(x.dtype)
     if N <= rows or xf.numel() // K > rows or not weight.is_contiguous():  # small weight, many tokens
         # (the cast is cheap then), or a strided one

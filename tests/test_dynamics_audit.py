@@ -252,7 +252,7 @@ def test_the_forecast_reuses_the_sweeps_arnoldi_runs_without_changing_a_number(s
     ctx = encode_probe(model, IDX)
     # spectra at every loop, or at loop T only (then T − w gets the forecast's run all the same)
     loops = _jacobian_loops(T, None) if spectra_everywhere else [T]
-    states, (_, _, krylovs, sub_T, _) = _sweep(model, ctx, T, 2, 3, 3, 5, loops, cost, lambda *a: None, keep=keep)
+    states, (_, _, krylovs, sub_T, _, _) = _sweep(model, ctx, T, 2, 3, 3, 5, loops, cost, lambda *a: None, keep=keep)
     traj = trajectory_of(states, ctx, T)
     assert set(krylovs) == keep and all(k.H.shape[1] == 5 for k in krylovs.values())
     assert (sub_T.n, sub_T.from_r) == (5 + 2 * 4, 5)  # the Krylov run and two 4-step random starts

@@ -108,9 +108,8 @@ def forecast_from(model, traj, spec, horizon: int, *, krylovs: dict | None = Non
         if w >= 1 and T - w >= 1:
             t0 = T - w
             run0 = runs.get(t0)  # given, the hindcast needs no linearisation
-            lin0 = Linearisation(model, traj.ctx, states[t0], cost) if run0 is None else None
-            sub0 = jacobian_subspace(lin0, (states[t0] - states[t0 - 1]).to(torch.float64), steps, 0, krylov=run0)
-            del lin0
+            sub0 = jacobian_subspace(None if run0 is not None else Linearisation(model, traj.ctx, states[t0], cost),
+                                     (states[t0] - states[t0 - 1]).to(torch.float64), steps, 0, krylov=run0)
         HL = lti_projection(sub, part.A) if use_scaling else None
         HL0 = lti_projection(sub0, part.A) if use_scaling and sub0 is not None else None
         models.append(jacobian_model(sub, sub0, data, J, HL, HL0, sigma_T, large.spectral_radius))

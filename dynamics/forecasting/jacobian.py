@@ -152,9 +152,9 @@ def jacobian_subspace(lin: Linearisation | None, r: torch.Tensor, steps: int, n_
         return x
 
     g = torch.Generator().manual_seed(seed)
-    shape = lin.h.shape if lin is not None else r.shape
-    for _ in range(n_random if lin is not None else 0):
-        x = torch.randn(shape, generator=g, dtype=dtype).to(lin.h.device)
+    shape = r.shape  # the state's
+    for _ in range(n_random):
+        x = torch.randn(shape, generator=g, dtype=dtype).to(r.device)
         for _ in range(random_steps):
             before = float(x.norm())
             x = orth(x)
