@@ -2,13 +2,16 @@
 at T loops and of a training step with gradients through k loops, across presets and the three
 families (loopdyn/Parcae presets, a Huginn-shaped and an Ouro-shaped model at reduced width).
 
-Each case runs in two fresh child processes (random weights, built in the compute dtype): one
+Each case runs in three fresh child processes (random weights, built in the compute dtype): one
 for the peak resident memory (VmHWM, reset through /proc/self/clear_refs after the imports) minus
 the resident memory before the model exists, run with MALLOC_MMAP_THRESHOLD_=65536 so that freed
 activations leave the process; one for the wall times (forward: best of 5, training step: best
-of 3, each after a warm-up one: the steady state the plan models), with the allocator's defaults, as users run (`--glibc-default`: one child for both). The plan's device rates
-are measured for each case in the parent (`plan --measure`'s calibration at the case's own
-matmul shapes), right before the case runs. Ratios
+of 3, each after a warm-up one: the steady state the plan models) with the allocator as loopdyn's
+commands set it (loopdyn/allocator.py: freed memory kept for the next pass); and one for the same
+times with glibc's defaults (LOOPDYN_ALLOCATOR=system, printed beside, not judged: a pass there
+faults freed memory in again, by an amount that depends on the heap's history). The plan's device
+rates are measured for each case in the parent (`plan --measure`'s calibration at the case's own
+matmul shapes, the allocator set as `loopdyn plan` sets it), right before the case runs. Ratios
 measured/planned are printed side by side; targets: memory within 15 %, time within 25 %.
 
     python bench/plan_check.py [--cases tiny-like,...] [--threads 2] [--seq-len 128] [--batch 4]
@@ -40,6 +43,8 @@ CHILD = r"""
 import json, os, sys, time, resource
 import torch
 spec, overrides, dtype, T, k, B, S, threads = json.loads(sys.argv[1])
+from loopdyn.allocator import keep_freed_memory
+allocator = keep_freed_memory()  # as loopdyn's commands (left alone under MALLOC_* or LOOPDYN_ALLOCATOR=system)
 torch.set_num_threads(threads)
 
 def rss():
@@ -120,6 +125,7 @@ for _ in range(1 + 3):  # a warm-up step (it also allocates AdamW's moments), th
 out["train_s"] = min(ts[1:])
 out["train_bytes"] = hwm() - base
 out["weights_rss"] = weights_rss
+out["allocator"] = allocator
 print("JSON" + json.dumps(out))
 """
 
@@ -130,13 +136,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--glibc-default", action="store_true",
-                    help="measure with glibc's default malloc (it keeps freed activations: RSS > tensor peak)")
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
+    from loopdyn.allocator import keep_freed_memory
     from loopdyn.scaling.plan import plan
+
+    keep_freed_memory()  # as `loopdyn plan --measure`
 
     worst_mem = worst_time = 0.0
     rows = []
@@ -148,20 +155,22 @@ def main() -> None:
         payload = json.dumps([spec, overrides, dtype, T, k, args.batch, args.seq_len, args.threads])
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         # memory with freed activations returned to the system (resident memory follows the
-        # tensors); time with the allocator as users run it (an mmap per activation costs page
-        # faults: up to 1.9× the time of a pass)
+        # tensors); time with the allocator as loopdyn's commands set it, and with glibc's defaults
         runs = {}
-        for mode in (("memory", "time") if not args.glibc_default else ("both",)):
-            env_mode = {**env, "MALLOC_MMAP_THRESHOLD_": "65536"} if mode == "memory" else env
-            res = subprocess.run([sys.executable, "-c", CHILD, payload], capture_output=True, text=True, env=env_mode)
+        for mode, extra in (("memory", {"MALLOC_MMAP_THRESHOLD_": "65536"}), ("time", {}),
+                            ("system", {"LOOPDYN_ALLOCATOR": "system"})):
+            res = subprocess.run([sys.executable, "-c", CHILD, payload], capture_output=True, text=True,
+                                 env={**env, **extra})
             line = next((ln for ln in res.stdout.splitlines() if ln.startswith("JSON")), None)
             if line is None:
                 print(f"{name}: child failed: {res.stderr.strip().splitlines()[-1:] }")
                 break
             runs[mode] = json.loads(line[4:])
-        if len(runs) < (1 if args.glibc_default else 2):
+        if len(runs) < 3:
             continue
-        mem, tim = runs.get("memory", runs.get("both")), runs.get("time", runs.get("both"))
+        mem, tim, system = runs["memory"], runs["time"], runs["system"]
+        if not tim["allocator"].startswith("freed memory kept"):
+            print(f"{name}: the timed child's allocator was not set ({tim['allocator']}): its times are glibc's")
         m = {**mem, "forward_s": tim["forward_s"], "train_s": tim["train_s"]}
         roof = dataclasses.replace(p.device, kernel_seconds={})
         saved, p.device = p.device, roof
@@ -180,7 +189,9 @@ def main() -> None:
               f"roofline only: ×{m['forward_s'] / rooflines[0]:.2f} / ×{m['train_s'] / rooflines[1]:.2f}; "
               f"unplanned: forward {(m['forward_bytes'] - planned['forward_bytes']) / 2**20:+.0f} MiB, train "
               f"{(m['train_bytes'] - planned['train_bytes']) / 2**20:+.0f} MiB (weights resident "
-              f"{m['weights_rss'] / 2**20:.0f} MiB, planned {p.weight_bytes / 2**20:.0f})", flush=True)
+              f"{m['weights_rss'] / 2**20:.0f} MiB, planned {p.weight_bytes / 2**20:.0f}); glibc's defaults "
+              f"(not judged): {system['forward_s']:.3f} s (×{system['forward_s'] / planned['forward_s']:.2f}) / "
+              f"{system['train_s']:.3f} s (×{system['train_s'] / planned['train_s']:.2f})", flush=True)
     for name, d in devices.items():
         print(f"device ({name}): {d.flops / 1e9:.1f} GFLOP/s, {d.bandwidth / 1e9:.1f} GB/s, "
               f"{d.overhead * 1e6:.1f} µs per operator, {d.source}")

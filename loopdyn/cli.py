@@ -198,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str], name: str, debug: bool) -> int:
     global _name_now
+    from loopdyn.allocator import keep_freed_memory
+
+    keep_freed_memory()  # freed activations kept for the next pass (loopdyn/allocator.py)
     _heavy_imports()
     from loopdyn.models.errors import InputError
 

@@ -109,6 +109,9 @@ def test_a_failed_run_is_reported_with_reason_and_log_and_resume_redoes_only_it(
     assert failed["state"] == "failed" and "CUDA out of memory" in failed["reason"]
     log = Path(failed["log"])
     assert log.is_file() and "Traceback" in log.read_text() and "CUDA out of memory" in log.read_text()
+    from loopdyn import allocator
+
+    assert allocator.keep_freed_memory() in log.read_text()  # the run's allocator, set as the command line sets it
     assert str(log) in err
     assert summary["status"]["counts"] == {"done": 1, "running": 0, "pending": 0, "failed": 1}
     assert not summary["status"]["complete"]

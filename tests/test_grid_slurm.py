@@ -123,6 +123,9 @@ def test_a_preempted_run_is_requeued_and_completes_through_submitit(tmp_path, mo
     assert log.startswith(str((out / "slurm").resolve())) and log.endswith("_log.err")
     text = open(log).read()
     assert "preempted: requeued" in text and "finished in" in text
+    from loopdyn import allocator
+
+    assert text.count(allocator.keep_freed_memory()) == 2  # set in the worker by each attempt (loopdyn/allocator.py)
     # one complete result per run, nothing left of the preempted attempt
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["diagonal-lr0.01-seed0", victim]
     for name in ("diagonal-lr0.01-seed0", victim):

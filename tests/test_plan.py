@@ -12,6 +12,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from loopdyn.scaling.flops import forward_flops, training_flops
 from loopdyn.models import LoopConfig, LoopedLM
@@ -297,7 +299,11 @@ def test_measure_end_to_end(capsys):
     cost per call from the twin, and times that grow with the loops."""
     from loopdyn.cli import main
 
+    from loopdyn import allocator
+
+    was_kept = allocator.kept()  # the policy the times assume (a note when this process lacks it)
     p = plan("tiny", batch=2, seq_len=16).measure(0.2)
+    assert any("times assume freed memory kept" in n for n in p.notes) == (not was_kept)
     d = p.device
     calls = {sig for q in p.passes.values() for sig in q.kernels}
     assert len(d.kernel_seconds) >= 0.9 * len(calls) and all(t > 0 for t in d.kernel_seconds.values())
@@ -306,12 +312,23 @@ def test_measure_end_to_end(capsys):
     assert main(["plan", "tiny", "--seq-len", "16", "--measure"]) == 0
     captured = capsys.readouterr()
     assert "measuring this machine" in captured.err and "operator calls replayed" in captured.out
+    assert ("times assume freed memory kept" in captured.out) == (not allocator.kept())  # the command sets it
 
 
 def test_parse_bytes():
     assert parse_bytes("24GiB") == 24 * 2 ** 30 and parse_bytes("16 GB") == 16e9 and parse_bytes("512MiB") == 2 ** 29
-    with pytest.raises(InputError, match="cannot read the memory size"):
-        parse_bytes("lots")
+    assert parse_bytes("1e9") == 1e9 and parse_bytes("512m") == 2 ** 29 and parse_bytes("1.5 gb") == 1.5e9
+    for bad in ("lots", "GiB", "0GiB", "-1", "inf", "nanGB", "1e400GiB", "2 XB"):
+        with pytest.raises(InputError, match="cannot read the memory size"):
+            parse_bytes(bad)
+
+
+@given(st.floats(1e-3, 1e6), st.sampled_from([("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10),
+                                               ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("G", 2 ** 30),
+                                               ("M", 2 ** 20), ("B", 1), ("", 1)]))
+def test_parse_bytes_reads_any_positive_size_in_any_unit(x, unit):
+    name, scale = unit
+    assert parse_bytes(f"{x!r} {name}") == pytest.approx(x * scale, rel=1e-12)
 
 
 def test_cli(tmp_path, capsys):

@@ -174,6 +174,7 @@ class Plan:
         distinct operator call of the passes replayed (costmodel.measure_kernels); returns self."""
         import dataclasses
 
+        from loopdyn import allocator
         from loopdyn.models.weights import build_on_meta
         from loopdyn.scaling import calibrate
 
@@ -193,6 +194,9 @@ class Plan:
             twin = f"not measured (no width-64 twin: {err})"
         sigs = [sig for p in self.passes.values() for sig in p.kernels]
         kernels = measure_kernels(sigs, 2 * seconds, gap=c_fwd)
+        if not allocator.kept():  # the times are a steady pass's with freed memory kept (loopdyn/allocator.py)
+            self.notes.append(f"times assume freed memory kept, as loopdyn's commands run ({allocator.KEPT}); this "
+                              f"process: {allocator.state()} (a short pass can take up to 1.3× the time planned)")
         self.device = dataclasses.replace(
             device, kernel_seconds=kernels, call_overhead=c_fwd, grad_call_overhead=c_grad,
             source=device.source + f", {len(kernels)} operator calls replayed, framework {c_fwd * 1e6:.1f} / "
@@ -300,26 +304,16 @@ def _gib(n: float) -> str:
 
 def parse_bytes(text: str) -> float:
     """'24GiB', '24 GB', '512MiB', '1e9' → bytes."""
-    t = str(text).strip().replace(" ", "")
+    low = str(text).strip().replace(" ", "").lower()
     units = {"tib": 2 ** 40, "gib": 2 ** 30, "mib": 2 ** 20, "kib": 2 ** 10, "tb": 1e12, "gb": 1e9, "mb": 1e6,
              "kb": 1e3, "g": 2 ** 30, "m": 2 ** 20, "b": 1}
-    low = t.lower()
-    for u, scale in units.items():
-        if low.endswith(u):
-            try:
-                value = float(low[: -len(u)]) * scale
-            except ValueError:
-                break
-            if value > 0 and math.isfinite(value):
-                return value
-            break
-    else:
-        try:
-            value = float(low)
-            if value > 0 and math.isfinite(value):
-                return value
-        except ValueError:
-            pass
+    unit = next((u for u in units if low.endswith(u)), "")
+    try:
+        value = float(low[: len(low) - len(unit)]) * units.get(unit, 1)
+    except ValueError:
+        value = math.nan
+    if value > 0 and math.isfinite(value):
+        return value
     raise InputError(f"cannot read the memory size {text!r} (e.g. 24GiB, 512MiB, 16GB)")
 
 
