@@ -345,23 +345,26 @@ def measure_device(dtype=None, shapes: list | None = None, seconds: float = 2.0,
     return Device(big, bw, f"measured here ({label})", overhead, tuple(rates))
 
 
-def measure_kernels(sigs, seconds: float = 4.0, cap_bytes: float = 2 * 2 ** 30, gap: float = 0.0) -> dict:
+def measure_kernels(sigs, seconds: float = 4.0, cap_bytes: float = 2 * 2 ** 30, gap: float = 0.0,
+                    sweeps: int = 2) -> dict:
     """Seconds per call of each operator signature in `sigs` (from `PassCost.kernels`), replayed
     here on tensors of the traced layouts: the median of repeated calls (at least 5, or 3 over
-    10 ms; about `seconds` in all), met as a pass meets them — inputs cycle through copies of
-    ≥ 64 MiB in all (at most 16), so they are not hot in the cache the previous call left them
-    in, and each call follows
-    `gap` seconds of Python work (the framework's cost between calls, calibrate.py), so the
-    thread pool is met as a pass meets it, not kept spinning by back-to-back calls. A call whose
+    10 ms) in each of `sweeps` sweeps over all the signatures, the least of the sweeps (a
+    shared machine's bursts of contention, seconds long, slow every call they cover: a sweep
+    apart, they seldom cover a signature twice); about `seconds` in all. Calls are met as a
+    pass meets them: inputs cycle through copies of ≥ 64 MiB in all (at most 16), so they are
+    not hot in the cache the previous call left them in, and each call follows `gap` seconds of
+    Python work (the framework's cost between calls, calibrate.py), so the thread pool is met
+    as a pass meets it, not kept spinning by back-to-back calls. A call whose
     inputs exceed `cap_bytes`, or that fails on made-up data (an index out of range, a
     data-dependent shape), is left out: its roofline stands."""
     sigs = [s for s in dict.fromkeys(sigs) if not _contains(s, _Opaque)
             and _input_bytes((s[1], tuple(v for _, v in s[2]))) <= cap_bytes]
-    per = seconds / max(len(sigs), 1)
+    per = seconds / max(len(sigs) * sweeps, 1)
     clock = time.perf_counter
     out = {}
     with torch.no_grad():
-        for sig in sigs:
+        for sig in [sig for _ in range(sweeps) for sig in sigs]:
             func, args, kwargs = sig
             try:
                 nbytes = max(_input_bytes((args, tuple(v for _, v in kwargs))), 1)
@@ -378,7 +381,7 @@ def measure_kernels(sigs, seconds: float = 4.0, cap_bytes: float = 2 * 2 ** 30, 
                     times.append(clock() - t)
                     if len(times) >= (5 if times[0] < 0.01 else 3) and clock() > end:
                         break
-                out[sig] = statistics.median(times)
+                out[sig] = min(out.get(sig, math.inf), statistics.median(times))
             except Exception:  # noqa: BLE001 - not replayable on made-up data: keep its roofline
                 pass
             finally:
