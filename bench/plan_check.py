@@ -6,7 +6,7 @@ Each case runs in three fresh child processes (random weights, built in the comp
 for the peak resident memory (VmHWM, reset through /proc/self/clear_refs after the imports) minus
 the resident memory before the model exists, run with MALLOC_MMAP_THRESHOLD_=65536 so that freed
 activations leave the process; one for the wall times (forward: best of 5, training step: best
-of 3, each after a warm-up one: the steady state the plan models) with the allocator as loopdyn's
+of 5, each after a warm-up one: the steady state the plan models) with the allocator as loopdyn's
 commands set it (loopdyn/allocator.py: freed memory kept for the next pass); and one for the same
 times with glibc's defaults (LOOPDYN_ALLOCATOR=system, printed beside, not judged: a pass there
 faults freed memory in again, by an amount that depends on the heap's history). The plan's device
@@ -103,7 +103,7 @@ model.train()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 reset()
 ts = []
-for _ in range(1 + 3):  # a warm-up step (it also allocates AdamW's moments), then best of 3
+for _ in range(1 + 5):  # a warm-up step (it also allocates AdamW's moments), then best of 5
     t = time.perf_counter()
     with prec.context("cpu"):
         ctx = model.encode(idx)

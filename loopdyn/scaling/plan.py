@@ -194,9 +194,10 @@ class Plan:
             twin = f"not measured (no width-64 twin: {err})"
         sigs = [sig for p in self.passes.values() for sig in p.kernels]
         kernels = measure_kernels(sigs, 2 * seconds, gap=c_fwd)
-        if not allocator.kept():  # the times are a steady pass's with freed memory kept (loopdyn/allocator.py)
-            self.notes.append(f"times assume freed memory kept, as loopdyn's commands run ({allocator.KEPT}); this "
-                              f"process: {allocator.state()} (a short pass can take up to 1.3× the time planned)")
+        note = (f"times assume freed memory kept, as loopdyn's commands run ({allocator.KEPT}); this process: "
+                f"{allocator.state()} (a short pass can take up to 1.3× the time planned)")
+        if not allocator.kept() and note not in self.notes:  # the times are a steady pass's (loopdyn/allocator.py)
+            self.notes.append(note)
         self.device = dataclasses.replace(
             device, kernel_seconds=kernels, call_overhead=c_fwd, grad_call_overhead=c_grad,
             source=device.source + f", {len(kernels)} operator calls replayed, framework {c_fwd * 1e6:.1f} / "
