@@ -194,13 +194,13 @@ def execute(task: Task, log_path: str | None = None, on_step=None) -> dict:
     from loopdyn import compare  # looked up here: tests patch compare.run_one
     from loopdyn.allocator import keep_freed_memory
 
-    allocator = keep_freed_memory()  # as the command line (loopdyn/allocator.py)
+    memory_policy = keep_freed_memory()  # as the command line (loopdyn/allocator.py)
 
     attempt = Attempt(task, Path(log_path) if log_path else None)
     attempt.log.parent.mkdir(parents=True, exist_ok=True)
     with open(attempt.log, "a") as log:
         log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {task.name}: attempt {attempt.id} on {attempt.host} "
-                  f"(pid {attempt.pid}), {task.threads} thread(s), launcher {task.launcher}; {allocator}\n")
+                  f"(pid {attempt.pid}), {task.threads} thread(s), launcher {task.launcher}; {memory_policy}\n")
         log.flush()
         try:
             if task.threads and torch.get_num_threads() != task.threads:

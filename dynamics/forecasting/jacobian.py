@@ -152,9 +152,8 @@ def jacobian_subspace(lin: Linearisation | None, r: torch.Tensor, steps: int, n_
         return x
 
     g = torch.Generator().manual_seed(seed)
-    shape = r.shape  # the state's
     for _ in range(n_random):
-        x = torch.randn(shape, generator=g, dtype=dtype).to(r.device)
+        x = torch.randn(r.shape, generator=g, dtype=dtype).to(r.device)  # a random state
         for _ in range(random_steps):
             before = float(x.norm())
             x = orth(x)
