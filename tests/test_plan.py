@@ -215,8 +215,6 @@ def test_time_from_a_given_device():
     """The roofline: with no fixed cost per operator and an unbounded bandwidth the forward pass
     takes its FLOPs at the matmul rate; with an unbounded matmul rate, at least every weight is
     read once per stage; the fixed cost adds n_ops × overhead."""
-    from loopdyn.scaling.costmodel import Device
-
     B, S = 4, 128
     compute = plan("small", batch=B, seq_len=S, device=Device(1e12, float("inf"), "given", overhead=0.0))
     assert compute.forward_seconds(8) == pytest.approx(compute.inference_flops(8) * B * S / 1e12, rel=1e-9)
@@ -233,7 +231,7 @@ def test_replayed_operator_calls():
     rebuilt exactly (a transposed, an expanded and an offset view), repeated calls are counted
     once per signature, a pass then costs Σ count · t_call (+ the per-call overhead), a call
     without a time keeps its roofline, and a memory cap leaves big calls out."""
-    from loopdyn.scaling.costmodel import Device, OpTrace, _spec, measure_kernels
+    from loopdyn.scaling.costmodel import OpTrace, _spec, measure_kernels
 
     base = torch.randn(9, 7)
     for x in (base.t(), base[2:, 1:], base[:1].expand(5, 7), base.t()[1:, ::2]):

@@ -169,7 +169,7 @@ def jacobian_subspace(lin: Linearisation | None, r: torch.Tensor, steps: int, n_
             JV.append(y)
             x = y.clone()
     if not V:
-        empty = torch.zeros((0, *shape), dtype=dtype)
+        empty = torch.zeros((0, *r.shape), dtype=dtype)
         return Subspace(empty, empty.clone(), np.zeros((0, 0)), products, 0)
     Vt, JVt = torch.stack(V), torch.stack(JV)
     n = Vt.shape[0]

@@ -325,6 +325,10 @@ def _build(spec: str, overrides: dict | None = None):
     a published configuration."""
     from pathlib import Path
 
+    from loopdyn.models.config import PRESETS, LoopConfig
+    from loopdyn.models.importers.huginn import HuginnConfig, HuginnLM
+    from loopdyn.models.importers.ouro import OuroConfig, OuroLM
+    from loopdyn.models.looped import LoopedLM
     from loopdyn.models.weights import build_on_meta
 
     overrides = dict(overrides or {})
@@ -341,18 +345,12 @@ def _build(spec: str, overrides: dict | None = None):
 
         fmt = detect(raw)
         if fmt == "huginn":
-            from loopdyn.models.importers.huginn import HuginnConfig, HuginnLM
-
             cfg, _ = HuginnConfig.from_json(raw, str(cfg_path))
             return build_on_meta(lambda: HuginnLM(cfg)), "huginn", cfg.name
         if fmt == "ouro":
-            from loopdyn.models.importers.ouro import OuroConfig, OuroLM
-
             cfg, _ = OuroConfig.from_json(raw, str(cfg_path))
             return build_on_meta(lambda: OuroLM(cfg)), "ouro", cfg.name
         from loopdyn.models.importers.parcae import official_config_to_loop_config
-        from loopdyn.models.config import LoopConfig
-        from loopdyn.models.looped import LoopedLM
 
         if raw.get("format") == "loopdyn":
             config = LoopConfig.from_dict(raw["config"], source=str(cfg_path))
@@ -363,17 +361,10 @@ def _build(spec: str, overrides: dict | None = None):
         return build_on_meta(lambda: LoopedLM(config)), "loopdyn", config.name
     if spec in PUBLISHED:
         if spec == "huginn-0125":
-            from loopdyn.models.importers.huginn import HuginnConfig, HuginnLM
-
             cfg = HuginnConfig(**overrides)
             return build_on_meta(lambda: HuginnLM(cfg)), "huginn", cfg.name
-        from loopdyn.models.importers.ouro import OuroConfig, OuroLM
-
         cfg = (OuroConfig.ouro_1_4b if spec == "ouro-1.4b" else OuroConfig.ouro_2_6b)(**overrides)
         return build_on_meta(lambda: OuroLM(cfg)), "ouro", cfg.name
-    from loopdyn.models.config import PRESETS, LoopConfig
-    from loopdyn.models.looped import LoopedLM
-
     try:
         config = LoopConfig.preset(spec, **overrides)
     except Exception as err:  # noqa: BLE001 - one line naming what exists
