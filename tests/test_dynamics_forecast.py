@@ -163,3 +163,13 @@ def test_json_record_has_the_design_fields():
 def test_bad_loop_counts(bad):
     with pytest.raises(ValueError):
         forecast(make("diagonal"), IDX, bad[1], bad[0])
+
+
+def test_an_empty_jacobian_subspace_keeps_the_states_shape():
+    """No Krylov step and no random state: the subspace is empty, (0, *state shape), with no product made."""
+    from loopdyn.dynamics.forecasting import jacobian_subspace
+
+    r = torch.randn(2, 5, 8)
+    sub = jacobian_subspace(None, r, steps=0, n_random=0)
+    assert sub.V.shape == (0, 2, 5, 8) and sub.JV.shape == (0, 2, 5, 8)
+    assert sub.H.shape == (0, 0) and sub.products == 0
