@@ -18,10 +18,11 @@ process to process with the heap's history) and 0.15–0.17 s with the policy be
   so a steady pass faults nothing in from the heap.
 
 The same tensors are live at once, but the heap's holes now hold requests glibc would have
-mapped: Ouro-2.6B's full bf16 audit peaked at 12.71 GiB resident against 12.30 GiB before
-(+3 %; 28.6 forward equivalents against 28.4); up to TRIM_BYTES of free heap stays resident. loopdyn's command line sets this policy before it works (`loopdyn.cli`)
-and so does every grid run (`gridstore.execute`); `loopdyn plan --measure` states the policy its
-times are for. It is left alone — the process keeps the allocator it has — when:
+mapped: Ouro-2.6B's full bf16 audit peaked at 12.71 GiB resident against 12.30 GiB before (+3 %;
+28.6 forward equivalents against 28.4); up to TRIM_BYTES of free heap stays resident. loopdyn's
+command line sets this policy before it works (`loopdyn.cli`) and so does every grid run
+(`gridstore.execute`); `loopdyn plan --measure` states the policy its times are for. It is left
+alone — the process keeps the allocator it has — when:
 
 * the C library is not glibc (macOS, musl) or has no `mallopt`;
 * LOOPDYN_ALLOCATOR=system is set;
